@@ -1,0 +1,256 @@
+//! Load-balancing core shared by every hook: frontend lookup, round-robin backend choice,
+//! connection tracking and per-service/per-backend counters. It decides *what* a packet
+//! becomes (a [`CtEntry`]); the XDP and TC modules decide *how* to rewrite and deliver it.
+
+use mesh_common::{
+    Backend, CtEntry, CtKey, Frontend, FrontendKey, SlotKey, TrafficStats, be_flags, ct_flags,
+    reason,
+};
+
+use crate::maps::{
+    BACKENDS, BE_STATS, CONNTRACK, FRONTENDS, NODE_ADDRS, PORTS, RR, SLOTS, SVC_STATS,
+};
+
+/// Is `port` (network order) used by any frontend? One array access: the fast exit for
+/// traffic that is none of mesh's business.
+#[inline(always)]
+pub fn lb4_port_wanted(port: u16) -> bool {
+    let p = u16::from_be(port) as u32;
+    match PORTS.get(p >> 5) {
+        Some(w) => *w & (1 << (p & 31)) != 0,
+        None => false,
+    }
+}
+
+/// Is `addr` one of the node's addresses?
+#[inline(always)]
+pub fn lb4_is_node_addr(addr: u32) -> bool {
+    NODE_ADDRS.get_ptr(addr).is_some()
+}
+
+/// The frontend a packet addresses: a published port on one of the node's addresses.
+#[inline(always)]
+pub fn lb4_lookup_published(key: &CtKey) -> Option<Frontend> {
+    if !lb4_is_node_addr(key.daddr) {
+        return None;
+    }
+    lb4_lookup_frontend(0, key.dport, key.proto)
+}
+
+#[inline(always)]
+pub fn lb4_lookup_frontend(addr: u32, port: u16, proto: u8) -> Option<Frontend> {
+    let fk = FrontendKey {
+        addr,
+        port,
+        proto,
+        _pad: 0,
+    };
+    // SAFETY: copied out at once; the agent replaces values whole.
+    FRONTENDS.get_ptr(fk).map(|p| unsafe { *p })
+}
+
+/// Round-robin: the frontend's shared cursor advances by one per new flow (atomically, so
+/// every CPU and every hook share one sequence), and picks slot `cursor % count + 1`.
+#[inline(always)]
+pub fn lb4_select_backend(fe: &Frontend) -> Option<(u32, Backend)> {
+    let count = fe.count;
+    if count == 0 {
+        return None;
+    }
+    let cursor = RR.get_ptr_mut(fe.svc_id)?;
+    let n = atomic_fetch_add_u64(cursor, 1);
+    let slot = (n % count as u64) as u32 + 1;
+    let id = *unsafe {
+        SLOTS.get(SlotKey {
+            svc_id: fe.svc_id,
+            slot,
+        })
+    }?;
+    let be = *BACKENDS.get(id)?;
+    if be.flags & be_flags::ACTIVE == 0 {
+        return None;
+    }
+    Some((id, be))
+}
+
+/// `*p += v` atomically, returning the old value (BPF_ATOMIC | BPF_FETCH, kernel ≥ 5.12).
+/// The bpfel target has no CAS, so core's `fetch_add` is unavailable: say it in BPF asm.
+#[inline(always)]
+fn atomic_fetch_add_u64(p: *mut u64, v: u64) -> u64 {
+    let mut v = v;
+    // SAFETY: `p` is a live, 8-byte aligned map value for the program's lifetime.
+    unsafe {
+        core::arch::asm!(
+            "{v} = atomic_fetch_add((u64 *)({p} + 0), {v})",
+            p = in(reg) p,
+            v = inout(reg) v,
+        );
+    }
+    v
+}
+
+/// Is the backend a conntrack entry points at still the one it was created for?
+#[inline(always)]
+pub fn lb4_backend_alive(ct: &CtEntry) -> bool {
+    match BACKENDS.get(ct.backend_id) {
+        Some(be) => {
+            be.flags & be_flags::ACTIVE != 0 && be.addr == ct.daddr && be.port == ct.dport
+        }
+        None => false,
+    }
+}
+
+#[inline(always)]
+pub fn ct_lookup4(key: &CtKey) -> Option<CtEntry> {
+    // SAFETY: copied out at once.
+    CONNTRACK.get_ptr(key).map(|p| unsafe { *p })
+}
+
+/// L2 addresses and ingress device of a new flow's first packet: where replies go back to.
+#[derive(Clone, Copy)]
+pub struct Origin {
+    pub ifindex: u32,
+    /// Source MAC of the first packet (the client or its router).
+    pub src_mac: [u8; 6],
+    /// Destination MAC of the first packet (the node's own interface).
+    pub dst_mac: [u8; 6],
+}
+
+/// Create both conntrack entries of a new flow: forward (client → backend) and reply
+/// (backend → client, rewritten back to the frontend address and port).
+#[inline(always)]
+pub fn ct_create4(
+    key: &CtKey,
+    fe: &Frontend,
+    be_id: u32,
+    be: &Backend,
+    origin: &Origin,
+) -> Result<CtEntry, u32> {
+    let local = be.flags & be_flags::LOCAL != 0;
+    let fwd = CtEntry {
+        saddr: key.saddr,
+        daddr: be.addr,
+        sport: key.sport,
+        dport: be.port,
+        ifindex: if local { be.ifindex } else { 0 },
+        smac: be.smac,
+        dmac: be.mac,
+        svc_id: fe.svc_id,
+        backend_id: be_id,
+        flags: ct_flags::FORWARD,
+    };
+    let rev_key = CtKey {
+        saddr: be.addr,
+        daddr: key.saddr,
+        sport: be.port,
+        dport: key.sport,
+        proto: key.proto,
+        _pad: [0; 3],
+    };
+    let rev = CtEntry {
+        saddr: key.daddr,
+        daddr: key.saddr,
+        sport: key.dport,
+        dport: key.sport,
+        ifindex: origin.ifindex,
+        smac: origin.dst_mac,
+        dmac: origin.src_mac,
+        svc_id: fe.svc_id,
+        backend_id: be_id,
+        flags: ct_flags::REPLY,
+    };
+    // Reply entry first: once the forward entry exists the backend may answer at once.
+    CONNTRACK
+        .insert(rev_key, rev, 0)
+        .map_err(|_| reason::ERR_CT_INSERT)?;
+    if CONNTRACK.insert(key, fwd, 0).is_err() {
+        let _ = CONNTRACK.remove(rev_key);
+        return Err(reason::ERR_CT_INSERT);
+    }
+    Ok(fwd)
+}
+
+#[inline(always)]
+fn stats_add(stats: Option<*mut TrafficStats>, bytes: u64, forward: bool, new_flow: bool) {
+    if let Some(s) = stats {
+        // SAFETY: per-CPU slot, written only by this CPU while this program runs.
+        let s = unsafe { &mut *s };
+        if forward {
+            s.pkts_in += 1;
+            s.bytes_in += bytes;
+        } else {
+            s.pkts_out += 1;
+            s.bytes_out += bytes;
+        }
+        if new_flow {
+            s.flows += 1;
+        }
+    }
+}
+
+/// Account one packet of a flow to its service and backend.
+#[inline(always)]
+pub fn lb4_account(ct: &CtEntry, bytes: u64, new_flow: bool) {
+    let forward = ct.flags & ct_flags::FORWARD != 0;
+    stats_add(SVC_STATS.get_ptr_mut(ct.svc_id), bytes, forward, new_flow);
+    stats_add(BE_STATS.get_ptr_mut(ct.backend_id), bytes, forward, new_flow);
+}
+
+/// Count a flow balanced at the socket layer (no packets are seen there).
+#[inline(always)]
+pub fn lb4_account_sock(svc_id: u32, be_id: u32) {
+    for s in [SVC_STATS.get_ptr_mut(svc_id), BE_STATS.get_ptr_mut(be_id)] {
+        if let Some(s) = s {
+            // SAFETY: per-CPU slot, written only by this CPU while this program runs.
+            unsafe { (*s).flows += 1 };
+        }
+    }
+}
+
+/// The whole decision for a packet arriving from outside the node (published ports), or a
+/// reply of a flow this node balanced: returns the entry to rewrite the packet with and the
+/// verdict reason, or `Err(reason)` to pass it untouched.
+#[inline(always)]
+pub fn lb4_ingress(key: &CtKey, bytes: u64, origin: impl FnOnce() -> Origin) -> Result<(CtEntry, u32), u32> {
+    if !lb4_port_wanted(key.dport) {
+        return Err(reason::PASS_NO_SERVICE);
+    }
+    if let Some(ct) = ct_lookup4(key) {
+        if ct.flags & ct_flags::FORWARD == 0 {
+            lb4_account(&ct, bytes, false);
+            return Ok((ct, reason::REPLY));
+        }
+        if lb4_backend_alive(&ct) {
+            lb4_account(&ct, bytes, false);
+            return Ok((ct, reason::ESTABLISHED));
+        }
+        // Its task is gone: the flow is balanced again below (a TCP peer will get a RST from
+        // the new backend rather than silence).
+        crate::maps::count(reason::BACKEND_GONE);
+    }
+    let fe = lb4_lookup_published(key).ok_or(reason::PASS_NO_SERVICE)?;
+    lb4_new_flow(key, &fe, bytes, &origin())
+}
+
+/// Pick a backend for a new flow to `fe`, create its conntrack entries and count it.
+#[inline(always)]
+pub fn lb4_new_flow(key: &CtKey, fe: &Frontend, bytes: u64, origin: &Origin) -> Result<(CtEntry, u32), u32> {
+    let (be_id, be) = lb4_select_backend(fe).ok_or(reason::PASS_NO_BACKEND)?;
+    let ct = ct_create4(key, fe, be_id, &be, origin)?;
+    lb4_account(&ct, bytes, true);
+    Ok((ct, reason::NEW_FLOW))
+}
+
+/// Reply path at a task's interface: only flows this node balanced are rewritten.
+#[inline(always)]
+pub fn lb4_from_task(key: &CtKey, bytes: u64) -> Result<(CtEntry, u32), u32> {
+    let ct = ct_lookup4(key).ok_or(reason::PASS_NO_SERVICE)?;
+    lb4_account(&ct, bytes, false);
+    let r = if ct.flags & ct_flags::REPLY != 0 {
+        reason::REPLY
+    } else {
+        reason::ESTABLISHED
+    };
+    Ok((ct, r))
+}
+

@@ -1,0 +1,63 @@
+//! Every map of the hot path. Names and sizes come from `mesh_common::maps`; all maps are
+//! pinned by name under the agent's pin directory so a restarted agent reuses them (and their
+//! live connections) instead of starting empty.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use mesh_common::{
+    Backend, Config, CtEntry, CtKey, Frontend, FrontendKey, SlotKey, SockRevEntry, SockRevKey,
+    TrafficStats, maps::*, reason,
+};
+
+/// `BPF_F_NO_COMMON_LRU`: per-CPU LRU lists, so a flow insert does not take a global lock.
+const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
+
+#[map(name = "FRONTENDS_V1")]
+pub static FRONTENDS: HashMap<FrontendKey, Frontend> = HashMap::pinned(MAX_FRONTENDS, 0);
+
+#[map(name = "SLOTS_V1")]
+pub static SLOTS: HashMap<SlotKey, u32> = HashMap::pinned(MAX_SLOTS, 0);
+
+#[map(name = "BACKENDS_V1")]
+pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
+
+#[map(name = "RR_V1")]
+pub static RR: Array<u64> = Array::pinned(MAX_SERVICES, 0);
+
+#[map(name = "CONNTRACK_V1")]
+pub static CONNTRACK: LruHashMap<CtKey, CtEntry> =
+    LruHashMap::pinned(MAX_CONNTRACK, BPF_F_NO_COMMON_LRU);
+
+#[map(name = "NODE_ADDRS_V1")]
+pub static NODE_ADDRS: HashMap<u32, u32> = HashMap::pinned(MAX_NODE_ADDRS, 0);
+
+/// Bitmap of destination ports (host order) that some frontend uses: bit `p & 31` of word
+/// `p >> 5`. Lets pass-through traffic leave after one array access.
+#[map(name = "PORTS_V1")]
+pub static PORTS: Array<u32> = Array::pinned(PORT_WORDS, 0);
+
+#[map(name = "VERDICTS_V1")]
+pub static VERDICTS: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
+
+#[map(name = "SVC_STATS_V1")]
+pub static SVC_STATS: PerCpuArray<TrafficStats> = PerCpuArray::pinned(MAX_SERVICES, 0);
+
+#[map(name = "BE_STATS_V1")]
+pub static BE_STATS: PerCpuArray<TrafficStats> = PerCpuArray::pinned(MAX_BACKENDS, 0);
+
+#[map(name = "CONFIG_V1")]
+pub static CONFIG: Array<Config> = Array::pinned(1, 0);
+
+#[map(name = "SOCK_REV_V1")]
+pub static SOCK_REV: LruHashMap<SockRevKey, SockRevEntry> = LruHashMap::pinned(MAX_SOCK_REV, 0);
+
+/// Count one packet under `reason`.
+#[inline(always)]
+pub fn count(reason: u32) {
+    if let Some(c) = VERDICTS.get_ptr_mut(reason) {
+        // SAFETY: per-CPU slot, only this CPU writes it while this program runs.
+        unsafe { *c += 1 };
+    }
+}

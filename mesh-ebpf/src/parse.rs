@@ -1,0 +1,125 @@
+//! Header parsing shared by the XDP and TC programs. Every access goes through [`ptr_at`],
+//! which proves to the verifier that the bytes lie inside the packet.
+
+use core::mem;
+
+use mesh_common::{CtKey, proto, reason};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
+
+pub const ETH_LEN: usize = EthHdr::LEN;
+const ETH_P_IP: u16 = 0x0800;
+/// Offsets inside the IPv4 header.
+pub const IP_CSUM_OFF: usize = 10;
+pub const IP_SRC_OFF: usize = 12;
+pub const IP_DST_OFF: usize = 16;
+/// Offsets inside the L4 header.
+pub const L4_SPORT_OFF: usize = 0;
+pub const L4_DPORT_OFF: usize = 2;
+pub const TCP_CSUM_OFF: usize = 16;
+pub const UDP_CSUM_OFF: usize = 6;
+
+/// A bounds-checked pointer to a `T` at `off` bytes into the packet.
+#[inline(always)]
+pub fn ptr_at<T>(data: usize, data_end: usize, off: usize) -> Result<*mut T, u32> {
+    if data + off + mem::size_of::<T>() > data_end {
+        return Err(reason::PASS_MALFORMED);
+    }
+    Ok((data + off) as *mut T)
+}
+
+/// What the load balancer needs from an IPv4 TCP/UDP packet.
+#[derive(Clone, Copy)]
+pub struct Pkt {
+    /// The 5-tuple as seen on the wire (raw network-order fields).
+    pub key: CtKey,
+    /// Offset of the L4 header from the start of the frame (IHL-derived).
+    pub l4_off: usize,
+}
+
+impl Pkt {
+    /// Offset of the L4 checksum field from the start of the frame.
+    #[inline(always)]
+    pub fn l4_csum_off(&self) -> usize {
+        if self.key.proto == proto::TCP {
+            self.l4_off + TCP_CSUM_OFF
+        } else {
+            self.l4_off + UDP_CSUM_OFF
+        }
+    }
+}
+
+/// Parse Ethernet + IPv4 + TCP/UDP. Anything else comes back as `Err(reason)` and is passed
+/// untouched by the caller: non-IPv4, fragments, IP options, other protocols, and truncated or
+/// inconsistent headers.
+#[inline(always)]
+pub fn parse_ipv4(data: usize, data_end: usize) -> Result<Pkt, u32> {
+    let eth: *const EthHdr = ptr_at(data, data_end, 0)?;
+    // SAFETY: ptr_at checked the bounds; fields are byte arrays or read unaligned.
+    if unsafe { core::ptr::read_unaligned(&raw const (*eth).ether_type) } != ETH_P_IP.to_be() {
+        return Err(reason::PASS_NOT_IPV4);
+    }
+    let ip: *const Ipv4Hdr = ptr_at(data, data_end, ETH_LEN)?;
+    let (vihl, frags, tot_len, l4proto, saddr, daddr) = unsafe {
+        (
+            (*ip).vihl,
+            u16::from_be_bytes((*ip).frags),
+            u16::from_be_bytes((*ip).tot_len) as usize,
+            (*ip).proto,
+            u32::from_ne_bytes((*ip).src_addr),
+            u32::from_ne_bytes((*ip).dst_addr),
+        )
+    };
+    if vihl >> 4 != 4 {
+        return Err(reason::PASS_MALFORMED);
+    }
+    let ihl = (vihl & 0x0f) as usize;
+    if ihl < 5 {
+        return Err(reason::PASS_MALFORMED);
+    }
+    if ihl > 5 {
+        return Err(reason::PASS_IP_OPTIONS);
+    }
+    // MF flag or a non-zero fragment offset: only the first fragment has ports, and the
+    // others would not follow it; leave reassembly to the kernel.
+    if frags & 0x3fff != 0 {
+        return Err(reason::PASS_FRAGMENT);
+    }
+    let l4_off = ETH_LEN + ihl * 4;
+    // The IP datagram must fit in the frame (Ethernet padding may make the frame longer).
+    if tot_len < ihl * 4 || data + ETH_LEN + tot_len > data_end {
+        return Err(reason::PASS_MALFORMED);
+    }
+    let (sport, dport) = match l4proto {
+        proto::TCP => {
+            let tcp: *const TcpHdr = ptr_at(data, data_end, l4_off)?;
+            // SAFETY: bounds checked by ptr_at.
+            let (s, d, doff) =
+                unsafe { ((*tcp).source, (*tcp).dest, (*tcp).doff()) };
+            if doff < 5 || tot_len < ihl * 4 + TcpHdr::LEN {
+                return Err(reason::PASS_MALFORMED);
+            }
+            (u16::from_ne_bytes(s), u16::from_ne_bytes(d))
+        }
+        proto::UDP => {
+            let udp: *const UdpHdr = ptr_at(data, data_end, l4_off)?;
+            // SAFETY: bounds checked by ptr_at.
+            let (s, d) = unsafe { ((*udp).src, (*udp).dst) };
+            if tot_len < ihl * 4 + UdpHdr::LEN {
+                return Err(reason::PASS_MALFORMED);
+            }
+            (u16::from_ne_bytes(s), u16::from_ne_bytes(d))
+        }
+        _ => return Err(reason::PASS_NOT_TCP_UDP),
+    };
+    Ok(Pkt {
+        key: CtKey {
+            saddr,
+            daddr,
+            sport,
+            dport,
+            proto: l4proto,
+            _pad: [0; 3],
+        },
+        l4_off,
+    })
+}

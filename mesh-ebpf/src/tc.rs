@@ -1,0 +1,146 @@
+//! TC (tcx) programs. They run on the skb, so they use the kernel's checksum helpers, which
+//! also handle CHECKSUM_PARTIAL packets (everything a local TCP stack sends through a veth):
+//! an address change updates the pseudo-header part, a port change is left to the offload.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::{bpf_redirect, bpf_redirect_peer},
+    programs::TcContext,
+};
+use mesh_common::{CtEntry, proto, reason};
+
+use crate::{
+    lb::{self, Origin},
+    maps::count,
+    parse::{
+        ETH_LEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4_DPORT_OFF, L4_SPORT_OFF, Pkt, parse_ipv4,
+        ptr_at,
+    },
+};
+use network_types::eth::EthHdr;
+
+const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
+const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
+
+/// How a rewritten packet leaves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Deliver {
+    /// `bpf_redirect` to the target's egress.
+    Egress,
+    /// `bpf_redirect_peer`: straight into the network namespace behind a veth (ingress hooks
+    /// only), skipping the host's stack and the bridge.
+    Peer,
+}
+
+#[inline(always)]
+fn pull(ctx: &TcContext) -> Result<Pkt, u32> {
+    // Make the headers linear for direct access (no-op when they already are).
+    let _ = ctx.pull_data((ETH_LEN + 60 + 20) as u32);
+    parse_ipv4(ctx.data(), ctx.data_end())
+}
+
+/// Published ports arriving from outside the node, from TC ingress of the external interface.
+#[inline(always)]
+pub fn tc_ingress(ctx: &TcContext) -> Result<i32, u32> {
+    let pkt = pull(ctx)?;
+    let bytes = ctx.len() as u64;
+    let (ct, why) = lb::lb4_ingress(&pkt.key, bytes, || tc_origin(ctx))?;
+    count(why);
+    let how = if why == reason::REPLY {
+        Deliver::Egress
+    } else {
+        Deliver::Peer
+    };
+    tc_nat(ctx, &pkt, &ct, how)
+}
+
+/// Packets a task sends (TC ingress of its host-side veth): replies of balanced flows are
+/// rewritten back to the frontend and sent out of the interface the flow came in on.
+#[inline(always)]
+pub fn tc_from_task(ctx: &TcContext) -> Result<i32, u32> {
+    let pkt = pull(ctx)?;
+    let (ct, why) = lb::lb4_from_task(&pkt.key, ctx.len() as u64)?;
+    count(why);
+    tc_nat(ctx, &pkt, &ct, Deliver::Egress)
+}
+
+#[inline(always)]
+fn tc_origin(ctx: &TcContext) -> Origin {
+    let mut o = Origin {
+        // SAFETY: reading a field of the context the kernel gave us.
+        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        src_mac: [0; 6],
+        dst_mac: [0; 6],
+    };
+    if let Ok(eth) = ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), 0) {
+        // SAFETY: bounds checked by ptr_at.
+        unsafe {
+            o.src_mac = (*eth).src_addr;
+            o.dst_mac = (*eth).dst_addr;
+        }
+    }
+    o
+}
+
+#[inline(always)]
+fn tc_replace_addr(ctx: &TcContext, pkt: &Pkt, off: usize, from: u32, to: u32) -> Result<(), u32> {
+    let mangled = if pkt.key.proto == proto::UDP { BPF_F_MARK_MANGLED_0 } else { 0 };
+    ctx.l4_csum_replace(pkt.l4_csum_off(), from as u64, to as u64, BPF_F_PSEUDO_HDR | 4 | mangled)
+        .map_err(|_| reason::DROP_REWRITE)?;
+    ctx.l3_csum_replace(ETH_LEN + IP_CSUM_OFF, from as u64, to as u64, 4)
+        .map_err(|_| reason::DROP_REWRITE)?;
+    ctx.store(ETH_LEN + off, &to, 0).map_err(|_| reason::DROP_REWRITE)
+}
+
+#[inline(always)]
+fn tc_replace_port(ctx: &TcContext, pkt: &Pkt, off: usize, from: u16, to: u16) -> Result<(), u32> {
+    let mangled = if pkt.key.proto == proto::UDP { BPF_F_MARK_MANGLED_0 } else { 0 };
+    ctx.l4_csum_replace(pkt.l4_csum_off(), from as u64, to as u64, 2 | mangled)
+        .map_err(|_| reason::DROP_REWRITE)?;
+    ctx.store(pkt.l4_off + off, &to, 0).map_err(|_| reason::DROP_REWRITE)
+}
+
+#[inline(always)]
+fn tc_rewrite_tuple(ctx: &TcContext, pkt: &Pkt, ct: &CtEntry) -> Result<(), u32> {
+    let k = &pkt.key;
+    if k.saddr != ct.saddr {
+        tc_replace_addr(ctx, pkt, IP_SRC_OFF, k.saddr, ct.saddr)?;
+    }
+    if k.daddr != ct.daddr {
+        tc_replace_addr(ctx, pkt, IP_DST_OFF, k.daddr, ct.daddr)?;
+    }
+    if k.sport != ct.sport {
+        tc_replace_port(ctx, pkt, L4_SPORT_OFF, k.sport, ct.sport)?;
+    }
+    if k.dport != ct.dport {
+        tc_replace_port(ctx, pkt, L4_DPORT_OFF, k.dport, ct.dport)?;
+    }
+    Ok(())
+}
+
+/// Rewrite to `ct`'s tuple with the kernel's checksum helpers and deliver.
+#[inline(always)]
+pub fn tc_nat(ctx: &TcContext, pkt: &Pkt, ct: &CtEntry, how: Deliver) -> Result<i32, u32> {
+    if let Err(e) = tc_rewrite_tuple(ctx, pkt, ct) {
+        // Half-rewritten: never let it through.
+        count(e);
+        return Ok(TC_ACT_SHOT);
+    }
+    if ct.ifindex == 0 {
+        count(reason::PASS_REWRITTEN);
+        return Ok(TC_ACT_OK);
+    }
+    if ctx.store(0, &ct.dmac, 0).is_err() || ctx.store(6, &ct.smac, 0).is_err() {
+        count(reason::DROP_REWRITE);
+        return Ok(TC_ACT_SHOT);
+    }
+    count(reason::REDIRECT);
+    // SAFETY: plain helper calls.
+    let r = unsafe {
+        match how {
+            Deliver::Egress => bpf_redirect(ct.ifindex, 0),
+            Deliver::Peer => bpf_redirect_peer(ct.ifindex, 0),
+        }
+    };
+    Ok(r as i32)
+}
