@@ -1,0 +1,1 @@
+//! The YAML state-file source (being written).
