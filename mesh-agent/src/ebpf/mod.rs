@@ -1,1 +1,365 @@
-//! eBPF loading and maps.
+//! The eBPF side of the agent: load the embedded object, pin its maps, attach programs,
+//! and write the tables into the maps.
+//!
+//! Maps are pinned by name under `<pin dir>` (default `/sys/fs/bpf/mesh/<node>`); a restarted
+//! agent reuses them, so its conntrack (live connections) survives the restart. `status`
+//! opens the same pins read-only.
+
+pub mod maps;
+
+use std::{
+    collections::HashMap,
+    fs::File,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        cgroup_sock_addr::CgroupSockAddrLinkId, tc::SchedClassifierLinkId, xdp::XdpLinkId,
+    },
+};
+use mesh_common::progs;
+use tracing::{info, warn};
+
+pub use maps::Maps;
+
+/// The object built from `mesh-ebpf`, embedded at compile time (see `build.rs`).
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh.bpf.o"));
+
+/// Where the node's external traffic is intercepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Hook {
+    /// XDP (native where the driver supports it, else generic): what runs on a real NIC.
+    Xdp,
+    /// TC ingress (tcx): runs on the skb, avoids the veth XDP tax.
+    Tc,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("cannot prepare bpffs pin directory {path}: {source}")]
+    PinDir { path: PathBuf, source: std::io::Error },
+    #[error("cannot mount bpffs on /sys/fs/bpf: {0}")]
+    MountBpffs(nix::Error),
+    #[error("cannot load the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name} is missing from the object")]
+    MissingProgram { name: &'static str },
+    #[error("program {name}: {op}: {source}")]
+    Program {
+        name: &'static str,
+        op: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("attach {name} to {target}: {source}")]
+    Attach {
+        name: &'static str,
+        target: String,
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("map {name} is missing from the object")]
+    MissingMap { name: &'static str },
+    #[error("cannot open cgroup {path}: {source}")]
+    Cgroup { path: PathBuf, source: std::io::Error },
+    #[error("cannot read the netns cookie: {0}")]
+    NetnsCookie(std::io::Error),
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+const CGROUP2_SUPER_MAGIC: i64 = 0x63677270;
+
+fn fs_magic(path: &Path) -> Option<i64> {
+    nix::sys::statfs::statfs(path).ok().map(|s| s.filesystem_type().0 as i64)
+}
+
+/// Make sure bpffs is mounted at /sys/fs/bpf (it is not by default on every host).
+pub fn ensure_bpffs() -> Result<(), DatapathError> {
+    let root = Path::new("/sys/fs/bpf");
+    if fs_magic(root) == Some(BPF_FS_MAGIC) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(root).map_err(|source| DatapathError::PinDir {
+        path: root.into(),
+        source,
+    })?;
+    nix::mount::mount(
+        Some("bpf"),
+        root,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(DatapathError::MountBpffs)
+}
+
+/// The cgroup-v2 root the socket hooks attach to: /sys/fs/cgroup/unified on hybrid hosts,
+/// /sys/fs/cgroup on unified ones.
+pub fn default_cgroup() -> Option<PathBuf> {
+    ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| fs_magic(p) == Some(CGROUP2_SUPER_MAGIC))
+}
+
+/// Cookie of the calling thread's network namespace (SO_NETNS_COOKIE, kernel ≥ 5.14).
+pub fn netns_cookie() -> Result<u64, DatapathError> {
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").map_err(DatapathError::NetnsCookie)?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    // SAFETY: valid socket fd and out-pointers of the right size.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(DatapathError::NetnsCookie(std::io::Error::last_os_error()));
+    }
+    Ok(cookie)
+}
+
+/// The loaded programs and their attachments. Dropping it detaches every program (links
+/// close); the pinned maps stay until [`Datapath::unpin`].
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    pub maps: Maps,
+    ingress: Vec<(String, Attached)>,
+    tasks: HashMap<String, SchedClassifierLinkId>,
+    sock: Vec<(&'static str, CgroupSockAddrLinkId)>,
+}
+
+enum Attached {
+    Xdp(XdpLinkId),
+    Tc(SchedClassifierLinkId),
+}
+
+impl Datapath {
+    /// Load the embedded object, creating or reusing the maps pinned in `pin_dir`.
+    pub fn load(pin_dir: &Path) -> Result<Self, DatapathError> {
+        Self::load_object(OBJECT, pin_dir)
+    }
+
+    pub fn load_object(object: &[u8], pin_dir: &Path) -> Result<Self, DatapathError> {
+        ensure_bpffs()?;
+        std::fs::create_dir_all(pin_dir).map_err(|source| DatapathError::PinDir {
+            path: pin_dir.into(),
+            source,
+        })?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(object)?;
+        let maps = Maps::take(&mut ebpf)?;
+        Ok(Datapath {
+            ebpf,
+            pin_dir: pin_dir.to_path_buf(),
+            maps,
+            ingress: Vec::new(),
+            tasks: HashMap::new(),
+            sock: Vec::new(),
+        })
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// A loaded program of the object, for tests and benchmarks (BPF_PROG_TEST_RUN).
+    pub fn xdp_program(&mut self, name: &'static str) -> Result<&mut Xdp, DatapathError> {
+        let p: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram { name })?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, op: "type", source })?;
+        if p.fd().is_err() {
+            p.load()
+                .map_err(|source| DatapathError::Program { name, op: "load", source })?;
+        }
+        Ok(p)
+    }
+
+    pub fn tc_program(&mut self, name: &'static str) -> Result<&mut SchedClassifier, DatapathError> {
+        let p: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram { name })?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, op: "type", source })?;
+        if p.fd().is_err() {
+            p.load()
+                .map_err(|source| DatapathError::Program { name, op: "load", source })?;
+        }
+        Ok(p)
+    }
+
+    fn sock_program(&mut self, name: &'static str) -> Result<&mut CgroupSockAddr, DatapathError> {
+        let p: &mut CgroupSockAddr = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram { name })?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, op: "type", source })?;
+        if p.fd().is_err() {
+            p.load()
+                .map_err(|source| DatapathError::Program { name, op: "load", source })?;
+        }
+        Ok(p)
+    }
+
+    /// Intercept published-port traffic arriving on `iface`.
+    pub fn attach_ingress(&mut self, iface: &str, hook: Hook) -> Result<(), DatapathError> {
+        let attached = match hook {
+            Hook::Xdp => {
+                let prog = self.xdp_program(progs::XDP_INGRESS)?;
+                let id = match prog.attach(iface, XdpMode::Default) {
+                    Ok(id) => id,
+                    Err(e) => {
+                        warn!(iface, error = %e, "native XDP attach failed; falling back to generic (skb) XDP");
+                        prog.attach(iface, XdpMode::Skb).map_err(|source| DatapathError::Attach {
+                            name: progs::XDP_INGRESS,
+                            target: iface.into(),
+                            source,
+                        })?
+                    }
+                };
+                Attached::Xdp(id)
+            }
+            Hook::Tc => {
+                let prog = self.tc_program(progs::TC_INGRESS)?;
+                let id = prog.attach(iface, TcAttachType::Ingress).map_err(|source| {
+                    DatapathError::Attach {
+                        name: progs::TC_INGRESS,
+                        target: iface.into(),
+                        source,
+                    }
+                })?;
+                Attached::Tc(id)
+            }
+        };
+        info!(iface, ?hook, "published ports intercepted");
+        self.ingress.push((iface.to_string(), attached));
+        Ok(())
+    }
+
+    /// Reverse NAT for replies a task sends: TC ingress on its host-side veth.
+    pub fn attach_task(&mut self, host_veth: &str) -> Result<(), DatapathError> {
+        if self.tasks.contains_key(host_veth) {
+            return Ok(());
+        }
+        let prog = self.tc_program(progs::TC_TASK)?;
+        let id = prog
+            .attach(host_veth, TcAttachType::Ingress)
+            .map_err(|source| DatapathError::Attach {
+                name: progs::TC_TASK,
+                target: host_veth.into(),
+                source,
+            })?;
+        self.tasks.insert(host_veth.to_string(), id);
+        Ok(())
+    }
+
+    /// Forget (and detach, if the device still exists) a task interface's program.
+    pub fn detach_task(&mut self, host_veth: &str) {
+        if let Some(id) = self.tasks.remove(host_veth) {
+            if let Ok(prog) = self.tc_program(progs::TC_TASK) {
+                // The link is already gone when the veth was deleted first.
+                let _ = prog.detach(id);
+            }
+        }
+    }
+
+    /// Socket-level LB for processes on the node: connect4/sendmsg4/recvmsg4/getpeername4 on
+    /// the cgroup-v2 root (they then fire only for sockets in this node's netns).
+    pub fn attach_sock(&mut self, cgroup: &Path) -> Result<(), DatapathError> {
+        let cookie = netns_cookie()?;
+        self.maps.set_config(mesh_common::Config {
+            netns_cookie: cookie,
+            flags: 0,
+            _pad: 0,
+        })?;
+        let file = File::open(cgroup).map_err(|source| DatapathError::Cgroup {
+            path: cgroup.into(),
+            source,
+        })?;
+        for name in [progs::CONNECT4, progs::SENDMSG4, progs::RECVMSG4, progs::GETPEERNAME4] {
+            let prog = self.sock_program(name)?;
+            let id = prog
+                .attach(&file, CgroupAttachMode::AllowMultiple)
+                .map_err(|source| DatapathError::Attach {
+                    name,
+                    target: cgroup.display().to_string(),
+                    source,
+                })?;
+            self.sock.push((name, id));
+        }
+        info!(cgroup = %cgroup.display(), cookie, "socket-level LB attached");
+        Ok(())
+    }
+
+    /// Detach every program now (dropping the Datapath does the same).
+    pub fn detach_all(&mut self) {
+        for (iface, a) in std::mem::take(&mut self.ingress) {
+            let r = match a {
+                Attached::Xdp(id) => self.xdp_program(progs::XDP_INGRESS).map(|p| p.detach(id).is_ok()),
+                Attached::Tc(id) => self.tc_program(progs::TC_INGRESS).map(|p| p.detach(id).is_ok()),
+            };
+            if !matches!(r, Ok(true)) {
+                warn!(iface, "ingress program was already detached");
+            }
+        }
+        let tasks: Vec<String> = self.tasks.keys().cloned().collect();
+        for t in tasks {
+            self.detach_task(&t);
+        }
+        for (name, id) in std::mem::take(&mut self.sock) {
+            if let Ok(p) = self.sock_program(name) {
+                let _ = p.detach(id);
+            }
+        }
+    }
+
+    /// Remove the pinned maps (a clean shutdown; an upgrade keeps them instead).
+    pub fn unpin(self) -> std::io::Result<()> {
+        let dir = self.pin_dir.clone();
+        drop(self);
+        remove_pins(&dir)
+    }
+}
+
+/// Remove a pin directory and every pin in it.
+pub fn remove_pins(dir: &Path) -> std::io::Result<()> {
+    match std::fs::read_dir(dir) {
+        Ok(entries) => {
+            for e in entries.flatten() {
+                std::fs::remove_file(e.path())?;
+            }
+            std::fs::remove_dir(dir)?;
+            // Remove the parent (/sys/fs/bpf/mesh) too when it is now empty.
+            if let Some(parent) = dir.parent() {
+                let _ = std::fs::remove_dir(parent);
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+pub mod packet;
+#[cfg(test)]
+mod tests;

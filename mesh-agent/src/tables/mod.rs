@@ -1,1 +1,686 @@
-//! Load-balancer tables.
+//! Load-balancer tables, computed purely from a state snapshot (no kernel access), and the
+//! diff that turns "what is programmed" into "what should be" as an ordered list of map
+//! operations.
+//!
+//! Vocabulary (as in `ipvsadm`): a *frontend* is a virtual service — a published port on the
+//! node's addresses, or later a VIP:port — and a *backend* is a real server, one running
+//! task's address and target port. Each frontend has a svc id and `count` slots; each slot
+//! holds a backend id.
+//!
+//! Ordering guarantees of [`Tables::apply`] (the data path reads the maps while they change):
+//! a slot never points at a backend id before that backend is written; a frontend's count
+//! never exceeds its written slots; a removed backend is deactivated only after no slot
+//! points at it any more; ids freed in one diff are reused only in a later one.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::Ipv4Addr,
+};
+
+use mesh_common::{Backend, Frontend, FrontendKey, be_flags, fe_flags, maps};
+
+use crate::model::{Protocol, State};
+
+/// How this node reaches a local task on one network: filled in by the attach layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LocalLink {
+    /// Host-side veth of the task on that network.
+    pub ifindex: u32,
+    /// MAC of the task's interface.
+    pub task_mac: [u8; 6],
+    /// MAC of the network's bridge (the task's gateway).
+    pub gw_mac: [u8; 6],
+}
+
+/// (task id, network name) → link, for the tasks attached on this node.
+pub type LocalLinks = HashMap<(String, String), LocalLink>;
+
+/// A frontend as the state asks for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrontendSpec {
+    pub service: String,
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub flags: u32,
+    /// In round-robin order.
+    pub backends: Vec<BackendSpec>,
+}
+
+/// A backend as the state asks for it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendSpec {
+    pub task_id: String,
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    /// `None`: reached through the kernel's routing (e.g. over an overlay).
+    pub link: Option<LinkKey>,
+}
+
+/// [`LocalLink`] in a hashable, ordered form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LinkKey {
+    pub ifindex: u32,
+    pub task_mac: [u8; 6],
+    pub gw_mac: [u8; 6],
+}
+
+impl From<LocalLink> for LinkKey {
+    fn from(l: LocalLink) -> Self {
+        LinkKey {
+            ifindex: l.ifindex,
+            task_mac: l.task_mac,
+            gw_mac: l.gw_mac,
+        }
+    }
+}
+
+/// Identity of a frontend: what the client addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FeId {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl FeId {
+    pub fn key(&self) -> FrontendKey {
+        FrontendKey {
+            addr: u32::from_ne_bytes(self.addr.octets()),
+            port: self.port.to_be(),
+            proto: self.protocol.number(),
+            _pad: 0,
+        }
+    }
+}
+
+/// Which tasks can be backends on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// Only tasks attached on this node (single node, no overlay yet).
+    LocalOnly,
+    /// Every running task; remote ones through the kernel's routes (overlays).
+    Cluster,
+}
+
+/// The tables a snapshot asks for on `node`.
+pub fn desired(state: &State, node: &str, links: &LocalLinks, reach: Reach) -> BTreeMap<FeId, FrontendSpec> {
+    let mut out = BTreeMap::new();
+    for svc in state.services.values() {
+        if svc.ports.is_empty() {
+            continue;
+        }
+        let Some(net) = svc.ingress_network() else {
+            continue;
+        };
+        for port in &svc.ports {
+            let mut backends = Vec::new();
+            for task in state.running_tasks(&svc.name) {
+                let Some(addr) = task.address_on(net) else {
+                    continue;
+                };
+                let link = links.get(&(task.id.clone(), net.to_string())).copied();
+                let reachable = match (task.node == node, link, reach) {
+                    (true, Some(_), _) => true,
+                    (true, None, _) => false, // attach failed: not reachable from here
+                    (false, _, Reach::Cluster) => true,
+                    (false, _, Reach::LocalOnly) => false,
+                };
+                if !reachable {
+                    continue;
+                }
+                backends.push(BackendSpec {
+                    task_id: task.id.clone(),
+                    addr,
+                    port: port.target,
+                    link: if task.node == node { link.map(LinkKey::from) } else { None },
+                });
+            }
+            let id = FeId {
+                addr: Ipv4Addr::UNSPECIFIED,
+                port: port.published,
+                protocol: port.protocol,
+            };
+            out.insert(
+                id,
+                FrontendSpec {
+                    service: svc.name.clone(),
+                    addr: Ipv4Addr::UNSPECIFIED,
+                    port: port.published,
+                    protocol: port.protocol,
+                    flags: fe_flags::PUBLISHED,
+                    backends,
+                },
+            );
+        }
+    }
+    out
+}
+
+/// One write to the maps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MapOp {
+    /// Write a backend (new, or changed link).
+    SetBackend { id: u32, value: Backend },
+    /// Zero a svc id's round-robin cursor and counters (a fresh or recycled id).
+    ResetService { svc_id: u32 },
+    /// Zero a backend id's counters (a fresh or recycled id).
+    ResetBackendStats { id: u32 },
+    SetSlot { svc_id: u32, slot: u32, backend_id: u32 },
+    SetFrontend { key: FrontendKey, value: Frontend },
+    DeleteFrontend { key: FrontendKey },
+    DeleteSlot { svc_id: u32, slot: u32 },
+    /// Mark a backend inactive (zeroed): flows still pointing at it re-balance.
+    ClearBackend { id: u32 },
+    /// Replace one 32-port word of the ports bitmap.
+    SetPortWord { word: u32, bits: u32 },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TablesError {
+    #[error("too many frontends: the map holds {max}")]
+    FrontendsFull { max: u32 },
+    #[error("too many backends: the map holds {max}")]
+    BackendsFull { max: u32 },
+}
+
+/// A programmed frontend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgFrontend {
+    pub svc_id: u32,
+    pub spec: FrontendSpec,
+    /// Backend id per slot (slot n at index n-1).
+    pub slots: Vec<u32>,
+}
+
+/// What the agent believes is in the maps, with the ids it handed out.
+#[derive(Debug, Default, Clone)]
+pub struct Tables {
+    frontends: BTreeMap<FeId, ProgFrontend>,
+    /// (svc id, backend spec) → backend id.
+    backends: HashMap<(u32, BackendSpec), u32>,
+    free_svc: BTreeSet<u32>,
+    next_svc: u32,
+    free_be: BTreeSet<u32>,
+    next_be: u32,
+    ports: BTreeMap<u32, u32>,
+}
+
+/// A backend's map value.
+pub fn backend_value(svc_id: u32, b: &BackendSpec) -> Backend {
+    let (flags, ifindex, mac, smac) = match b.link {
+        Some(l) => (be_flags::ACTIVE | be_flags::LOCAL, l.ifindex, l.task_mac, l.gw_mac),
+        None => (be_flags::ACTIVE, 0, [0; 6], [0; 6]),
+    };
+    Backend {
+        addr: u32::from_ne_bytes(b.addr.octets()),
+        port: b.port.to_be(),
+        flags,
+        ifindex,
+        mac,
+        smac,
+        svc_id,
+        _pad: 0,
+    }
+}
+
+impl Tables {
+    pub fn new() -> Self {
+        Tables {
+            next_svc: 1,
+            next_be: 1,
+            ..Default::default()
+        }
+    }
+
+    pub fn frontends(&self) -> impl Iterator<Item = (&FeId, &ProgFrontend)> {
+        self.frontends.iter()
+    }
+
+    /// backend id → (svc id, spec), for status output.
+    pub fn backends(&self) -> impl Iterator<Item = (u32, u32, &BackendSpec)> {
+        self.backends.iter().map(|((svc, spec), id)| (*id, *svc, spec))
+    }
+
+    fn alloc_svc(&mut self) -> Result<u32, TablesError> {
+        if let Some(id) = self.free_svc.pop_first() {
+            return Ok(id);
+        }
+        if self.next_svc >= maps::MAX_SERVICES {
+            return Err(TablesError::FrontendsFull {
+                max: maps::MAX_SERVICES - 1,
+            });
+        }
+        self.next_svc += 1;
+        Ok(self.next_svc - 1)
+    }
+
+    fn alloc_be(&mut self) -> Result<u32, TablesError> {
+        if let Some(id) = self.free_be.pop_first() {
+            return Ok(id);
+        }
+        if self.next_be >= maps::MAX_BACKENDS {
+            return Err(TablesError::BackendsFull {
+                max: maps::MAX_BACKENDS - 1,
+            });
+        }
+        self.next_be += 1;
+        Ok(self.next_be - 1)
+    }
+
+    /// Compute the operations that turn the programmed tables into `want`, and record `want`
+    /// as programmed. On error nothing is recorded and no op should be applied.
+    pub fn apply(&mut self, want: &BTreeMap<FeId, FrontendSpec>) -> Result<Vec<MapOp>, TablesError> {
+        let mut next = self.clone();
+        let ops = next.diff_into(want)?;
+        *self = next;
+        Ok(ops)
+    }
+
+    fn diff_into(&mut self, want: &BTreeMap<FeId, FrontendSpec>) -> Result<Vec<MapOp>, TablesError> {
+        let mut adds = Vec::new(); // backends, resets, slots, frontends
+        let mut removes = Vec::new(); // frontend deletes, slot deletes, backend clears
+        let mut freed_svc = Vec::new();
+        let mut freed_be = Vec::new();
+
+        // Frontends that go away.
+        let gone: Vec<FeId> = self
+            .frontends
+            .keys()
+            .filter(|k| !want.contains_key(k))
+            .copied()
+            .collect();
+        for id in gone {
+            let Some(pf) = self.frontends.remove(&id) else { continue };
+            removes.push(MapOp::DeleteFrontend { key: id.key() });
+            for (i, _) in pf.slots.iter().enumerate() {
+                removes.push(MapOp::DeleteSlot {
+                    svc_id: pf.svc_id,
+                    slot: i as u32 + 1,
+                });
+            }
+            for b in &pf.spec.backends {
+                if let Some(bid) = self.backends.remove(&(pf.svc_id, b.clone())) {
+                    removes.push(MapOp::ClearBackend { id: bid });
+                    freed_be.push(bid);
+                }
+            }
+            freed_svc.push(pf.svc_id);
+        }
+
+        // Frontends that are new or changed.
+        for (id, spec) in want {
+            let (svc_id, old_slots, old_spec) = match self.frontends.get(id) {
+                Some(pf) if pf.spec == *spec => continue,
+                Some(pf) => (pf.svc_id, pf.slots.clone(), Some(pf.spec.clone())),
+                None => {
+                    let svc_id = self.alloc_svc()?;
+                    adds.push(MapOp::ResetService { svc_id });
+                    (svc_id, Vec::new(), None)
+                }
+            };
+            // Backend ids: keep those whose spec is unchanged, allocate the rest.
+            let mut slots = Vec::with_capacity(spec.backends.len());
+            for b in &spec.backends {
+                let key = (svc_id, b.clone());
+                let bid = match self.backends.get(&key) {
+                    Some(&bid) => bid,
+                    None => {
+                        let bid = self.alloc_be()?;
+                        self.backends.insert(key, bid);
+                        adds.push(MapOp::ResetBackendStats { id: bid });
+                        adds.push(MapOp::SetBackend {
+                            id: bid,
+                            value: backend_value(svc_id, b),
+                        });
+                        bid
+                    }
+                };
+                slots.push(bid);
+            }
+            for (i, bid) in slots.iter().enumerate() {
+                if old_slots.get(i) != Some(bid) {
+                    adds.push(MapOp::SetSlot {
+                        svc_id,
+                        slot: i as u32 + 1,
+                        backend_id: *bid,
+                    });
+                }
+            }
+            adds.push(MapOp::SetFrontend {
+                key: id.key(),
+                value: Frontend {
+                    svc_id,
+                    count: slots.len() as u32,
+                    flags: spec.flags,
+                    _pad: 0,
+                },
+            });
+            for slot in slots.len()..old_slots.len() {
+                removes.push(MapOp::DeleteSlot {
+                    svc_id,
+                    slot: slot as u32 + 1,
+                });
+            }
+            if let Some(old) = old_spec {
+                let keep: BTreeSet<&BackendSpec> = spec.backends.iter().collect();
+                for b in &old.backends {
+                    if !keep.contains(b) {
+                        if let Some(bid) = self.backends.remove(&(svc_id, b.clone())) {
+                            removes.push(MapOp::ClearBackend { id: bid });
+                            freed_be.push(bid);
+                        }
+                    }
+                }
+            }
+            self.frontends.insert(
+                *id,
+                ProgFrontend {
+                    svc_id,
+                    spec: spec.clone(),
+                    slots,
+                },
+            );
+        }
+
+        // Ports bitmap: recomputed whole, written where a word changed.
+        let mut ports: BTreeMap<u32, u32> = BTreeMap::new();
+        for id in want.keys() {
+            *ports.entry(id.port as u32 >> 5).or_default() |= 1 << (id.port as u32 & 31);
+        }
+        let mut port_ops = Vec::new();
+        for (w, bits) in &ports {
+            if self.ports.get(w) != Some(bits) {
+                port_ops.push(MapOp::SetPortWord { word: *w, bits: *bits });
+            }
+        }
+        for w in self.ports.keys() {
+            if !ports.contains_key(w) {
+                port_ops.push(MapOp::SetPortWord { word: *w, bits: 0 });
+            }
+        }
+        self.ports = ports;
+
+        // Ids freed now are reusable from the next diff on.
+        self.free_svc.extend(freed_svc);
+        self.free_be.extend(freed_be);
+
+        // New ports must be wanted before their frontends exist; stale ones cleared last.
+        let (port_adds, port_clears): (Vec<_>, Vec<_>) = port_ops
+            .into_iter()
+            .partition(|op| matches!(op, MapOp::SetPortWord { bits, .. } if *bits != 0));
+        let mut ops = port_adds;
+        ops.extend(adds);
+        ops.extend(removes);
+        ops.extend(port_clears);
+        Ok(ops)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{
+        EndpointMode, Network, Node, PortSpec, Service, ServiceNetwork, Task, TaskNetwork,
+        TaskState,
+    };
+
+    fn state(tasks: &[(&str, u32, &str, TaskState, [u8; 4])]) -> State {
+        let mut s = State::default();
+        s.nodes.insert(
+            "n1".into(),
+            Node {
+                name: "n1".into(),
+                address: Ipv4Addr::new(198, 18, 0, 1),
+            },
+        );
+        s.nodes.insert(
+            "n2".into(),
+            Node {
+                name: "n2".into(),
+                address: Ipv4Addr::new(198, 18, 0, 2),
+            },
+        );
+        s.networks.insert(
+            "app".into(),
+            Network {
+                name: "app".into(),
+                subnet: "10.0.1.0/24".parse().unwrap(),
+                vni: 4097,
+                gateway: Ipv4Addr::new(10, 0, 1, 1),
+            },
+        );
+        s.services.insert(
+            "web".into(),
+            Service {
+                name: "web".into(),
+                endpoint_mode: EndpointMode::Vip,
+                networks: vec![ServiceNetwork {
+                    network: "app".into(),
+                    vip: Some(Ipv4Addr::new(10, 0, 1, 2)),
+                    aliases: vec![],
+                }],
+                ports: vec![PortSpec {
+                    published: 8080,
+                    target: 80,
+                    protocol: Protocol::Tcp,
+                }],
+            },
+        );
+        for (id, slot, node, st, a) in tasks {
+            s.tasks.insert(
+                id.to_string(),
+                Task {
+                    id: id.to_string(),
+                    service: "web".into(),
+                    slot: *slot,
+                    node: node.to_string(),
+                    state: *st,
+                    netns: Some(format!("/run/netns/{id}").into()),
+                    resolv_conf: None,
+                    networks: vec![TaskNetwork {
+                        network: "app".into(),
+                        address: Ipv4Addr::from(*a),
+                    }],
+                },
+            );
+        }
+        s
+    }
+
+    fn links(ids: &[&str]) -> LocalLinks {
+        ids.iter()
+            .enumerate()
+            .map(|(i, id)| {
+                (
+                    (id.to_string(), "app".to_string()),
+                    LocalLink {
+                        ifindex: 100 + i as u32,
+                        task_mac: [2, 0x42, 10, 0, 1, i as u8],
+                        gw_mac: [2, 0, 0, 0, 0, 1],
+                    },
+                )
+            })
+            .collect()
+    }
+
+    use TaskState::*;
+
+    #[test]
+    fn published_port_lists_running_local_tasks_in_slot_order() {
+        let s = state(&[
+            ("t3", 3, "n1", Running, [10, 0, 1, 13]),
+            ("t1", 1, "n1", Running, [10, 0, 1, 11]),
+            ("t2", 2, "n1", Failed, [10, 0, 1, 12]),
+            ("t4", 4, "n2", Running, [10, 0, 1, 14]),
+        ]);
+        let d = desired(&s, "n1", &links(&["t1", "t2", "t3"]), Reach::LocalOnly);
+        assert_eq!(d.len(), 1);
+        let fe = d.values().next().unwrap();
+        let ids: Vec<_> = fe.backends.iter().map(|b| b.task_id.as_str()).collect();
+        assert_eq!(ids, ["t1", "t3"], "failed and remote tasks are not backends");
+        assert_eq!(fe.backends[0].port, 80);
+        assert_eq!(fe.backends[0].link.unwrap().ifindex, 100);
+
+        let d = desired(&s, "n1", &links(&["t1", "t3"]), Reach::Cluster);
+        let ids: Vec<_> = d.values().next().unwrap().backends.iter().map(|b| b.task_id.as_str()).collect();
+        assert_eq!(ids, ["t1", "t3", "t4"], "cluster reach adds remote tasks");
+        assert!(d.values().next().unwrap().backends[2].link.is_none());
+    }
+
+    #[test]
+    fn local_task_without_link_is_not_a_backend() {
+        let s = state(&[("t1", 1, "n1", Running, [10, 0, 1, 11])]);
+        let d = desired(&s, "n1", &LocalLinks::new(), Reach::LocalOnly);
+        assert!(d.values().next().unwrap().backends.is_empty());
+    }
+
+    fn check_invariants(ops: &[MapOp]) {
+        // Every slot written points at a backend written earlier in this op list or before.
+        let mut cleared = BTreeSet::new();
+        for op in ops {
+            if let MapOp::ClearBackend { id } = op {
+                cleared.insert(*id);
+            }
+            if let MapOp::SetSlot { backend_id, .. } = op {
+                assert!(!cleared.contains(backend_id), "slot set to a cleared backend");
+            }
+        }
+    }
+
+    #[test]
+    fn first_program_orders_backends_slots_frontend() {
+        let s = state(&[
+            ("t1", 1, "n1", Running, [10, 0, 1, 11]),
+            ("t2", 2, "n1", Running, [10, 0, 1, 12]),
+        ]);
+        let mut t = Tables::new();
+        let ops = t.apply(&desired(&s, "n1", &links(&["t1", "t2"]), Reach::LocalOnly)).unwrap();
+        let pos = |f: &dyn Fn(&MapOp) -> bool| ops.iter().position(|o| f(o)).unwrap();
+        let port = pos(&|o| matches!(o, MapOp::SetPortWord { .. }));
+        let be = pos(&|o| matches!(o, MapOp::SetBackend { .. }));
+        let slot = pos(&|o| matches!(o, MapOp::SetSlot { .. }));
+        let fe = pos(&|o| matches!(o, MapOp::SetFrontend { .. }));
+        assert!(port < fe && be < slot && slot < fe);
+        assert_eq!(
+            ops.iter().filter(|o| matches!(o, MapOp::SetSlot { .. })).count(),
+            2
+        );
+        match &ops[fe] {
+            MapOp::SetFrontend { key, value } => {
+                assert_eq!(value.count, 2);
+                assert_eq!(key.addr, 0);
+                assert_eq!(u16::from_be(key.port), 8080);
+                assert_eq!(key.proto, 6);
+            }
+            _ => unreachable!(),
+        }
+        let word = 8080u32 >> 5;
+        assert!(ops.contains(&MapOp::SetPortWord {
+            word,
+            bits: 1 << (8080 & 31)
+        }));
+        // Same state again: nothing to do.
+        assert!(t.apply(&desired(&s, "n1", &links(&["t1", "t2"]), Reach::LocalOnly)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn scale_down_shrinks_count_before_deleting_slots_and_clears_backend_last() {
+        let s3 = state(&[
+            ("t1", 1, "n1", Running, [10, 0, 1, 11]),
+            ("t2", 2, "n1", Running, [10, 0, 1, 12]),
+            ("t3", 3, "n1", Running, [10, 0, 1, 13]),
+        ]);
+        let l = links(&["t1", "t2", "t3"]);
+        let mut t = Tables::new();
+        t.apply(&desired(&s3, "n1", &l, Reach::LocalOnly)).unwrap();
+        let s1 = state(&[
+            ("t1", 1, "n1", Shutdown, [10, 0, 1, 11]),
+            ("t2", 2, "n1", Running, [10, 0, 1, 12]),
+            ("t3", 3, "n1", Failed, [10, 0, 1, 13]),
+        ]);
+        let ops = t.apply(&desired(&s1, "n1", &l, Reach::LocalOnly)).unwrap();
+        check_invariants(&ops);
+        let fe = ops.iter().position(|o| matches!(o, MapOp::SetFrontend { value, .. } if value.count == 1)).unwrap();
+        let del: Vec<usize> = ops.iter().enumerate().filter(|(_, o)| matches!(o, MapOp::DeleteSlot { .. })).map(|(i, _)| i).collect();
+        let clr: Vec<usize> = ops.iter().enumerate().filter(|(_, o)| matches!(o, MapOp::ClearBackend { .. })).map(|(i, _)| i).collect();
+        assert_eq!(del.len(), 2);
+        assert_eq!(clr.len(), 2);
+        assert!(del.iter().all(|&d| d > fe));
+        assert!(clr.iter().all(|&c| c > fe));
+        // Slot 1 now holds t2's backend (which kept its id).
+        let t2_id = t.backends().find(|(_, _, b)| b.task_id == "t2").unwrap().0;
+        assert!(ops.contains(&MapOp::SetSlot { svc_id: 1, slot: 1, backend_id: t2_id }));
+    }
+
+    #[test]
+    fn scale_up_keeps_existing_ids_and_adds_new() {
+        let l = links(&["t1", "t2", "t3", "t4", "t5"]);
+        let mut t = Tables::new();
+        t.apply(&desired(&state(&[("t1", 1, "n1", Running, [10, 0, 1, 11])]), "n1", &l, Reach::LocalOnly)).unwrap();
+        let before: Vec<_> = t.backends().map(|(id, _, b)| (id, b.task_id.clone())).collect();
+        let s5 = state(&[
+            ("t1", 1, "n1", Running, [10, 0, 1, 11]),
+            ("t2", 2, "n1", Running, [10, 0, 1, 12]),
+            ("t3", 3, "n1", Running, [10, 0, 1, 13]),
+            ("t4", 4, "n1", Running, [10, 0, 1, 14]),
+            ("t5", 5, "n1", Running, [10, 0, 1, 15]),
+        ]);
+        let ops = t.apply(&desired(&s5, "n1", &l, Reach::LocalOnly)).unwrap();
+        check_invariants(&ops);
+        assert_eq!(ops.iter().filter(|o| matches!(o, MapOp::SetBackend { .. })).count(), 4);
+        assert!(!ops.iter().any(|o| matches!(o, MapOp::SetSlot { slot: 1, .. })), "slot 1 unchanged");
+        assert!(!ops.iter().any(|o| matches!(o, MapOp::ResetService { .. })), "svc id kept");
+        let t1 = t.backends().find(|(_, _, b)| b.task_id == "t1").unwrap().0;
+        assert_eq!(before[0], (t1, "t1".to_string()));
+    }
+
+    #[test]
+    fn removed_service_frees_ids_for_the_next_diff_only() {
+        let l = links(&["t1"]);
+        let s = state(&[("t1", 1, "n1", Running, [10, 0, 1, 11])]);
+        let mut t = Tables::new();
+        t.apply(&desired(&s, "n1", &l, Reach::LocalOnly)).unwrap();
+        let mut empty = s.clone();
+        empty.services.clear();
+        empty.tasks.clear();
+        let ops = t.apply(&desired(&empty, "n1", &l, Reach::LocalOnly)).unwrap();
+        assert!(ops.contains(&MapOp::DeleteFrontend { key: FeId { addr: Ipv4Addr::UNSPECIFIED, port: 8080, protocol: Protocol::Tcp }.key() }));
+        assert!(ops.contains(&MapOp::DeleteSlot { svc_id: 1, slot: 1 }));
+        assert!(ops.contains(&MapOp::ClearBackend { id: 1 }));
+        assert_eq!(ops.last(), Some(&MapOp::SetPortWord { word: 8080 >> 5, bits: 0 }));
+        // Re-adding reuses id 1 and resets its counters.
+        let ops = t.apply(&desired(&s, "n1", &l, Reach::LocalOnly)).unwrap();
+        assert!(ops.contains(&MapOp::ResetService { svc_id: 1 }));
+        assert!(ops.contains(&MapOp::ResetBackendStats { id: 1 }));
+    }
+
+    #[test]
+    fn changed_link_gets_new_backend() {
+        let s = state(&[("t1", 1, "n1", Running, [10, 0, 1, 11])]);
+        let mut t = Tables::new();
+        t.apply(&desired(&s, "n1", &links(&["t1"]), Reach::LocalOnly)).unwrap();
+        let mut l2 = links(&["t1"]);
+        l2.values_mut().for_each(|l| l.ifindex = 999);
+        let ops = t.apply(&desired(&s, "n1", &l2, Reach::LocalOnly)).unwrap();
+        check_invariants(&ops);
+        let set = ops.iter().find_map(|o| match o { MapOp::SetBackend { value, .. } => Some(*value), _ => None }).unwrap();
+        assert_eq!(set.ifindex, 999);
+        assert!(ops.iter().any(|o| matches!(o, MapOp::ClearBackend { id: 1 })));
+    }
+
+    #[test]
+    fn backend_value_layout() {
+        let b = BackendSpec {
+            task_id: "t".into(),
+            addr: Ipv4Addr::new(10, 0, 1, 11),
+            port: 80,
+            link: Some(LinkKey { ifindex: 7, task_mac: [1; 6], gw_mac: [2; 6] }),
+        };
+        let v = backend_value(3, &b);
+        assert_eq!(v.addr.to_ne_bytes(), [10, 0, 1, 11]);
+        assert_eq!(v.port.to_ne_bytes(), [0, 80]);
+        assert_eq!(v.flags, be_flags::ACTIVE | be_flags::LOCAL);
+        assert_eq!((v.ifindex, v.mac, v.smac, v.svc_id), (7, [1; 6], [2; 6], 3));
+    }
+}

@@ -1,0 +1,243 @@
+//! Typed access to the pinned maps: applying table operations, reading counters.
+
+use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
+};
+use mesh_common::{
+    Backend, Config, CtEntry, CtKey, Frontend, FrontendKey, SlotKey, TrafficStats, maps as names,
+    reason,
+};
+
+use super::DatapathError;
+use crate::tables::MapOp;
+
+/// Every map of the object, typed.
+pub struct Maps {
+    pub frontends: HashMap<MapData, FrontendKey, Frontend>,
+    pub slots: HashMap<MapData, SlotKey, u32>,
+    pub backends: Array<MapData, Backend>,
+    pub rr: Array<MapData, u64>,
+    pub conntrack: HashMap<MapData, CtKey, CtEntry>,
+    pub node_addrs: HashMap<MapData, u32, u32>,
+    pub ports: Array<MapData, u32>,
+    pub verdicts: PerCpuArray<MapData, u64>,
+    pub svc_stats: PerCpuArray<MapData, TrafficStats>,
+    pub be_stats: PerCpuArray<MapData, TrafficStats>,
+    pub config: Array<MapData, Config>,
+}
+
+fn typed<T>(name: &'static str, map: Option<Map>) -> Result<T, DatapathError>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    let map = map.ok_or(DatapathError::MissingMap { name })?;
+    T::try_from(map).map_err(|source| DatapathError::Map { name, source })
+}
+
+fn me(name: &'static str) -> impl Fn(MapError) -> DatapathError {
+    move |source| DatapathError::Map { name, source }
+}
+
+impl Maps {
+    /// Take the maps out of a loaded object.
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self, DatapathError> {
+        Self::build(|n| ebpf.take_map(n))
+    }
+
+    /// Open the maps pinned in `dir` by a running (or stopped) agent.
+    pub fn open_pinned(dir: &Path) -> Result<Self, DatapathError> {
+        Self::build(|n| {
+            MapData::from_pin(dir.join(n))
+                .ok()
+                .and_then(|d| Map::from_map_data(d).ok())
+        })
+    }
+
+    fn build(mut get: impl FnMut(&str) -> Option<Map>) -> Result<Self, DatapathError> {
+        Ok(Maps {
+            frontends: typed(names::FRONTENDS, get(names::FRONTENDS))?,
+            slots: typed(names::SLOTS, get(names::SLOTS))?,
+            backends: typed(names::BACKENDS, get(names::BACKENDS))?,
+            rr: typed(names::RR, get(names::RR))?,
+            conntrack: typed(names::CONNTRACK, get(names::CONNTRACK))?,
+            node_addrs: typed(names::NODE_ADDRS, get(names::NODE_ADDRS))?,
+            ports: typed(names::PORTS, get(names::PORTS))?,
+            verdicts: typed(names::VERDICTS, get(names::VERDICTS))?,
+            svc_stats: typed(names::SVC_STATS, get(names::SVC_STATS))?,
+            be_stats: typed(names::BACKEND_STATS, get(names::BACKEND_STATS))?,
+            config: typed(names::CONFIG, get(names::CONFIG))?,
+        })
+    }
+
+    pub fn set_config(&mut self, cfg: Config) -> Result<(), DatapathError> {
+        self.config.set(0, cfg, 0).map_err(me(names::CONFIG))
+    }
+
+    /// Replace the node-address set with `addrs`.
+    pub fn set_node_addrs(&mut self, addrs: &[Ipv4Addr]) -> Result<(), DatapathError> {
+        let want: Vec<u32> = addrs.iter().map(|a| u32::from_ne_bytes(a.octets())).collect();
+        let have: Vec<u32> = self.node_addrs.keys().filter_map(Result::ok).collect();
+        for a in &want {
+            self.node_addrs.insert(a, 1, 0).map_err(me(names::NODE_ADDRS))?;
+        }
+        for a in have.iter().filter(|a| !want.contains(a)) {
+            let _ = self.node_addrs.remove(a);
+        }
+        Ok(())
+    }
+
+    fn zero_percpu<T: aya::Pod + Default>(
+        map: &mut PerCpuArray<MapData, T>,
+        name: &'static str,
+        idx: u32,
+    ) -> Result<(), DatapathError> {
+        let n = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Map {
+            name,
+            source: MapError::SyscallError(aya::sys::SyscallError { call: "nr_cpus", io_error: e }),
+        })?;
+        let v = PerCpuValues::try_from(vec![T::default(); n]).map_err(|e| DatapathError::Map {
+            name,
+            source: MapError::SyscallError(aya::sys::SyscallError { call: "percpu", io_error: e }),
+        })?;
+        map.set(idx, v, 0).map_err(me(name))
+    }
+
+    /// Apply table operations in order.
+    pub fn apply(&mut self, ops: &[MapOp]) -> Result<(), DatapathError> {
+        for op in ops {
+            match op {
+                MapOp::SetBackend { id, value } => {
+                    self.backends.set(*id, value, 0).map_err(me(names::BACKENDS))?
+                }
+                MapOp::ClearBackend { id } => self
+                    .backends
+                    .set(*id, zero_backend(), 0)
+                    .map_err(me(names::BACKENDS))?,
+                MapOp::ResetService { svc_id } => {
+                    self.rr.set(*svc_id, 0, 0).map_err(me(names::RR))?;
+                    Self::zero_percpu(&mut self.svc_stats, names::SVC_STATS, *svc_id)?;
+                }
+                MapOp::ResetBackendStats { id } => {
+                    Self::zero_percpu(&mut self.be_stats, names::BACKEND_STATS, *id)?
+                }
+                MapOp::SetSlot {
+                    svc_id,
+                    slot,
+                    backend_id,
+                } => self
+                    .slots
+                    .insert(
+                        SlotKey {
+                            svc_id: *svc_id,
+                            slot: *slot,
+                        },
+                        backend_id,
+                        0,
+                    )
+                    .map_err(me(names::SLOTS))?,
+                MapOp::DeleteSlot { svc_id, slot } => {
+                    ignore_missing(self.slots.remove(&SlotKey {
+                        svc_id: *svc_id,
+                        slot: *slot,
+                    }))
+                    .map_err(me(names::SLOTS))?
+                }
+                MapOp::SetFrontend { key, value } => self
+                    .frontends
+                    .insert(key, value, 0)
+                    .map_err(me(names::FRONTENDS))?,
+                MapOp::DeleteFrontend { key } => {
+                    ignore_missing(self.frontends.remove(key)).map_err(me(names::FRONTENDS))?
+                }
+                MapOp::SetPortWord { word, bits } => {
+                    self.ports.set(*word, bits, 0).map_err(me(names::PORTS))?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Empty the tables (frontends, slots, backends, ports) left by a previous agent, so a
+    /// restarted agent programs from a clean slate while conntrack keeps live flows.
+    pub fn clear_tables(&mut self) -> Result<(), DatapathError> {
+        let fes: Vec<FrontendKey> = self.frontends.keys().filter_map(Result::ok).collect();
+        for k in fes {
+            let _ = self.frontends.remove(&k);
+        }
+        let slots: Vec<SlotKey> = self.slots.keys().filter_map(Result::ok).collect();
+        for k in slots {
+            let _ = self.slots.remove(&k);
+        }
+        for w in 0..names::PORT_WORDS {
+            if self.ports.get(&w, 0).map(|v| v != 0).unwrap_or(false) {
+                self.ports.set(w, 0, 0).map_err(me(names::PORTS))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sum of a per-CPU stats slot.
+    pub fn sum_stats(
+        map: &PerCpuArray<MapData, TrafficStats>,
+        idx: u32,
+    ) -> TrafficStats {
+        let mut total = TrafficStats::default();
+        if let Ok(v) = map.get(&idx, 0) {
+            for s in v.iter() {
+                total.add(s);
+            }
+        }
+        total
+    }
+
+    pub fn service_stats(&self, svc_id: u32) -> TrafficStats {
+        Self::sum_stats(&self.svc_stats, svc_id)
+    }
+
+    pub fn backend_stats(&self, id: u32) -> TrafficStats {
+        Self::sum_stats(&self.be_stats, id)
+    }
+
+    /// Packets per verdict reason (summed over CPUs), by name.
+    pub fn verdicts(&self) -> BTreeMap<&'static str, u64> {
+        let mut out = BTreeMap::new();
+        for (i, name) in reason::NAMES.iter().enumerate() {
+            let n = self
+                .verdicts
+                .get(&(i as u32), 0)
+                .map(|v| v.iter().sum())
+                .unwrap_or(0);
+            out.insert(*name, n);
+        }
+        out
+    }
+
+    /// Number of live conntrack entries (both directions).
+    pub fn conntrack_len(&self) -> usize {
+        self.conntrack.keys().filter(|k| k.is_ok()).count()
+    }
+}
+
+fn zero_backend() -> Backend {
+    Backend {
+        addr: 0,
+        port: 0,
+        flags: 0,
+        ifindex: 0,
+        mac: [0; 6],
+        smac: [0; 6],
+        svc_id: 0,
+        _pad: 0,
+    }
+}
+
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        r => r,
+    }
+}
