@@ -1,1 +1,398 @@
-//! Reconcile loop.
+//! The reconcile loop: every snapshot from the source is converged into the kernel —
+//! task interfaces (attach), reverse-NAT programs on them, load-balancer maps (tables), DNS —
+//! and a refused snapshot changes nothing: the last good tables keep serving.
+
+use std::{
+    collections::BTreeSet,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tracing::{error, info, info_span, warn, Instrument};
+
+use crate::{
+    attach::{Attacher, Netlink, NetlinkError},
+    ebpf::{Datapath, DatapathError, Hook},
+    model::State,
+    source::{Source, SourceError, SourceEvent},
+    tables::{self, Reach, Tables},
+};
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// This node's name in the state.
+    pub node: String,
+    /// Interfaces whose incoming published-port traffic is balanced (empty: the default
+    /// route's interface).
+    pub interfaces: Vec<String>,
+    pub hook: Hook,
+    /// bpffs directory of the pinned maps.
+    pub pin_dir: PathBuf,
+    /// Directory for the catalog that `status` reads (ids → names).
+    pub run_dir: PathBuf,
+    /// cgroup-v2 directory for the socket-level LB (local clients); `None` disables it.
+    pub cgroup: Option<PathBuf>,
+    /// On shutdown keep the maps pinned (an upgrade hands them to the next agent).
+    pub keep_datapath: bool,
+    pub reach: Reach,
+    /// Retry period for tasks that could not be attached, and node-address refresh.
+    pub resync: Duration,
+}
+
+impl AgentConfig {
+    pub fn for_node(node: &str) -> Self {
+        AgentConfig {
+            node: node.to_string(),
+            interfaces: Vec::new(),
+            hook: Hook::Xdp,
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/mesh/{node}")),
+            run_dir: PathBuf::from(format!("/run/mesh/{node}")),
+            cgroup: crate::ebpf::default_cgroup(),
+            keep_datapath: false,
+            reach: Reach::LocalOnly,
+            resync: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("no interface given and no IPv4 default route to pick one from: pass --iface")]
+    NoInterface,
+    #[error("node {node} is not in the state (nodes: {known})")]
+    UnknownNode { node: String, known: String },
+    #[error("cannot write {path}: {source}")]
+    RunDir { path: PathBuf, source: std::io::Error },
+}
+
+/// What `status` needs to name ids (written next to the pinned maps' owner, in `run_dir`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Catalog {
+    pub node: String,
+    pub frontends: Vec<CatalogFrontend>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CatalogFrontend {
+    pub svc_id: u32,
+    pub service: String,
+    pub protocol: String,
+    /// "*" for a published port (any node address), else the VIP.
+    pub addr: String,
+    pub port: u16,
+    pub backends: Vec<CatalogBackend>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CatalogBackend {
+    pub id: u32,
+    pub task: String,
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub local: bool,
+}
+
+pub const CATALOG_FILE: &str = "catalog.json";
+
+/// A per-task service the agent runs inside attached tasks (the embedded DNS server): told
+/// of every snapshot, attached to every attached task, detached when it goes.
+pub trait TaskService: Send {
+    fn update(&self, state: Arc<State>);
+    /// Idempotent: called on every converge for every attached task.
+    fn attach<'a>(&'a self, task: &'a crate::model::Task) -> BoxFuture<'a, Result<(), String>>;
+    fn detach<'a>(&'a self, task_id: &'a str) -> BoxFuture<'a, ()>;
+    fn shutdown(&self) -> BoxFuture<'_, ()>;
+}
+
+pub struct Agent {
+    cfg: AgentConfig,
+    dp: Datapath,
+    nl: Netlink,
+    attacher: Attacher,
+    tables: Tables,
+    state: Arc<State>,
+    /// Host veths with the reverse-NAT program attached.
+    tc_attached: BTreeSet<String>,
+    node_addrs: Vec<Ipv4Addr>,
+    pub dns: Option<Box<dyn TaskService>>,
+}
+
+impl Agent {
+    /// Load (or adopt) the datapath, converge to `state`, then attach the programs.
+    pub async fn start(cfg: AgentConfig, state: Arc<State>, dns: Option<Box<dyn TaskService>>) -> Result<Agent, AgentError> {
+        if !state.nodes.contains_key(&cfg.node) {
+            return Err(AgentError::UnknownNode {
+                node: cfg.node.clone(),
+                known: state.nodes.keys().cloned().collect::<Vec<_>>().join(", "),
+            });
+        }
+        let nl = Netlink::open()?;
+        // Forwarding on, as on a Swarm node: traffic the programs hand to the kernel
+        // (no redirect target) is routed to the tasks.
+        if let Err(e) = std::fs::write("/proc/sys/net/ipv4/ip_forward", "1") {
+            warn!(error = %e, "cannot enable IPv4 forwarding");
+        }
+        let pinned_before = cfg.pin_dir.join(mesh_common::maps::FRONTENDS).exists();
+        let dp = Datapath::load(&cfg.pin_dir)?;
+        let tables = if pinned_before {
+            info!(pins = %cfg.pin_dir.display(), "reusing pinned maps: live connections are kept");
+            dp.maps.adopt_tables()
+        } else {
+            Tables::new()
+        };
+        std::fs::create_dir_all(&cfg.run_dir).map_err(|source| AgentError::RunDir {
+            path: cfg.run_dir.clone(),
+            source,
+        })?;
+        let mut agent = Agent {
+            attacher: Attacher::new(nl.clone()),
+            cfg,
+            dp,
+            nl,
+            tables,
+            state: Arc::new(State::default()),
+            tc_attached: BTreeSet::new(),
+            node_addrs: Vec::new(),
+            dns,
+        };
+        agent.refresh_node_addrs().await;
+        agent.apply(state).await;
+
+        let ifaces = if agent.cfg.interfaces.is_empty() {
+            let idx = agent.nl.default_route_ifindex().await?.ok_or(AgentError::NoInterface)?;
+            let l = agent.nl.link_by_index(idx).await?.ok_or(AgentError::NoInterface)?;
+            vec![l.name]
+        } else {
+            agent.cfg.interfaces.clone()
+        };
+        for iface in &ifaces {
+            agent.dp.attach_ingress(iface, agent.cfg.hook)?;
+        }
+        if let Some(cg) = agent.cfg.cgroup.clone() {
+            agent.dp.attach_sock(&cg)?;
+        }
+        info!(node = agent.cfg.node, interfaces = ?ifaces, hook = ?agent.cfg.hook, "agent ready");
+        Ok(agent)
+    }
+
+    pub fn state(&self) -> &Arc<State> {
+        &self.state
+    }
+
+    pub fn datapath(&self) -> &Datapath {
+        &self.dp
+    }
+
+    /// Converge everything to `state`.
+    pub async fn apply(&mut self, state: Arc<State>) {
+        let started = Instant::now();
+        let span = info_span!("converge", node = %self.cfg.node);
+        async {
+            let conv = self.attacher.converge(&state, &self.cfg.node).await;
+            // Reverse-NAT programs follow the task interfaces.
+            let want: BTreeSet<String> = self
+                .attacher
+                .attached()
+                .flat_map(|id| self.attacher.host_links(id))
+                .map(|l| l.host_name)
+                .collect();
+            for gone in self.tc_attached.difference(&want).cloned().collect::<Vec<_>>() {
+                self.dp.detach_task(&gone);
+                self.tc_attached.remove(&gone);
+            }
+            for new in want.difference(&self.tc_attached).cloned().collect::<Vec<_>>() {
+                match self.dp.attach_task(&new) {
+                    Ok(()) => {
+                        self.tc_attached.insert(new);
+                    }
+                    Err(e) => error!(iface = new, error = %e, "cannot attach reverse NAT"),
+                }
+            }
+            if let Some(dns) = &self.dns {
+                dns.update(state.clone());
+                for id in &conv.removed {
+                    dns.detach(id).await;
+                }
+                for id in self.attacher.attached().cloned().collect::<Vec<_>>() {
+                    if let Some(task) = state.tasks.get(&id) {
+                        if let Err(e) = dns.attach(task).await {
+                            warn!(task = id, error = %e, "cannot serve DNS in task");
+                        }
+                    }
+                }
+            }
+            let want = tables::desired(&state, &self.cfg.node, &self.attacher.links(), self.cfg.reach);
+            match self.tables.apply(&want) {
+                Ok(ops) => {
+                    if let Err(e) = self.dp.maps.apply(&ops) {
+                        error!(error = %e, "programming the maps failed; retrying on the next sync");
+                        // Forget what we believe is programmed: the next sync rewrites it all.
+                        self.tables = self.dp.maps.adopt_tables();
+                    } else if !ops.is_empty() {
+                        info!(
+                            ops = ops.len(),
+                            attached = conv.added.len(),
+                            detached = conv.removed.len(),
+                            elapsed_us = started.elapsed().as_micros() as u64,
+                            "tables programmed"
+                        );
+                    }
+                }
+                Err(e) => error!(error = %e, "state does not fit the maps; keeping the last good tables"),
+            }
+            self.state = state;
+            if let Err(e) = self.write_catalog() {
+                warn!(error = %e, "cannot write the catalog");
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Keep the node-address set (where published ports answer) in sync with the kernel.
+    pub async fn refresh_node_addrs(&mut self) {
+        match self.nl.ipv4_addrs().await {
+            Ok(a) => {
+                let mut addrs: Vec<Ipv4Addr> = a.into_iter().map(|(_, ip)| ip).collect();
+                addrs.sort();
+                addrs.dedup();
+                if addrs != self.node_addrs {
+                    match self.dp.maps.set_node_addrs(&addrs) {
+                        Ok(()) => {
+                            info!(addrs = ?addrs, "node addresses");
+                            self.node_addrs = addrs;
+                        }
+                        Err(e) => error!(error = %e, "cannot program node addresses"),
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot list node addresses"),
+        }
+    }
+
+    fn write_catalog(&self) -> Result<(), AgentError> {
+        let mut frontends: Vec<CatalogFrontend> = self
+            .tables
+            .frontends()
+            .map(|(id, pf)| CatalogFrontend {
+                svc_id: pf.svc_id,
+                service: pf.spec.service.clone(),
+                protocol: id.protocol.as_str().to_string(),
+                addr: if id.addr.is_unspecified() { "*".into() } else { id.addr.to_string() },
+                port: id.port,
+                backends: pf
+                    .spec
+                    .backends
+                    .iter()
+                    .zip(&pf.slots)
+                    .map(|(b, bid)| CatalogBackend {
+                        id: *bid,
+                        task: self
+                            .state
+                            .tasks
+                            .get(&b.task_id)
+                            .map(|t| t.name())
+                            .unwrap_or_else(|| b.task_id.clone()),
+                        addr: b.addr,
+                        port: b.port,
+                        local: b.link.is_some(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        frontends.sort_by_key(|f| (f.port, f.protocol.clone()));
+        let cat = Catalog {
+            node: self.cfg.node.clone(),
+            frontends,
+        };
+        let path = self.cfg.run_dir.join(CATALOG_FILE);
+        let tmp = path.with_extension("json.tmp");
+        let body = serde_json::to_vec_pretty(&cat).unwrap_or_default();
+        std::fs::write(&tmp, body)
+            .and_then(|_| std::fs::rename(&tmp, &path))
+            .map_err(|source| AgentError::RunDir { path, source })
+    }
+
+    /// Detach everything, remove what the agent made; keep the maps pinned only when asked.
+    pub async fn shutdown(mut self) {
+        info!(node = self.cfg.node, keep_datapath = self.cfg.keep_datapath, "shutting down");
+        if let Some(dns) = &self.dns {
+            dns.shutdown().await;
+        }
+        self.dp.detach_all();
+        for e in self.attacher.teardown().await {
+            warn!(error = %e, "teardown");
+        }
+        let _ = std::fs::remove_file(self.cfg.run_dir.join(CATALOG_FILE));
+        let _ = std::fs::remove_dir(&self.cfg.run_dir);
+        if self.cfg.keep_datapath {
+            info!(pins = %self.cfg.pin_dir.display(), "maps left pinned for the next agent");
+        } else if let Err(e) = self.dp.unpin() {
+            warn!(error = %e, "cannot remove pinned maps");
+        }
+    }
+}
+
+/// Run an agent until `stop` resolves: initial snapshot, then follow the source.
+pub async fn run(
+    cfg: AgentConfig,
+    mut source: Box<dyn Source>,
+    dns: Option<Box<dyn TaskService>>,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), AgentError> {
+    info!(source = source.describe(), node = cfg.node, "starting");
+    let initial = source.initial().await?;
+    let resync = cfg.resync;
+    let mut agent = Agent::start(cfg, initial, dns).await?;
+    let (tx, mut rx) = mpsc::channel(16);
+    let follower = tokio::spawn(source.run(tx));
+    let mut tick = tokio::time::interval(resync);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            ev = rx.recv() => match ev {
+                Some(SourceEvent::Snapshot(s)) => {
+                    info!(services = s.services.len(), tasks = s.tasks.len(), "new state");
+                    agent.apply(s).await;
+                }
+                Some(SourceEvent::Rejected(why)) => {
+                    error!("state update refused, keeping the last good tables: {why}");
+                }
+                None => {
+                    warn!("source stopped; serving the last good tables");
+                    // Nothing more will come; keep serving until told to stop.
+                    (&mut stop).await;
+                    break;
+                }
+            },
+            _ = tick.tick() => {
+                agent.refresh_node_addrs().await;
+                // Retries tasks whose attach failed (a namespace that did not exist yet).
+                let s = agent.state().clone();
+                agent.apply(s).await;
+            }
+        }
+    }
+    follower.abort();
+    agent.shutdown().await;
+    Ok(())
+}
+
+/// Read the catalog a running agent wrote.
+pub fn read_catalog(run_dir: &Path) -> std::io::Result<Catalog> {
+    let body = std::fs::read(run_dir.join(CATALOG_FILE))?;
+    serde_json::from_slice(&body).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}

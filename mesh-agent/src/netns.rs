@@ -70,3 +70,59 @@ pub fn current_path() -> PathBuf {
     let tid = unsafe { libc::syscall(libc::SYS_gettid) };
     PathBuf::from(format!("/proc/self/task/{tid}/ns/net"))
 }
+
+/// Directory of named namespaces, as iproute2 uses it.
+pub const NETNS_RUN_DIR: &str = "/run/netns";
+
+/// Create a named network namespace at `/run/netns/<name>` the way `ip netns add` does
+/// (a fresh netns bind-mounted onto a file there), usable by `ip netns exec` too.
+pub fn create_named(name: &str) -> Result<PathBuf, NetnsError> {
+    use nix::mount::{MsFlags, mount};
+    let dir = Path::new(NETNS_RUN_DIR);
+    let path = dir.join(name);
+    let io = |source: std::io::Error| NetnsError::Open { path: path.clone(), source };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    // Like iproute2: make /run/netns a shared mount so mounts propagate to other mount
+    // namespaces (`ip netns exec` runs in its own).
+    if mount(Some(dir), dir, None::<&str>, MsFlags::MS_SHARED | MsFlags::MS_REC, None::<&str>).is_err() {
+        let _ = mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>);
+        let _ = mount(None::<&str>, dir, None::<&str>, MsFlags::MS_SHARED | MsFlags::MS_REC, None::<&str>);
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(io)?;
+    let target = path.clone();
+    let r = std::thread::spawn(move || -> Result<(), NetnsError> {
+        nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(|source| NetnsError::Enter {
+            path: target.clone(),
+            source,
+        })?;
+        let me = current_path();
+        mount(Some(&me), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(|source| {
+            NetnsError::Enter {
+                path: target.clone(),
+                source,
+            }
+        })
+    })
+    .join()
+    .map_err(|_| NetnsError::Panicked)?;
+    if let Err(e) = r {
+        let _ = std::fs::remove_file(&path);
+        return Err(e);
+    }
+    Ok(path)
+}
+
+/// Delete a named namespace made by [`create_named`] or `ip netns add`.
+pub fn delete_named(name: &str) -> Result<(), NetnsError> {
+    let path = Path::new(NETNS_RUN_DIR).join(name);
+    let _ = nix::mount::umount2(&path, nix::mount::MntFlags::MNT_DETACH);
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(NetnsError::Open { path, source }),
+    }
+}

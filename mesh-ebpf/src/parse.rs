@@ -51,8 +51,11 @@ impl Pkt {
 /// Parse Ethernet + IPv4 + TCP/UDP. Anything else comes back as `Err(reason)` and is passed
 /// untouched by the caller: non-IPv4, fragments, IP options, other protocols, and truncated or
 /// inconsistent headers.
+///
+/// `frame_len` is the whole frame's length: `data_end - data` for XDP, the skb length for TC
+/// (where the directly readable part may hold only the headers).
 #[inline(always)]
-pub fn parse_ipv4(data: usize, data_end: usize) -> Result<Pkt, u32> {
+pub fn parse_ipv4(data: usize, data_end: usize, frame_len: usize) -> Result<Pkt, u32> {
     let eth: *const EthHdr = ptr_at(data, data_end, 0)?;
     // SAFETY: ptr_at checked the bounds; fields are byte arrays or read unaligned.
     if unsafe { core::ptr::read_unaligned(&raw const (*eth).ether_type) } != ETH_P_IP.to_be() {
@@ -86,7 +89,7 @@ pub fn parse_ipv4(data: usize, data_end: usize) -> Result<Pkt, u32> {
     }
     let l4_off = ETH_LEN + ihl * 4;
     // The IP datagram must fit in the frame (Ethernet padding may make the frame longer).
-    if tot_len < ihl * 4 || data + ETH_LEN + tot_len > data_end {
+    if tot_len < ihl * 4 || ETH_LEN + tot_len > frame_len {
         return Err(reason::PASS_MALFORMED);
     }
     let (sport, dport) = match l4proto {

@@ -34,9 +34,12 @@ pub enum Deliver {
 
 #[inline(always)]
 fn pull(ctx: &TcContext) -> Result<Pkt, u32> {
-    // Make the headers linear for direct access (no-op when they already are).
-    let _ = ctx.pull_data((ETH_LEN + 60 + 20) as u32);
-    parse_ipv4(ctx.data(), ctx.data_end())
+    // Make the headers (Ethernet, IPv4 without options, TCP) linear for direct access; the
+    // payload may stay in fragments. A no-op when they already are.
+    let len = ctx.len();
+    let want = (ETH_LEN + 20 + 20) as u32;
+    let _ = ctx.pull_data(if len < want { len } else { want });
+    parse_ipv4(ctx.data(), ctx.data_end(), len as usize)
 }
 
 /// Published ports arriving from outside the node, from TC ingress of the external interface.

@@ -1,1 +1,196 @@
-//! CLI commands.
+//! Command-line interface: one subcommand per verb. Every flag has a `MESH_*` environment
+//! fallback; flags win over the environment.
+
+pub mod demo;
+pub mod status;
+pub mod whoami;
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::{ebpf::Hook, tables::Reach};
+
+#[derive(Debug, Parser)]
+#[command(name = "mesh-agent", version, about = "mesh: eBPF routing mesh and service load balancer node agent")]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "MESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node agent.
+    Run(RunArgs),
+    /// Print services → frontends → backends with counters, from the pinned maps.
+    Status(StatusArgs),
+    /// Validate a state file without starting anything.
+    Check {
+        /// The state file.
+        file: PathBuf,
+    },
+    /// Bring up a working single-node mesh on this machine from a bundled example.
+    Demo(DemoArgs),
+    /// A tiny HTTP (answers its name) and UDP (echo) server for task namespaces.
+    #[command(hide = true)]
+    Whoami(WhoamiArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct NodeArgs {
+    /// This node's name in the managers' state (default: the host name).
+    #[arg(long, env = "MESH_NODE")]
+    pub node: Option<String>,
+    /// bpffs directory of the pinned maps (default: /sys/fs/bpf/mesh/<node>).
+    #[arg(long, env = "MESH_PIN_DIR")]
+    pub pin_dir: Option<PathBuf>,
+    /// Directory for the agent's catalog (default: /run/mesh/<node>).
+    #[arg(long, env = "MESH_RUN_DIR")]
+    pub run_dir: Option<PathBuf>,
+}
+
+impl NodeArgs {
+    pub fn node(&self) -> String {
+        self.node.clone().unwrap_or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "localhost".into())
+        })
+    }
+    pub fn pin_dir(&self) -> PathBuf {
+        self.pin_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("/sys/fs/bpf/mesh/{}", self.node())))
+    }
+    pub fn run_dir(&self) -> PathBuf {
+        self.run_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("/run/mesh/{}", self.node())))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The managers' state file (YAML), watched for changes.
+    #[arg(long, env = "MESH_STATE")]
+    pub state: PathBuf,
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// Enter this network namespace first (the node's), e.g. /run/netns/node1.
+    #[arg(long, env = "MESH_NETNS")]
+    pub netns: Option<PathBuf>,
+    /// Interface(s) whose published-port traffic is balanced (default: the default route's).
+    #[arg(long = "iface", env = "MESH_IFACES", value_delimiter = ',')]
+    pub ifaces: Vec<String>,
+    /// Hook for published-port traffic on those interfaces.
+    #[arg(long, env = "MESH_HOOK", value_enum, default_value_t = Hook::Xdp)]
+    pub hook: Hook,
+    /// cgroup-v2 directory for socket-level LB of local clients ("none" disables it;
+    /// default: the cgroup-v2 root).
+    #[arg(long, env = "MESH_CGROUP")]
+    pub cgroup: Option<String>,
+    /// Keep the maps pinned on exit so the next agent takes over live connections.
+    #[arg(long, env = "MESH_KEEP_DATAPATH")]
+    pub keep_datapath: bool,
+    /// Do not serve DNS on 127.0.0.11 in tasks.
+    #[arg(long, env = "MESH_NO_DNS")]
+    pub no_dns: bool,
+    /// Upstream resolvers for names mesh does not know (default: the node's resolv.conf).
+    #[arg(long = "dns-upstream", env = "MESH_DNS_UPSTREAMS", value_delimiter = ',')]
+    pub dns_upstreams: Vec<SocketAddr>,
+    /// Which tasks can be backends: this node's only, or the whole cluster (over overlays).
+    #[arg(long, env = "MESH_REACH", value_enum, default_value_t = ReachArg::Local)]
+    pub reach: ReachArg,
+    /// Period of retries and node-address refresh, in milliseconds.
+    #[arg(long, env = "MESH_RESYNC_MS", default_value_t = 2000)]
+    pub resync_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReachArg {
+    Local,
+    Cluster,
+}
+
+impl From<ReachArg> for Reach {
+    fn from(r: ReachArg) -> Self {
+        match r {
+            ReachArg::Local => Reach::LocalOnly,
+            ReachArg::Cluster => Reach::Cluster,
+        }
+    }
+}
+
+impl RunArgs {
+    pub fn agent_config(&self) -> crate::agent::AgentConfig {
+        let node = self.node.node();
+        let mut cfg = crate::agent::AgentConfig::for_node(&node);
+        cfg.interfaces = self.ifaces.clone();
+        cfg.hook = self.hook;
+        cfg.pin_dir = self.node.pin_dir();
+        cfg.run_dir = self.node.run_dir();
+        cfg.cgroup = match self.cgroup.as_deref() {
+            Some("none") => None,
+            Some(p) => Some(PathBuf::from(p)),
+            None => crate::ebpf::default_cgroup(),
+        };
+        cfg.keep_datapath = self.keep_datapath;
+        cfg.reach = self.reach.into();
+        cfg.resync = Duration::from_millis(self.resync_ms.max(100));
+        cfg
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Interface to balance published ports on (default: the default route's).
+    #[arg(long = "iface")]
+    pub ifaces: Vec<String>,
+    /// Hook for published-port traffic.
+    #[arg(long, value_enum, default_value_t = Hook::Xdp)]
+    pub hook: Hook,
+}
+
+#[derive(Debug, Args)]
+pub struct WhoamiArgs {
+    /// Name to answer with.
+    #[arg(long)]
+    pub name: String,
+    /// Enter this network namespace first.
+    #[arg(long)]
+    pub netns: Option<PathBuf>,
+    /// HTTP listen address(es).
+    #[arg(long)]
+    pub http: Vec<SocketAddr>,
+    /// UDP echo listen address(es).
+    #[arg(long)]
+    pub udp: Vec<SocketAddr>,
+}
+
+/// The embedded DNS server as the agent's per-task service, unless disabled.
+pub async fn dns_service(args: &RunArgs) -> anyhow::Result<Option<Box<dyn crate::agent::TaskService>>> {
+    if args.no_dns {
+        return Ok(None);
+    }
+    // Wired up when the DNS module lands (same session).
+    Ok(None)
+}

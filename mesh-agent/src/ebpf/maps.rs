@@ -160,23 +160,21 @@ impl Maps {
         Ok(())
     }
 
-    /// Empty the tables (frontends, slots, backends, ports) left by a previous agent, so a
-    /// restarted agent programs from a clean slate while conntrack keeps live flows.
-    pub fn clear_tables(&mut self) -> Result<(), DatapathError> {
-        let fes: Vec<FrontendKey> = self.frontends.keys().filter_map(Result::ok).collect();
-        for k in fes {
-            let _ = self.frontends.remove(&k);
-        }
-        let slots: Vec<SlotKey> = self.slots.keys().filter_map(Result::ok).collect();
-        for k in slots {
-            let _ = self.slots.remove(&k);
-        }
-        for w in 0..names::PORT_WORDS {
-            if self.ports.get(&w, 0).map(|v| v != 0).unwrap_or(false) {
-                self.ports.set(w, 0, 0).map_err(me(names::PORTS))?;
-            }
-        }
-        Ok(())
+    /// The programmed view a previous agent left in these (pinned) maps.
+    pub fn adopt_tables(&self) -> crate::tables::Tables {
+        let fes: Vec<(FrontendKey, Frontend)> = self.frontends.iter().filter_map(Result::ok).collect();
+        let slots: Vec<(SlotKey, u32)> = self.slots.iter().filter_map(Result::ok).collect();
+        let mut ids: Vec<u32> = slots.iter().map(|(_, b)| *b).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let bes: Vec<(u32, Backend)> = ids
+            .into_iter()
+            .filter_map(|id| self.backends.get(&id, 0).ok().map(|b| (id, b)))
+            .collect();
+        let ports: Vec<(u32, u32)> = (0..names::PORT_WORDS)
+            .filter_map(|w| self.ports.get(&w, 0).ok().filter(|b| *b != 0).map(|b| (w, b)))
+            .collect();
+        crate::tables::Tables::adopt(&fes, &slots, &bes, &ports)
     }
 
     /// Sum of a per-CPU stats slot.

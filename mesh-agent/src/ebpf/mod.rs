@@ -298,8 +298,10 @@ impl Datapath {
         })?;
         for name in [progs::CONNECT4, progs::SENDMSG4, progs::RECVMSG4, progs::GETPEERNAME4] {
             let prog = self.sock_program(name)?;
+            // With bpf_link (kernel ≥ 5.7) every attachment coexists with others (other
+            // agents' on the same cgroup too); the link API wants flags 0, i.e. `Single`.
             let id = prog
-                .attach(&file, CgroupAttachMode::AllowMultiple)
+                .attach(&file, CgroupAttachMode::Single)
                 .map_err(|source| DatapathError::Attach {
                     name,
                     target: cgroup.display().to_string(),

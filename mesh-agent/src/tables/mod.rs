@@ -17,7 +17,7 @@ use std::{
     net::Ipv4Addr,
 };
 
-use mesh_common::{Backend, Frontend, FrontendKey, be_flags, fe_flags, maps};
+use mesh_common::{Backend, Frontend, FrontendKey, SlotKey, be_flags, fe_flags, maps};
 
 use crate::model::{Protocol, State};
 
@@ -55,6 +55,25 @@ pub struct BackendSpec {
     pub port: u16,
     /// `None`: reached through the kernel's routing (e.g. over an overlay).
     pub link: Option<LinkKey>,
+}
+
+/// What identifies a backend in the maps (and survives an agent restart): where it is and
+/// how it is reached, not which task it belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BeKey {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub link: Option<LinkKey>,
+}
+
+impl BackendSpec {
+    pub fn key(&self) -> BeKey {
+        BeKey {
+            addr: self.addr,
+            port: self.port,
+            link: self.link,
+        }
+    }
 }
 
 /// [`LocalLink`] in a hashable, ordered form.
@@ -197,8 +216,8 @@ pub struct ProgFrontend {
 #[derive(Debug, Default, Clone)]
 pub struct Tables {
     frontends: BTreeMap<FeId, ProgFrontend>,
-    /// (svc id, backend spec) → backend id.
-    backends: HashMap<(u32, BackendSpec), u32>,
+    /// (svc id, backend key) → backend id.
+    backends: HashMap<(u32, BeKey), u32>,
     free_svc: BTreeSet<u32>,
     next_svc: u32,
     free_be: BTreeSet<u32>,
@@ -237,9 +256,90 @@ impl Tables {
         self.frontends.iter()
     }
 
-    /// backend id → (svc id, spec), for status output.
+    /// (backend id, svc id, spec) of every programmed backend, for status output.
     pub fn backends(&self) -> impl Iterator<Item = (u32, u32, &BackendSpec)> {
-        self.backends.iter().map(|((svc, spec), id)| (*id, *svc, spec))
+        self.frontends.values().flat_map(|pf| {
+            pf.spec
+                .backends
+                .iter()
+                .zip(pf.slots.iter())
+                .map(move |(b, id)| (*id, pf.svc_id, b))
+        })
+    }
+
+    /// Rebuild the programmed view from maps a previous agent left pinned, so that ids of
+    /// unchanged frontends and backends are kept and the flows in conntrack stay valid.
+    /// Entries of the old maps that the next diff does not want are listed in the returned
+    /// tables and removed by it.
+    pub fn adopt(
+        frontends: &[(FrontendKey, Frontend)],
+        slots: &[(SlotKey, u32)],
+        backends: &[(u32, Backend)],
+        ports: &[(u32, u32)],
+    ) -> Tables {
+        let mut t = Tables::new();
+        let be_by_id: HashMap<u32, &Backend> = backends.iter().map(|(id, b)| (*id, b)).collect();
+        let mut max_svc = 0;
+        let mut max_be = 0;
+        for (k, fe) in frontends {
+            let id = FeId {
+                addr: Ipv4Addr::from(k.addr.to_ne_bytes()),
+                port: u16::from_be(k.port),
+                protocol: if k.proto == mesh_common::proto::UDP { Protocol::Udp } else { Protocol::Tcp },
+            };
+            let mut ids: Vec<(u32, u32)> = slots
+                .iter()
+                .filter(|(s, _)| s.svc_id == fe.svc_id && s.slot >= 1 && s.slot <= fe.count)
+                .map(|(s, b)| (s.slot, *b))
+                .collect();
+            ids.sort();
+            let mut specs = Vec::new();
+            let mut slot_ids = Vec::new();
+            for (_, bid) in ids {
+                let Some(b) = be_by_id.get(&bid) else { continue };
+                if b.flags & be_flags::ACTIVE == 0 {
+                    continue;
+                }
+                let spec = BackendSpec {
+                    task_id: String::new(),
+                    addr: Ipv4Addr::from(b.addr.to_ne_bytes()),
+                    port: u16::from_be(b.port),
+                    link: (b.flags & be_flags::LOCAL != 0).then_some(LinkKey {
+                        ifindex: b.ifindex,
+                        task_mac: b.mac,
+                        gw_mac: b.smac,
+                    }),
+                };
+                t.backends.insert((fe.svc_id, spec.key()), bid);
+                max_be = max_be.max(bid);
+                specs.push(spec);
+                slot_ids.push(bid);
+            }
+            max_svc = max_svc.max(fe.svc_id);
+            t.frontends.insert(
+                id,
+                ProgFrontend {
+                    svc_id: fe.svc_id,
+                    spec: FrontendSpec {
+                        service: String::new(),
+                        addr: id.addr,
+                        port: id.port,
+                        protocol: id.protocol,
+                        flags: fe.flags,
+                        backends: specs,
+                    },
+                    slots: slot_ids,
+                },
+            );
+        }
+        t.next_svc = max_svc + 1;
+        t.next_be = max_be + 1;
+        let used_svc: BTreeSet<u32> = t.frontends.values().map(|f| f.svc_id).collect();
+        t.free_svc = (1..t.next_svc).filter(|i| !used_svc.contains(i)).collect();
+        let used_be: BTreeSet<u32> = t.backends.values().copied().collect();
+        t.free_be = (1..t.next_be).filter(|i| !used_be.contains(i)).collect();
+        t.ports = ports.iter().filter(|(_, b)| *b != 0).copied().collect();
+        t
     }
 
     fn alloc_svc(&mut self) -> Result<u32, TablesError> {
@@ -300,7 +400,7 @@ impl Tables {
                 });
             }
             for b in &pf.spec.backends {
-                if let Some(bid) = self.backends.remove(&(pf.svc_id, b.clone())) {
+                if let Some(bid) = self.backends.remove(&(pf.svc_id, b.key())) {
                     removes.push(MapOp::ClearBackend { id: bid });
                     freed_be.push(bid);
                 }
@@ -322,7 +422,7 @@ impl Tables {
             // Backend ids: keep those whose spec is unchanged, allocate the rest.
             let mut slots = Vec::with_capacity(spec.backends.len());
             for b in &spec.backends {
-                let key = (svc_id, b.clone());
+                let key = (svc_id, b.key());
                 let bid = match self.backends.get(&key) {
                     Some(&bid) => bid,
                     None => {
@@ -363,10 +463,10 @@ impl Tables {
                 });
             }
             if let Some(old) = old_spec {
-                let keep: BTreeSet<&BackendSpec> = spec.backends.iter().collect();
+                let keep: BTreeSet<BeKey> = spec.backends.iter().map(BackendSpec::key).collect();
                 for b in &old.backends {
-                    if !keep.contains(b) {
-                        if let Some(bid) = self.backends.remove(&(svc_id, b.clone())) {
+                    if !keep.contains(&b.key()) {
+                        if let Some(bid) = self.backends.remove(&(svc_id, b.key())) {
                             removes.push(MapOp::ClearBackend { id: bid });
                             freed_be.push(bid);
                         }
@@ -667,6 +767,44 @@ mod tests {
         let set = ops.iter().find_map(|o| match o { MapOp::SetBackend { value, .. } => Some(*value), _ => None }).unwrap();
         assert_eq!(set.ifindex, 999);
         assert!(ops.iter().any(|o| matches!(o, MapOp::ClearBackend { id: 1 })));
+    }
+
+    #[test]
+    fn adopted_tables_keep_ids_and_rewrite_without_removing() {
+        let s = state(&[
+            ("t1", 1, "n1", Running, [10, 0, 1, 11]),
+            ("t2", 2, "n1", Running, [10, 0, 1, 12]),
+        ]);
+        let l = links(&["t1", "t2"]);
+        let mut t = Tables::new();
+        let ops = t.apply(&desired(&s, "n1", &l, Reach::LocalOnly)).unwrap();
+        // What the maps hold after those ops.
+        let mut fes = Vec::new();
+        let mut slots = Vec::new();
+        let mut bes = Vec::new();
+        let mut ports = Vec::new();
+        for op in &ops {
+            match op {
+                MapOp::SetFrontend { key, value } => fes.push((*key, *value)),
+                MapOp::SetSlot { svc_id, slot, backend_id } => slots.push((SlotKey { svc_id: *svc_id, slot: *slot }, *backend_id)),
+                MapOp::SetBackend { id, value } => bes.push((*id, *value)),
+                MapOp::SetPortWord { word, bits } => ports.push((*word, *bits)),
+                _ => {}
+            }
+        }
+        let mut adopted = Tables::adopt(&fes, &slots, &bes, &ports);
+        let ops = adopted.apply(&desired(&s, "n1", &l, Reach::LocalOnly)).unwrap();
+        assert!(ops.iter().all(|o| matches!(o, MapOp::SetFrontend { .. })), "only frontends rewritten (names were unknown): {ops:?}");
+        let ids: BTreeSet<u32> = adopted.backends().map(|(id, _, _)| id).collect();
+        assert_eq!(ids, BTreeSet::from([1, 2]), "backend ids kept: live flows stay valid");
+        // Scaling after adoption allocates past the adopted ids.
+        let s3 = state(&[
+            ("t1", 1, "n1", Running, [10, 0, 1, 11]),
+            ("t2", 2, "n1", Running, [10, 0, 1, 12]),
+            ("t3", 3, "n1", Running, [10, 0, 1, 13]),
+        ]);
+        let ops = adopted.apply(&desired(&s3, "n1", &links(&["t1", "t2", "t3"]), Reach::LocalOnly)).unwrap();
+        assert!(ops.contains(&MapOp::SetSlot { svc_id: 1, slot: 3, backend_id: 3 }));
     }
 
     #[test]
