@@ -1,1 +1,155 @@
-fn main() {}
+//! `cargo xtask <task>`: mesh's dev tasks.
+//!
+//! - `build [--release]`   the eBPF object, then the agent (which embeds it)
+//! - `test`                every test: unit (incl. BPF_PROG_TEST_RUN) and integration (root)
+//! - `demo`                build and run the single-node demo (`mesh-agent demo`)
+//! - `bench [--quick]`     benchmarks, written to bench/RESULTS.md and bench/results.json
+
+use std::{
+    path::PathBuf,
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use xtask::{build_ebpf, workspace_root};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build the eBPF object and the agent.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run every test (needs root: namespaces, eBPF).
+    Test {
+        /// Only the unit tests (no namespaces; BPF_PROG_TEST_RUN still needs root).
+        #[arg(long)]
+        unit: bool,
+        /// Extra arguments for the test binaries (e.g. a test name filter).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Build and run the single-node demo mesh.
+    Demo {
+        /// Extra arguments for `mesh-agent demo`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run the benchmarks and write bench/RESULTS.md + bench/results.json.
+    Bench {
+        /// The short run (< 3 minutes).
+        #[arg(long)]
+        quick: bool,
+    },
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
+}
+
+fn run(mut c: Command) -> anyhow::Result<()> {
+    let what = format!("{c:?}");
+    let st = c.status().with_context(|| format!("cannot run {what}"))?;
+    if !st.success() {
+        bail!("{what} failed ({st})");
+    }
+    Ok(())
+}
+
+fn require_root(why: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{why} needs root (CI runs as root); run it with sudo");
+    }
+    Ok(())
+}
+
+fn build(release: bool) -> anyhow::Result<PathBuf> {
+    let obj = build_ebpf().map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!("eBPF object: {}", obj.display());
+    let mut c = cargo();
+    c.args(["build", "-p", "mesh-agent"]);
+    if release {
+        c.arg("--release");
+    }
+    // The object was just built: the agent's build script reuses it.
+    c.env("MESH_EBPF_OBJECT", &obj);
+    run(c)?;
+    let bin = workspace_root()
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("mesh-agent");
+    Ok(bin)
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.task {
+        Task::Build { release } => {
+            let bin = build(release)?;
+            println!("agent: {}", bin.display());
+        }
+        Task::Test { unit, args } => {
+            require_root("the test suite (BPF_PROG_TEST_RUN, network namespaces)")?;
+            let bin = build(false)?;
+            // Unit tests: pure logic, checksum math, and the real programs through
+            // BPF_PROG_TEST_RUN (each test loads its own copy; they run in parallel).
+            let mut c = cargo();
+            c.args(["test", "-p", "mesh-common", "-p", "mesh-agent", "-p", "xtask"])
+                .env("MESH_AGENT_BIN", &bin)
+                .arg("--")
+                .args(&args);
+            run(c)?;
+            if !unit {
+                // Integration: real agents in namespaces. One at a time: they share the
+                // machine's cgroup hooks and CPU, and timing-sensitive checks stay honest.
+                let mut c = cargo();
+                c.args(["test", "-p", "mesh-tests"])
+                    .env("MESH_AGENT_BIN", &bin)
+                    .arg("--")
+                    .arg("--test-threads=1")
+                    .args(&args);
+                run(c)?;
+            }
+        }
+        Task::Demo { args } => {
+            require_root("the demo (it attaches eBPF programs and creates namespaces)")?;
+            let bin = build(true)?;
+            let mut c = Command::new(bin);
+            c.arg("demo").args(&args);
+            run(c)?;
+        }
+        Task::Bench { quick } => {
+            require_root("the benchmarks")?;
+            let bin = build(true)?;
+            let mut c = cargo();
+            c.args(["run", "--release", "-p", "mesh-tests", "--bin", "mesh-bench", "--"])
+                .env("MESH_AGENT_BIN", &bin);
+            if quick {
+                c.arg("--quick");
+            }
+            run(c)?;
+        }
+    }
+    Ok(())
+}

@@ -79,9 +79,11 @@ struct Slot<'a>(&'a AtomicUsize);
 
 impl<'a> Slot<'a> {
     fn take(c: &'a AtomicUsize, max: usize) -> Option<Self> {
-        c.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
-            .ok()
-            .map(|_| Slot(c))
+        c.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| Slot(c))
     }
 }
 
@@ -109,14 +111,14 @@ enum Kind {
 
 impl RequestHandler for TaskHandler {
     // Written out as `#[async_trait]` expands it (the crate is not a dependency of ours).
-    fn handle_request<'life0, 'life1, 'async_trait, R: ResponseHandler, T: Time>(
+    fn handle_request<'life0, 'life1, 'async_trait, R, T>(
         &'life0 self,
         request: &'life1 Request,
         response_handle: R,
     ) -> Pin<Box<dyn Future<Output = ResponseInfo> + Send + 'async_trait>>
     where
-        R: 'async_trait,
-        T: 'async_trait,
+        R: ResponseHandler + 'async_trait,
+        T: Time + 'async_trait,
         'life0: 'async_trait,
         'life1: 'async_trait,
         Self: 'async_trait,
@@ -143,23 +145,44 @@ impl TaskHandler {
         let mut resp_edns = None;
         if let Some(req) = &request.edns {
             let mut e = Edns::new();
-            e.set_max_payload(req.max_payload().clamp(512, self.shared.cfg.udp_payload.max(512)));
+            e.set_max_payload(
+                req.max_payload()
+                    .clamp(512, self.shared.cfg.udp_payload.max(512)),
+            );
             e.set_version(0);
             resp_edns = Some(e);
             if req.version() > 0 {
                 return self
-                    .error(request, resp_edns.as_ref(), ResponseCode::BADVERS, rh, started)
+                    .error(
+                        request,
+                        resp_edns.as_ref(),
+                        ResponseCode::BADVERS,
+                        rh,
+                        started,
+                    )
                     .await;
             }
         }
         if request.metadata.op_code != OpCode::Query {
             return self
-                .error(request, resp_edns.as_ref(), ResponseCode::NotImp, rh, started)
+                .error(
+                    request,
+                    resp_edns.as_ref(),
+                    ResponseCode::NotImp,
+                    rh,
+                    started,
+                )
                 .await;
         }
         let [query] = request.queries.queries() else {
             return self
-                .error(request, resp_edns.as_ref(), ResponseCode::FormErr, rh, started)
+                .error(
+                    request,
+                    resp_edns.as_ref(),
+                    ResponseCode::FormErr,
+                    rh,
+                    started,
+                )
                 .await;
         };
 
@@ -177,7 +200,14 @@ impl TaskHandler {
             };
             if let Some(found) = index.lookup(&self.task, &self.fallback, name) {
                 return self
-                    .local(request, resp_edns.as_ref(), found.entry, query.query_type(), rh, started)
+                    .local(
+                        request,
+                        resp_edns.as_ref(),
+                        found.entry,
+                        query.query_type(),
+                        rh,
+                        started,
+                    )
                     .await;
             }
         }
@@ -241,6 +271,13 @@ impl TaskHandler {
             dnssec_ok: request.edns.as_ref().is_some_and(|e| e.flags().dnssec_ok),
             tcp: request.protocol() == Protocol::Tcp,
         };
+        // Echo DO on forwarded answers (they may carry the upstream's DNSSEC records).
+        let fwd_edns = edns.map(|e| {
+            let mut e = e.clone();
+            e.set_dnssec_ok(out.dnssec_ok);
+            e
+        });
+        let edns = fwd_edns.as_ref();
         match shared.forwarder.resolve(&out).await {
             Ok(up) => {
                 let mut md = Metadata::response_from_request(&request.metadata);
@@ -281,8 +318,7 @@ impl TaskHandler {
         started: Instant,
     ) -> ResponseInfo {
         let mut resp: MessageResponse<'_, '_, _, _, _, _> =
-            MessageResponseBuilder::new(&request.queries, edns)
-                .error_msg(&request.metadata, rcode);
+            MessageResponseBuilder::new(&request.queries, edns).error_msg(&request.metadata, rcode);
         resp.metadata_mut().recursion_available = true;
         let sent = rh.send_response(resp).await;
         self.finish(&request.metadata, sent, Kind::Error, started)

@@ -29,7 +29,7 @@ use hickory_proto::rr::{
     rdata::{A, PTR},
 };
 
-use crate::model::{EndpointMode, State};
+use crate::model::{EndpointMode, State, Task};
 
 /// Records of one name on one network.
 #[derive(Debug, Default)]
@@ -84,8 +84,18 @@ impl Index {
             });
         }
 
+        // Running tasks by service, in (slot, id) order: one pass over the tasks.
+        let mut running_by_service: HashMap<&str, Vec<&Task>> = HashMap::new();
+        for t in state.tasks.values().filter(|t| t.state.is_running()) {
+            running_by_service.entry(&t.service).or_default().push(t);
+        }
+        for v in running_by_service.values_mut() {
+            v.sort_by(|a, b| (a.slot, &a.id).cmp(&(b.slot, &b.id)));
+        }
+        let none = Vec::new();
+
         for svc in state.services.values() {
-            let running: Vec<_> = state.running_tasks(&svc.name).collect();
+            let running = running_by_service.get(svc.name.as_str()).unwrap_or(&none);
             for sn in &svc.networks {
                 let Some(&ni) = net_ids.get(&sn.network) else {
                     continue;
@@ -114,7 +124,7 @@ impl Index {
                 }
 
                 // Running tasks by name.
-                for t in &running {
+                for t in running {
                     let Some(addr) = t.address_on(&sn.network) else {
                         continue;
                     };
@@ -215,9 +225,11 @@ impl Builder {
                     .iter()
                     .any(|r| matches!(r.data, RData::A(A(a)) if a == addr));
                 if !dup {
-                    entry
-                        .a
-                        .push(Record::from_rdata(owner.clone(), self.ttl, RData::A(A(addr))));
+                    entry.a.push(Record::from_rdata(
+                        owner.clone(),
+                        self.ttl,
+                        RData::A(A(addr)),
+                    ));
                 }
             }
         }

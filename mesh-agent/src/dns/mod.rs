@@ -131,8 +131,8 @@ impl DnsConfig {
         cfg.upstreams = rc
             .nameservers
             .iter()
-            .filter(|ip| **ip != IpAddr::V4(cfg.listen))
-            .map(|&ip| SocketAddr::new(ip, 53))
+            .filter(|ns| ns.ip() != IpAddr::V4(cfg.listen))
+            .copied()
             .collect();
         cfg.search = rc.search;
         if cfg.upstreams.is_empty() {
@@ -213,7 +213,11 @@ impl Dns {
         if !skipped.is_empty() {
             tracing::warn!(count = skipped.len(), first = %skipped[0], "names that are not valid DNS names are not served");
         }
-        tracing::debug!(generation = index.generation, names = index.len(), "DNS index updated");
+        tracing::debug!(
+            generation = index.generation,
+            names = index.len(),
+            "DNS index updated"
+        );
         self.inner.shared.index.store(Arc::new(index));
     }
 
@@ -385,6 +389,9 @@ async fn stop(task_id: &str, server: &mut Server<TaskHandler>) {
     match tokio::time::timeout(Duration::from_secs(2), server.shutdown_gracefully()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::debug!(task = task_id, error = %e, "DNS server ended with an error"),
-        Err(_) => tracing::warn!(task = task_id, "DNS server did not stop within 2 s; aborting it"),
+        Err(_) => tracing::warn!(
+            task = task_id,
+            "DNS server did not stop within 2 s; aborting it"
+        ),
     }
 }

@@ -21,7 +21,7 @@ pub const STATE_VERSION: u32 = 1;
 // Wire form
 // ---------------------------------------------------------------------------------------
 
-/// A whole state file (see `examples/state.yaml` for a commented example).
+/// A whole state file (see `docs/state.example.yaml` for a commented example).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StateFile {
