@@ -125,6 +125,8 @@ pub struct Agent {
     /// Host veths with the reverse-NAT program attached.
     tc_attached: BTreeSet<String>,
     node_addrs: Vec<Ipv4Addr>,
+    /// Network-namespace cookie of each attached task (socket-level VIP LB).
+    task_cookies: std::collections::BTreeMap<String, u64>,
     pub dns: Option<Box<dyn TaskService>>,
 }
 
@@ -144,13 +146,20 @@ impl Agent {
             warn!(error = %e, "cannot enable IPv4 forwarding");
         }
         let pinned_before = cfg.pin_dir.join(mesh_common::maps::FRONTENDS).exists();
-        let dp = Datapath::load(&cfg.pin_dir)?;
-        let tables = if pinned_before {
+        let mut dp = Datapath::load(&cfg.pin_dir)?;
+        let mut tables = if pinned_before {
             info!(pins = %cfg.pin_dir.display(), "reusing pinned maps: live connections are kept");
             dp.maps.adopt_tables()
         } else {
             Tables::new()
         };
+        // Flows to tasks on other nodes get this node's underlay address as their source,
+        // so the replies come back here (cluster reach only).
+        let snat = (cfg.reach == Reach::Cluster).then(|| state.nodes[&cfg.node].address);
+        dp.configure(snat)?;
+        if snat.is_some() {
+            tables.reserve_ports(mesh_common::SNAT_PORT_MIN, mesh_common::SNAT_PORT_MAX);
+        }
         std::fs::create_dir_all(&cfg.run_dir).map_err(|source| AgentError::RunDir {
             path: cfg.run_dir.clone(),
             source,
@@ -164,6 +173,7 @@ impl Agent {
             state: Arc::new(State::default()),
             tc_attached: BTreeSet::new(),
             node_addrs: Vec::new(),
+            task_cookies: Default::default(),
             dns,
         };
         agent.refresh_node_addrs().await;
@@ -177,6 +187,16 @@ impl Agent {
             agent.cfg.interfaces.clone()
         };
         for iface in &ifaces {
+            if snat.is_some() {
+                // SNATed flows leave through the kernel with the node's own address as
+                // source; accept them (and their routing) on the interfaces they arrive on.
+                for (knob, v) in [("accept_local", "1"), ("rp_filter", "0")] {
+                    let p = format!("/proc/sys/net/ipv4/conf/{iface}/{knob}");
+                    if let Err(e) = std::fs::write(&p, v) {
+                        warn!(path = p, error = %e, "cannot set sysctl");
+                    }
+                }
+            }
             agent.dp.attach_ingress(iface, agent.cfg.hook)?;
         }
         if let Some(cg) = agent.cfg.cgroup.clone() {
@@ -219,6 +239,7 @@ impl Agent {
                     Err(e) => error!(iface = new, error = %e, "cannot attach reverse NAT"),
                 }
             }
+            self.sync_task_nets(&state).await;
             if let Some(dns) = &self.dns {
                 dns.update(state.clone());
                 for id in &conv.removed {
@@ -258,6 +279,40 @@ impl Agent {
         }
         .instrument(span)
         .await
+    }
+
+    /// Tell the socket-level VIP LB which namespaces are tasks and which networks each is on.
+    async fn sync_task_nets(&mut self, state: &State) {
+        let attached: BTreeSet<String> = self.attacher.attached().cloned().collect();
+        self.task_cookies.retain(|id, _| attached.contains(id));
+        for id in &attached {
+            if self.task_cookies.contains_key(id) {
+                continue;
+            }
+            let Some(path) = state.tasks.get(id).and_then(|t| t.netns.clone()) else { continue };
+            let r = tokio::task::spawn_blocking(move || crate::netns::run_in(&path, crate::ebpf::netns_cookie)).await;
+            match r {
+                Ok(Ok(Ok(cookie))) => {
+                    self.task_cookies.insert(id.clone(), cookie);
+                }
+                Ok(Ok(Err(e))) => warn!(task = id, error = %e, "cannot read the task's netns cookie"),
+                Ok(Err(e)) => warn!(task = id, error = %e, "cannot enter the task's netns"),
+                Err(e) => warn!(task = id, error = %e, "netns cookie worker failed"),
+            }
+        }
+        let mut nets = std::collections::BTreeMap::new();
+        for (id, cookie) in &self.task_cookies {
+            let Some(task) = state.tasks.get(id) else { continue };
+            let ids: Vec<u32> = task
+                .networks
+                .iter()
+                .filter_map(|n| state.networks.get(&n.network).map(|net| net.vni))
+                .collect();
+            nets.insert(*cookie, ids);
+        }
+        if let Err(e) = self.dp.maps.set_task_nets(&nets) {
+            error!(error = %e, "cannot program task namespaces");
+        }
     }
 
     /// Keep the node-address set (where published ports answer) in sync with the kernel.

@@ -14,7 +14,12 @@ use mesh_agent::{
 use tracing_subscriber::EnvFilter;
 
 fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("MESH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // hickory-server logs every request at INFO: keep it to warnings (no line per query).
+    let filter = EnvFilter::try_from_env("MESH_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+        .add_directive("hickory_server=warn".parse().expect("static directive"))
+        .add_directive("hickory_net=warn".parse().expect("static directive"))
+        .add_directive("hickory_proto=warn".parse().expect("static directive"));
     let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Json => b.json().init(),

@@ -31,6 +31,8 @@ const UPSTREAM_ANSWER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
 /// whatever `/etc/netns/<name>` config was left behind.
 struct NetnsGuard {
     name: String,
+    /// /etc/netns did not exist before: remove it again if it is empty.
+    etc_netns_was_missing: bool,
 }
 
 fn run(cmd: &str, args: &[&str]) -> Output {
@@ -60,8 +62,12 @@ impl NetnsGuard {
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
         );
+        let etc_netns_was_missing = !std::path::Path::new("/etc/netns").exists();
         run_ok("ip", &["netns", "add", &name]);
-        let guard = Self { name };
+        let guard = Self {
+            name,
+            etc_netns_was_missing,
+        };
         run_ok(
             "ip",
             &[
@@ -100,6 +106,9 @@ impl Drop for NetnsGuard {
             .args(["netns", "del", &self.name])
             .output();
         let _ = std::fs::remove_dir_all(self.etc_dir());
+        if self.etc_netns_was_missing {
+            let _ = std::fs::remove_dir("/etc/netns");
+        }
     }
 }
 

@@ -41,6 +41,10 @@ pub mod maps {
     pub const CONFIG: &str = "CONFIG_V1";
     /// Socket-LB reverse translations for unconnected UDP: [`crate::SockRevKey`] → [`crate::SockRevEntry`].
     pub const SOCK_REV: &str = "SOCK_REV_V1";
+    /// Task namespaces served by the socket-level VIP LB: [`crate::TaskNetKey`] → 1.
+    /// `(cookie, 0)` marks "this netns is a task of this node"; `(cookie, net_id)` lists the
+    /// networks the task is attached to.
+    pub const TASK_NETS: &str = "TASK_NETS_V1";
 
     pub const MAX_FRONTENDS: u32 = 65_536;
     /// svc ids are 1..MAX_SERVICES (0 = none).
@@ -51,11 +55,12 @@ pub mod maps {
     pub const MAX_CONNTRACK: u32 = 262_144;
     pub const MAX_NODE_ADDRS: u32 = 256;
     pub const MAX_SOCK_REV: u32 = 65_536;
+    pub const MAX_TASK_NETS: u32 = 65_536;
     pub const PORT_WORDS: u32 = 65_536 / 32;
 
     /// All maps the agent pins, in a stable order (status, cleanup).
     /// Map names must stay within the kernel's 15 characters (BPF_OBJ_NAME_LEN - 1).
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         FRONTENDS,
         SLOTS,
         BACKENDS,
@@ -68,6 +73,7 @@ pub mod maps {
         BACKEND_STATS,
         CONFIG,
         SOCK_REV,
+        TASK_NETS,
     ];
 }
 
@@ -130,10 +136,16 @@ pub mod reason {
     pub const SOCK_TRANSLATED: u32 = 15;
     /// A socket-level translation found no backend.
     pub const SOCK_NO_BACKEND: u32 = 16;
+    /// A task addressed the VIP of a network it is not attached to: refused (EPERM).
+    pub const DROP_VIP_OTHER_NETWORK: u32 = 17;
+    /// A new flow to a remote task got the node's address as its source (SNAT).
+    pub const SNAT: u32 = 18;
+    /// No free SNAT port for a new flow: passed untouched.
+    pub const ERR_SNAT_PORTS: u32 = 19;
     pub const COUNT: u32 = 32;
 
     /// Human-readable names, index = reason code.
-    pub const NAMES: [&str; 17] = [
+    pub const NAMES: [&str; 20] = [
         "pass_not_ipv4",
         "pass_fragment",
         "pass_ip_options",
@@ -151,6 +163,9 @@ pub mod reason {
         "drop_rewrite",
         "sock_translated",
         "sock_no_backend",
+        "drop_vip_other_network",
+        "snat",
+        "err_snat_ports",
     ];
 }
 
@@ -201,7 +216,8 @@ pub struct Frontend {
     pub count: u32,
     /// [`fe_flags`].
     pub flags: u32,
-    pub _pad: u32,
+    /// For a VIP: the id of its network (see `TASK_NETS`); 0 for published ports.
+    pub net_id: u32,
 }
 
 /// Key of the slots map.
@@ -219,7 +235,8 @@ pub struct SlotKey {
 pub struct Backend {
     /// Network order.
     pub addr: u32,
-    /// Network order (the service's target port).
+    /// Network order (the service's target port); 0 = keep the port the client used (VIPs
+    /// forward every port, as Swarm's do).
     pub port: u16,
     /// [`be_flags`].
     pub flags: u16,
@@ -289,10 +306,33 @@ pub struct TrafficStats {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
     /// Network-namespace cookie of the node. The cgroup socket hooks fire for every process
-    /// of the cgroup whatever its netns, so they act only on sockets of this netns.
+    /// of the cgroup whatever its netns, so they act only on sockets of this netns (and of
+    /// the task namespaces listed in `TASK_NETS`).
     pub netns_cookie: u64,
     /// Reserved for later modes (e.g. DSR); 0 today.
     pub flags: u32,
+    /// Source address for flows balanced to a task on another node (network order): the
+    /// node's underlay address, where the remote task's replies come back to. 0 = none.
+    pub snat_addr: u32,
+    /// SNAT source ports, host order, inclusive. Kept outside Linux's ephemeral range
+    /// (32768–60999) so they never collide with the node's own connections.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    pub _pad: u32,
+}
+
+/// Default SNAT port range (above `net.ipv4.ip_local_port_range`'s default 32768–60999).
+pub const SNAT_PORT_MIN: u16 = 61_000;
+pub const SNAT_PORT_MAX: u16 = 65_535;
+
+/// Key of the `TASK_NETS` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TaskNetKey {
+    /// Network-namespace cookie of a task.
+    pub cookie: u64,
+    /// A network id the task is attached to; 0 = the "is a task" marker.
+    pub net_id: u32,
     pub _pad: u32,
 }
 
@@ -327,7 +367,8 @@ const _: () = {
     assert!(size_of::<CtKey>() == 16 && align_of::<CtKey>() == 4);
     assert!(size_of::<CtEntry>() == 40 && align_of::<CtEntry>() == 4);
     assert!(size_of::<TrafficStats>() == 40);
-    assert!(size_of::<Config>() == 16);
+    assert!(size_of::<Config>() == 24);
+    assert!(size_of::<TaskNetKey>() == 16);
     assert!(size_of::<SockRevKey>() == 16);
     assert!(size_of::<SockRevEntry>() == 8);
     assert!(reason::NAMES.len() as u32 <= reason::COUNT);
@@ -347,6 +388,7 @@ mod pod {
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for SockRevKey {}
     unsafe impl aya::Pod for SockRevEntry {}
+    unsafe impl aya::Pod for TaskNetKey {}
 }
 
 impl CtKey {

@@ -7,9 +7,15 @@ use mesh_common::{
     reason,
 };
 
+use aya_ebpf::helpers::bpf_get_prandom_u32;
+
 use crate::maps::{
-    BACKENDS, BE_STATS, CONNTRACK, FRONTENDS, NODE_ADDRS, PORTS, RR, SLOTS, SVC_STATS,
+    BACKENDS, BE_STATS, CONFIG, CONNTRACK, FRONTENDS, NODE_ADDRS, PORTS, RR, SLOTS, SVC_STATS,
+    count,
 };
+
+/// How many SNAT ports a new flow tries before giving up.
+const SNAT_TRIES: u32 = 8;
 
 /// Is `port` (network order) used by any frontend? One array access: the fast exit for
 /// traffic that is none of mesh's business.
@@ -94,7 +100,9 @@ fn atomic_fetch_add_u64(p: *mut u64, v: u64) -> u64 {
 pub fn lb4_backend_alive(ct: &CtEntry) -> bool {
     match BACKENDS.get(ct.backend_id) {
         Some(be) => {
-            be.flags & be_flags::ACTIVE != 0 && be.addr == ct.daddr && be.port == ct.dport
+            be.flags & be_flags::ACTIVE != 0
+                && be.addr == ct.daddr
+                && (be.port == ct.dport || be.port == 0)
         }
         None => false,
     }
@@ -116,8 +124,40 @@ pub struct Origin {
     pub dst_mac: [u8; 6],
 }
 
+/// A free SNAT source port (network order) for a flow to `be_addr:be_port`: one whose reply
+/// tuple is not in conntrack yet. Random start, a few linear probes.
+#[inline(always)]
+fn snat_port(snat_addr: u32, min: u16, max: u16, be_addr: u32, be_port: u16, proto: u8) -> Result<u16, u32> {
+    if max < min {
+        return Err(reason::ERR_SNAT_PORTS);
+    }
+    let range = (max - min) as u32 + 1;
+    // SAFETY: plain helper call.
+    let start = unsafe { bpf_get_prandom_u32() } % range;
+    for i in 0..SNAT_TRIES {
+        let p = (min as u32 + (start + i) % range) as u16;
+        let rk = CtKey {
+            saddr: be_addr,
+            daddr: snat_addr,
+            sport: be_port,
+            dport: p.to_be(),
+            proto,
+            _pad: [0; 3],
+        };
+        if CONNTRACK.get_ptr(rk).is_none() {
+            return Ok(p.to_be());
+        }
+    }
+    Err(reason::ERR_SNAT_PORTS)
+}
+
 /// Create both conntrack entries of a new flow: forward (client → backend) and reply
 /// (backend → client, rewritten back to the frontend address and port).
+///
+/// A backend on another node is reached through the kernel's routes (the overlay); its
+/// replies must come back here, so the flow's source becomes this node's underlay address
+/// and a port of the SNAT range (Swarm's ingress does the same SNAT). A local backend sees
+/// the client's own address.
 #[inline(always)]
 pub fn ct_create4(
     key: &CtKey,
@@ -127,11 +167,21 @@ pub fn ct_create4(
     origin: &Origin,
 ) -> Result<CtEntry, u32> {
     let local = be.flags & be_flags::LOCAL != 0;
+    // Port 0: keep the port the client addressed (VIPs forward every port).
+    let be_port = if be.port == 0 { key.dport } else { be.port };
+    let (saddr, sport) = match CONFIG.get(0) {
+        Some(cfg) if !local && cfg.snat_addr != 0 => {
+            let p = snat_port(cfg.snat_addr, cfg.snat_port_min, cfg.snat_port_max, be.addr, be_port, key.proto)?;
+            count(reason::SNAT);
+            (cfg.snat_addr, p)
+        }
+        _ => (key.saddr, key.sport),
+    };
     let fwd = CtEntry {
-        saddr: key.saddr,
+        saddr,
         daddr: be.addr,
-        sport: key.sport,
-        dport: be.port,
+        sport,
+        dport: be_port,
         ifindex: if local { be.ifindex } else { 0 },
         smac: be.smac,
         dmac: be.mac,
@@ -141,9 +191,9 @@ pub fn ct_create4(
     };
     let rev_key = CtKey {
         saddr: be.addr,
-        daddr: key.saddr,
-        sport: be.port,
-        dport: key.sport,
+        daddr: saddr,
+        sport: be_port,
+        dport: sport,
         proto: key.proto,
         _pad: [0; 3],
     };

@@ -59,14 +59,12 @@ pub fn mesh_tc_task(ctx: TcContext) -> i32 {
 
 #[cgroup_sock_addr(connect4)]
 pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
-    sock::sock4_translate(&ctx, true);
-    1
+    sock::sock4_translate(&ctx, true)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn mesh_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock::sock4_translate(&ctx, true);
-    1
+    sock::sock4_translate(&ctx, true)
 }
 
 #[cgroup_sock_addr(recvmsg4)]

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use mesh_common::{
     Backend, Config, CtEntry, CtKey, Frontend, FrontendKey, SlotKey, SockRevEntry, SockRevKey,
-    TrafficStats, maps::*, reason,
+    TaskNetKey, TrafficStats, maps::*, reason,
 };
 
 /// `BPF_F_NO_COMMON_LRU`: per-CPU LRU lists, so a flow insert does not take a global lock.
@@ -52,6 +52,9 @@ pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 
 #[map(name = "SOCK_REV_V1")]
 pub static SOCK_REV: LruHashMap<SockRevKey, SockRevEntry> = LruHashMap::pinned(MAX_SOCK_REV, 0);
+
+#[map(name = "TASK_NETS_V1")]
+pub static TASK_NETS: HashMap<TaskNetKey, u32> = HashMap::pinned(MAX_TASK_NETS, 0);
 
 /// Count one packet under `reason`.
 #[inline(always)]

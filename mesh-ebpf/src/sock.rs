@@ -1,30 +1,59 @@
-//! Socket-level load balancing for processes on the node itself (`curl localhost:8080`,
-//! `curl NODE_IP:8080`): XDP and TC never see that traffic. The destination is translated
-//! once, when the socket connects (or per datagram for unconnected UDP), so no packet is
-//! rewritten at all. cgroup hooks fire for every netns, so they act only in the node's.
+//! Socket-level load balancing: the destination is translated once, when a socket connects
+//! (or per datagram for unconnected UDP), so no packet is ever rewritten.
+//!
+//! - On the node itself (`curl localhost:8080`, `curl NODE_IP:8080`): published ports, which
+//!   XDP and TC never see for local traffic.
+//! - In the tasks of this node: service VIPs (east-west). A VIP is only reachable from a task
+//!   attached to the VIP's network; any other task gets EPERM (counted).
+//!
+//! cgroup hooks fire for every process of the cgroup whatever its netns, so they act only in
+//! the node's netns (`CONFIG.netns_cookie`) and in the task namespaces listed in `TASK_NETS`.
 
 use aya_ebpf::{
     EbpfContext,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockAddrContext,
 };
-use mesh_common::{SockRevEntry, SockRevKey, reason};
+use mesh_common::{Frontend, SockRevEntry, SockRevKey, TaskNetKey, fe_flags, reason};
 
 use crate::{
     lb,
-    maps::{CONFIG, SOCK_REV, count},
+    maps::{CONFIG, SOCK_REV, TASK_NETS, count},
 };
 
 const IPPROTO_TCP: u32 = 6;
 const IPPROTO_UDP: u32 = 17;
 
+/// Let the socket call proceed.
+pub const ALLOW: i32 = 1;
+/// Refuse it (the caller gets EPERM).
+pub const DENY: i32 = 0;
+
+/// Where the calling socket lives.
+enum Scope {
+    Node,
+    Task(u64),
+    Elsewhere,
+}
+
 #[inline(always)]
-fn in_node_netns(ctx: &SockAddrContext) -> bool {
-    let Some(cfg) = CONFIG.get(0) else {
-        return false;
-    };
+fn scope(ctx: &SockAddrContext) -> Scope {
     // SAFETY: helper valid for sock_addr programs (kernel ≥ 5.7).
-    cfg.netns_cookie != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == cfg.netns_cookie
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    match CONFIG.get(0) {
+        Some(cfg) if cfg.netns_cookie != 0 && cfg.netns_cookie == cookie => return Scope::Node,
+        _ => {}
+    }
+    let marker = TaskNetKey {
+        cookie,
+        net_id: 0,
+        _pad: 0,
+    };
+    if TASK_NETS.get_ptr(marker).is_some() {
+        Scope::Task(cookie)
+    } else {
+        Scope::Elsewhere
+    }
 }
 
 #[inline(always)]
@@ -32,11 +61,12 @@ fn is_loopback(addr: u32) -> bool {
     u32::from_be(addr) >> 24 == 127
 }
 
-/// connect4 / sendmsg4: point the socket at a backend of the published port it addresses.
+/// connect4 / sendmsg4: point the socket at a backend of the frontend it addresses.
 #[inline(always)]
-pub fn sock4_translate(ctx: &SockAddrContext, record_rev: bool) {
-    if !in_node_netns(ctx) {
-        return;
+pub fn sock4_translate(ctx: &SockAddrContext, record_rev: bool) -> i32 {
+    let scope = scope(ctx);
+    if let Scope::Elsewhere = scope {
+        return ALLOW;
     }
     let sa = ctx.sock_addr;
     // SAFETY: fields of the context the kernel gave us.
@@ -45,25 +75,52 @@ pub fn sock4_translate(ctx: &SockAddrContext, record_rev: bool) {
     let proto = match protocol {
         IPPROTO_TCP => mesh_common::proto::TCP,
         IPPROTO_UDP => mesh_common::proto::UDP,
-        _ => return,
+        _ => return ALLOW,
     };
-    if !lb::lb4_port_wanted(dport) {
-        return;
-    }
-    if !(is_loopback(daddr) || lb::lb4_is_node_addr(daddr)) {
-        return;
-    }
-    let Some(fe) = lb::lb4_lookup_frontend(0, dport, proto) else {
-        return;
+    let fe: Frontend = match scope {
+        Scope::Node => {
+            if !lb::lb4_port_wanted(dport) || !(is_loopback(daddr) || lb::lb4_is_node_addr(daddr)) {
+                return ALLOW;
+            }
+            match lb::lb4_lookup_frontend(0, dport, proto) {
+                Some(fe) => fe,
+                None => return ALLOW,
+            }
+        }
+        Scope::Task(cookie) => {
+            let fe = match lb::lb4_lookup_frontend(daddr, dport, proto) {
+                Some(fe) => fe,
+                None => match lb::lb4_lookup_frontend(daddr, 0, proto) {
+                    Some(fe) => fe,
+                    None => return ALLOW,
+                },
+            };
+            if fe.flags & fe_flags::VIP == 0 {
+                return ALLOW;
+            }
+            let member = TaskNetKey {
+                cookie,
+                net_id: fe.net_id,
+                _pad: 0,
+            };
+            if TASK_NETS.get_ptr(member).is_none() {
+                // Networks isolate VIPs as they isolate packets.
+                count(reason::DROP_VIP_OTHER_NETWORK);
+                return DENY;
+            }
+            fe
+        }
+        Scope::Elsewhere => return ALLOW,
     };
     let Some((be_id, be)) = lb::lb4_select_backend(&fe) else {
         count(reason::SOCK_NO_BACKEND);
-        return;
+        return ALLOW;
     };
+    let port = if be.port == 0 { dport } else { be.port };
     // SAFETY: writable fields for connect4/sendmsg4.
     unsafe {
         (*sa).user_ip4 = be.addr;
-        (*sa).user_port = be.port as u32;
+        (*sa).user_port = port as u32;
     }
     lb::lb4_account_sock(fe.svc_id, be_id);
     count(reason::SOCK_TRANSLATED);
@@ -73,7 +130,7 @@ pub fn sock4_translate(ctx: &SockAddrContext, record_rev: bool) {
         let key = SockRevKey {
             cookie,
             addr: be.addr,
-            port: be.port,
+            port,
             _pad: 0,
         };
         let val = SockRevEntry {
@@ -83,12 +140,13 @@ pub fn sock4_translate(ctx: &SockAddrContext, record_rev: bool) {
         };
         let _ = SOCK_REV.insert(key, val, 0);
     }
+    ALLOW
 }
 
 /// recvmsg4 / getpeername4: show the application the address it talked to, not the backend.
 #[inline(always)]
 pub fn sock4_reverse(ctx: &SockAddrContext) {
-    if !in_node_netns(ctx) {
+    if let Scope::Elsewhere = scope(ctx) {
         return;
     }
     let sa = ctx.sock_addr;

@@ -186,11 +186,40 @@ pub struct WhoamiArgs {
     pub udp: Vec<SocketAddr>,
 }
 
-/// The embedded DNS server as the agent's per-task service, unless disabled.
+/// The embedded DNS server as the agent's per-task service, unless disabled: upstreams from
+/// `--dns-upstream`, else from the node's /etc/resolv.conf.
 pub async fn dns_service(args: &RunArgs) -> anyhow::Result<Option<Box<dyn crate::agent::TaskService>>> {
+    use anyhow::Context;
     if args.no_dns {
         return Ok(None);
     }
-    // Wired up when the DNS module lands (same session).
-    Ok(None)
+    let resolv = std::path::Path::new("/etc/resolv.conf");
+    let mut cfg = if resolv.exists() {
+        crate::dns::DnsConfig::from_resolv_conf(resolv).context("DNS upstreams")?
+    } else {
+        crate::dns::DnsConfig::default()
+    };
+    if !args.dns_upstreams.is_empty() {
+        cfg.upstreams = args.dns_upstreams.clone();
+    }
+    tracing::info!(upstreams = ?cfg.upstreams, ttl = cfg.ttl, "embedded DNS on {}:{} in every task", cfg.listen, cfg.port);
+    Ok(Some(Box::new(DnsService(crate::dns::Dns::new(cfg)))))
+}
+
+/// [`crate::dns::Dns`] as the agent's per-task service.
+pub struct DnsService(pub crate::dns::Dns);
+
+impl crate::agent::TaskService for DnsService {
+    fn update(&self, state: std::sync::Arc<crate::model::State>) {
+        self.0.update(state);
+    }
+    fn attach<'a>(&'a self, task: &'a crate::model::Task) -> futures::future::BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move { self.0.attach(task).await.map_err(|e| e.to_string()) })
+    }
+    fn detach<'a>(&'a self, task_id: &'a str) -> futures::future::BoxFuture<'a, ()> {
+        Box::pin(self.0.detach(task_id))
+    }
+    fn shutdown(&self) -> futures::future::BoxFuture<'_, ()> {
+        Box::pin(self.0.shutdown())
+    }
 }

@@ -69,7 +69,12 @@ impl Shared {
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
-            tracing::warn!(task, %error, "DNS forwarding failed; answering SERVFAIL (further failures are counted, not logged, for 30 s)");
+            tracing::warn!(
+                task,
+                %error,
+                "DNS forwarding failed; answering SERVFAIL (more failures in the next 30 s \
+                 are only counted)"
+            );
         }
     }
 }

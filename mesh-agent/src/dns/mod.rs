@@ -3,9 +3,9 @@
 //! Each task gets its own listeners, bound inside its network namespace and served by a
 //! hickory-server [`Server`] whose [`RequestHandler`](hickory_server::server::RequestHandler)
 //! knows which task it serves: the asker is identified by its listener, never by the
-//! packet's source address. Answers come from an in-memory index (`index.rs`) built from the managers'
-//! [`State`] and swapped atomically on [`Dns::update`]; everything else is forwarded to the
-//! node's upstream resolvers (`forward.rs`).
+//! packet's source address. Answers come from an in-memory index (`index.rs`) built from the
+//! managers' [`State`] and swapped atomically on [`Dns::update`]; everything else is
+//! forwarded to the node's upstream resolvers (`forward.rs`).
 //!
 //! Behaviour (Docker's embedded DNS, see `swarm-behaviour.md`, with these choices):
 //! - Names, per network the asking task shares with the service: `<service>` and its aliases
@@ -13,10 +13,13 @@
 //!   names `<service>.<slot>.<task-id>` and `<service>.<slot>` (running tasks only). Each is
 //!   also accepted with the network as suffix (`web.appnet`), case-insensitively. The first
 //!   of the asker's networks (in its order) that has the name answers; networks never mix.
-//! - PTR (beyond Docker, which has none for VIPs): a task address → `<service>.<slot>.<task-id>.<network>.`
-//!   (Docker's `<container-name>.<network>.`), a VIP → `<service>.<network>.`.
+//!   A name that exists only on networks the asker is not on is forwarded like any other.
+//! - PTR, on the asker's networks: a task address → `<service>.<slot>.<task-id>.<network>.`
+//!   (Docker's `<container-name>.<network>.`); a VIP → `<service>.<network>.` (beyond
+//!   Docker, which has none for VIPs). Both resolve back to the address.
 //! - A known name asked for another type (AAAA, MX, TXT, ...): NOERROR, no records, not
-//!   forwarded. A service without running tasks keeps its names (NOERROR, no records).
+//!   forwarded (ANY gets the A/PTR records). A service without running tasks keeps its
+//!   names (NOERROR, no records) rather than leaking to the upstreams.
 //! - TTL [`DnsConfig::ttl`], default 5 s (Docker: 600 s), so scaling shows quickly; nothing
 //!   is cached server-side, so every answer reflects the index of that moment.
 //! - Multi-record answers are rotated to a random start on every query. Owner names are the
@@ -25,14 +28,20 @@
 //!   query had one, with UDP size min(client's, [`DnsConfig::udp_payload`]); UDP answers
 //!   over that size (512 without EDNS) are truncated with TC and complete over TCP.
 //! - Forwarding: upstreams in order, [`DnsConfig::upstream_timeout`] each, within
-//!   [`DnsConfig::forward_deadline`] overall; then SERVFAIL (Docker sends nothing and the
-//!   client waits). At most [`DnsConfig::max_inflight_forwards`] forwards in flight over all
-//!   tasks; beyond that, REFUSED at once.
+//!   [`DnsConfig::forward_deadline`] overall, UDP then TCP on truncation; then SERVFAIL
+//!   (Docker sends nothing and the client waits). At most
+//!   [`DnsConfig::max_inflight_forwards`] forwards in flight over all tasks; beyond that,
+//!   REFUSED at once. Upstream answers are decoded and re-encoded (hickory-proto), TTLs
+//!   kept; an answer hickory-proto cannot decode counts as that upstream failing.
 //! - Malformed input: undecodable messages get FORMERR (or are dropped if even the header is
 //!   short), responses are dropped, opcodes other than QUERY get NOTIMP, zero or several
 //!   questions FORMERR, EDNS versions above 0 BADVERS.
 //! - No log line per query (but hickory-server logs each request at INFO under the
 //!   `hickory_server` target: filter it to `warn`).
+//! - resolv.conf: [`Dns::attach`] writes `nameserver 127.0.0.11`, the node's search domains
+//!   and `options ndots:0` to `task.resolv_conf`, or to `/etc/netns/<name>/resolv.conf` for
+//!   a namespace at `/run/netns/<name>` (what `ip netns exec` mounts); [`Dns::detach`]
+//!   removes it (and that directory if attach created it and it is empty).
 //!
 //! The listeners hold a reference to the task's namespace: detach when the task goes.
 
@@ -136,7 +145,10 @@ impl DnsConfig {
             .collect();
         cfg.search = rc.search;
         if cfg.upstreams.is_empty() {
-            tracing::warn!(path = %path.display(), "no usable nameserver: non-local names will get SERVFAIL");
+            tracing::warn!(
+                path = %path.display(),
+                "no usable nameserver: non-local names will get SERVFAIL"
+            );
         }
         Ok(cfg)
     }
@@ -211,7 +223,11 @@ impl Dns {
     pub fn update(&self, state: Arc<State>) {
         let (index, skipped) = index::Index::build(&state, self.inner.shared.cfg.ttl);
         if !skipped.is_empty() {
-            tracing::warn!(count = skipped.len(), first = %skipped[0], "names that are not valid DNS names are not served");
+            tracing::warn!(
+                count = skipped.len(),
+                first = %skipped[0],
+                "names that are not valid DNS names are not served"
+            );
         }
         tracing::debug!(
             generation = index.generation,
@@ -222,52 +238,53 @@ impl Dns {
     }
 
     /// Serve DNS inside `task`'s network namespace and write its resolv.conf. Idempotent: an
-    /// attached task id is left as is (its network changes come through [`update`](Self::update)).
+    /// attached task id is left as is (its network changes come through
+    /// [`update`](Self::update)). On error nothing is left behind.
     pub async fn attach(&self, task: &Task) -> Result<(), DnsError> {
         let span = tracing::info_span!("dns_attach", task = %task.id);
-        async {
-            let _op = self.inner.ops.lock().await;
-            if self.is_attached(&task.id) {
-                return Ok(());
-            }
-            let netns_path = task.netns.clone().ok_or_else(|| DnsError::NoNetns {
-                task: task.id.clone(),
-            })?;
-            let cfg = &self.inner.shared.cfg;
-            let addr = SocketAddr::from((cfg.listen, cfg.port));
-            let path = netns_path.clone();
-            let bound = tokio::task::spawn_blocking(move || netns::run_in(&path, move || bind(addr)))
-                .await
-                .map_err(|source| DnsError::Join {
-                    task: task.id.clone(),
-                    source,
-                })?
-                .map_err(|source| DnsError::Netns {
-                    task: task.id.clone(),
-                    source,
-                })?;
-            let (udp, tcp) = bound.map_err(|(proto, source)| DnsError::Bind {
-                task: task.id.clone(),
-                netns: netns_path.clone(),
-                proto,
-                addr,
-                source,
-            })?;
-            let mut server = self.serve(task, udp, tcp)?;
-            let resolv = match resolv::write(task, &cfg.etc_netns, cfg.listen, &cfg.search) {
-                Ok(w) => w,
-                Err(e) => {
-                    stop(&task.id, &mut server).await;
-                    return Err(e);
-                }
-            };
-            tracing::info!(netns = %netns_path.display(), resolv_conf = ?resolv.as_ref().map(|w| &w.path), "DNS attached");
-            self.lock_tasks()
-                .insert(task.id.clone(), Attached { server, resolv });
-            Ok(())
+        self.attach_in_span(task).instrument(span).await
+    }
+
+    async fn attach_in_span(&self, task: &Task) -> Result<(), DnsError> {
+        let _op = self.inner.ops.lock().await;
+        if self.is_attached(&task.id) {
+            return Ok(());
         }
-        .instrument(span)
-        .await
+        let id = || task.id.clone();
+        let netns_path = task
+            .netns
+            .clone()
+            .ok_or_else(|| DnsError::NoNetns { task: id() })?;
+        let cfg = &self.inner.shared.cfg;
+        let addr = SocketAddr::from((cfg.listen, cfg.port));
+        let path = netns_path.clone();
+        let bound = tokio::task::spawn_blocking(move || netns::run_in(&path, move || bind(addr)))
+            .await
+            .map_err(|source| DnsError::Join { task: id(), source })?
+            .map_err(|source| DnsError::Netns { task: id(), source })?;
+        let (udp, tcp) = bound.map_err(|(proto, source)| DnsError::Bind {
+            task: id(),
+            netns: netns_path.clone(),
+            proto,
+            addr,
+            source,
+        })?;
+        let mut server = self.serve(task, udp, tcp)?;
+        let resolv = match resolv::write(task, &cfg.etc_netns, cfg.listen, &cfg.search) {
+            Ok(w) => w,
+            Err(e) => {
+                stop(&task.id, &mut server).await;
+                return Err(e);
+            }
+        };
+        tracing::info!(
+            netns = %netns_path.display(),
+            resolv_conf = ?resolv.as_ref().map(|w| &w.path),
+            "DNS attached"
+        );
+        self.lock_tasks()
+            .insert(task.id.clone(), Attached { server, resolv });
+        Ok(())
     }
 
     /// Serve `task` on sockets bound by the caller (no namespace switch, no resolv.conf):

@@ -154,7 +154,6 @@ pub(crate) fn write(
             .mode(0o644)
             .open(&tmp)?;
         f.write_all(render(&task.id, listen, search).as_bytes())?;
-        f.sync_all()?;
         fs::rename(&tmp, &written.path)
     })();
     if let Err(e) = result {
@@ -178,15 +177,26 @@ impl Written {
         match fs::read_to_string(&self.path) {
             Ok(text) if text.starts_with(MARKER) => {
                 if let Err(e) = fs::remove_file(&self.path) {
-                    tracing::warn!(path = %self.path.display(), error = %e, "cannot remove resolv.conf");
+                    tracing::warn!(
+                        path = %self.path.display(),
+                        error = %e,
+                        "cannot remove resolv.conf"
+                    );
                 }
             }
             Ok(_) => {
-                tracing::warn!(path = %self.path.display(), "resolv.conf was replaced by someone else; leaving it");
+                tracing::warn!(
+                    path = %self.path.display(),
+                    "resolv.conf was replaced by someone else; leaving it"
+                );
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => {
-                tracing::warn!(path = %self.path.display(), error = %e, "cannot read resolv.conf to remove it");
+                tracing::warn!(
+                    path = %self.path.display(),
+                    error = %e,
+                    "cannot read resolv.conf to remove it"
+                );
             }
         }
         if let Some(dir) = &self.created_dir {
@@ -198,7 +208,11 @@ impl Written {
                         io::ErrorKind::NotFound | io::ErrorKind::DirectoryNotEmpty
                     ) => {}
                 Err(e) => {
-                    tracing::warn!(dir = %dir.display(), error = %e, "cannot remove netns config dir");
+                    tracing::warn!(
+                        dir = %dir.display(),
+                        error = %e,
+                        "cannot remove netns config dir"
+                    );
                 }
             }
         }

@@ -20,7 +20,8 @@ pub struct DnsStats {
     pub attached: usize,
     /// Forwards waiting for an upstream right now.
     pub inflight_forwards: usize,
-    /// Responses sent, by response code.
+    /// Responses sent by the handler, by response code. (Messages hickory cannot decode at
+    /// all get FORMERR from hickory itself, or nothing if the header is short; not counted.)
     pub responses: RcodeCounts,
     /// Queries answered from the index (including NOERROR with no records).
     pub local: u64,

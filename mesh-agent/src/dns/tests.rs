@@ -1467,27 +1467,3 @@ async fn stats_count_by_rcode_and_path() {
     assert_eq!(last, 1, "cumulative");
     assert!(st.local_latency.sum > Duration::ZERO);
 }
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn zz_perf_probe() {
-    let (_dns, s, _up) = setup(&["c1"]).await;
-    let c = s[0];
-    let n = 20000;
-    let mut handles = vec![];
-    let t0 = Instant::now();
-    for _ in 0..4 {
-        handles.push(tokio::spawn(async move {
-            let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-            sock.connect(c).await.unwrap();
-            let q = query_bytes("tasks.web", RecordType::A, None);
-            let mut buf = vec![0u8; 1500];
-            for _ in 0..n / 4 {
-                sock.send(&q).await.unwrap();
-                sock.recv(&mut buf).await.unwrap();
-            }
-        }));
-    }
-    for h in handles { h.await.unwrap(); }
-    let el = t0.elapsed();
-    eprintln!("PERF {n} queries in {el:?}: {:.0} q/s", n as f64 / el.as_secs_f64());
-}

@@ -7,8 +7,8 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
 };
 use mesh_common::{
-    Backend, Config, CtEntry, CtKey, Frontend, FrontendKey, SlotKey, TrafficStats, maps as names,
-    reason,
+    Backend, Config, CtEntry, CtKey, Frontend, FrontendKey, SlotKey, TaskNetKey, TrafficStats,
+    maps as names, reason,
 };
 
 use super::DatapathError;
@@ -27,6 +27,7 @@ pub struct Maps {
     pub svc_stats: PerCpuArray<MapData, TrafficStats>,
     pub be_stats: PerCpuArray<MapData, TrafficStats>,
     pub config: Array<MapData, Config>,
+    pub task_nets: HashMap<MapData, TaskNetKey, u32>,
 }
 
 fn typed<T>(name: &'static str, map: Option<Map>) -> Result<T, DatapathError>
@@ -69,11 +70,31 @@ impl Maps {
             svc_stats: typed(names::SVC_STATS, get(names::SVC_STATS))?,
             be_stats: typed(names::BACKEND_STATS, get(names::BACKEND_STATS))?,
             config: typed(names::CONFIG, get(names::CONFIG))?,
+            task_nets: typed(names::TASK_NETS, get(names::TASK_NETS))?,
         })
     }
 
     pub fn set_config(&mut self, cfg: Config) -> Result<(), DatapathError> {
         self.config.set(0, cfg, 0).map_err(me(names::CONFIG))
+    }
+
+    /// Replace the task-namespace table: netns cookie → ids of the networks it is attached to.
+    pub fn set_task_nets(&mut self, tasks: &BTreeMap<u64, Vec<u32>>) -> Result<(), DatapathError> {
+        let mut want = std::collections::BTreeSet::new();
+        for (cookie, nets) in tasks {
+            want.insert(TaskNetKey { cookie: *cookie, net_id: 0, _pad: 0 });
+            for n in nets {
+                want.insert(TaskNetKey { cookie: *cookie, net_id: *n, _pad: 0 });
+            }
+        }
+        let have: Vec<TaskNetKey> = self.task_nets.keys().filter_map(Result::ok).collect();
+        for k in &want {
+            self.task_nets.insert(k, 1, 0).map_err(me(names::TASK_NETS))?;
+        }
+        for k in have.iter().filter(|k| !want.contains(k)) {
+            let _ = self.task_nets.remove(k);
+        }
+        Ok(())
     }
 
     /// Replace the node-address set with `addrs`.

@@ -221,6 +221,20 @@ impl Datapath {
         Ok(p)
     }
 
+    /// Write the agent-wide settings: this netns's cookie (for the socket hooks) and the
+    /// SNAT source for flows to tasks on other nodes.
+    pub fn configure(&mut self, snat_addr: Option<std::net::Ipv4Addr>) -> Result<(), DatapathError> {
+        let cookie = netns_cookie()?;
+        self.maps.set_config(mesh_common::Config {
+            netns_cookie: cookie,
+            flags: 0,
+            snat_addr: snat_addr.map(|a| u32::from_ne_bytes(a.octets())).unwrap_or(0),
+            snat_port_min: mesh_common::SNAT_PORT_MIN,
+            snat_port_max: mesh_common::SNAT_PORT_MAX,
+            _pad: 0,
+        })
+    }
+
     /// Intercept published-port traffic arriving on `iface`.
     pub fn attach_ingress(&mut self, iface: &str, hook: Hook) -> Result<(), DatapathError> {
         let attached = match hook {
@@ -286,12 +300,6 @@ impl Datapath {
     /// Socket-level LB for processes on the node: connect4/sendmsg4/recvmsg4/getpeername4 on
     /// the cgroup-v2 root (they then fire only for sockets in this node's netns).
     pub fn attach_sock(&mut self, cgroup: &Path) -> Result<(), DatapathError> {
-        let cookie = netns_cookie()?;
-        self.maps.set_config(mesh_common::Config {
-            netns_cookie: cookie,
-            flags: 0,
-            _pad: 0,
-        })?;
         let file = File::open(cgroup).map_err(|source| DatapathError::Cgroup {
             path: cgroup.into(),
             source,
@@ -309,7 +317,7 @@ impl Datapath {
                 })?;
             self.sock.push((name, id));
         }
-        info!(cgroup = %cgroup.display(), cookie, "socket-level LB attached");
+        info!(cgroup = %cgroup.display(), "socket-level LB attached");
         Ok(())
     }
 

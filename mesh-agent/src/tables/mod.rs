@@ -43,6 +43,8 @@ pub struct FrontendSpec {
     pub port: u16,
     pub protocol: Protocol,
     pub flags: u32,
+    /// For a VIP: its network's id (the VNI); 0 for published ports.
+    pub net_id: u32,
     /// In round-robin order.
     pub backends: Vec<BackendSpec>,
 }
@@ -122,55 +124,97 @@ pub enum Reach {
     Cluster,
 }
 
-/// The tables a snapshot asks for on `node`.
+/// Is `task` a backend this node can reach on `network`, and how?
+fn reachable(
+    task: &crate::model::Task,
+    network: &str,
+    node: &str,
+    links: &LocalLinks,
+    reach: Reach,
+) -> Option<Option<LinkKey>> {
+    let link = links.get(&(task.id.clone(), network.to_string())).copied();
+    match (task.node == node, link, reach) {
+        (true, Some(l), _) => Some(Some(l.into())),
+        (true, None, _) => None, // attach failed: not reachable from here
+        (false, _, Reach::Cluster) => Some(None),
+        (false, _, Reach::LocalOnly) => None,
+    }
+}
+
+/// The tables a snapshot asks for on `node`: published ports (on any node address, to the
+/// tasks' addresses on the service's first network, target port) and service VIPs (per
+/// network, every port, to the tasks' addresses on that network).
 pub fn desired(state: &State, node: &str, links: &LocalLinks, reach: Reach) -> BTreeMap<FeId, FrontendSpec> {
     let mut out = BTreeMap::new();
     for svc in state.services.values() {
-        if svc.ports.is_empty() {
-            continue;
-        }
-        let Some(net) = svc.ingress_network() else {
-            continue;
-        };
-        for port in &svc.ports {
-            let mut backends = Vec::new();
-            for task in state.running_tasks(&svc.name) {
-                let Some(addr) = task.address_on(net) else {
-                    continue;
-                };
-                let link = links.get(&(task.id.clone(), net.to_string())).copied();
-                let reachable = match (task.node == node, link, reach) {
-                    (true, Some(_), _) => true,
-                    (true, None, _) => false, // attach failed: not reachable from here
-                    (false, _, Reach::Cluster) => true,
-                    (false, _, Reach::LocalOnly) => false,
-                };
-                if !reachable {
-                    continue;
-                }
-                backends.push(BackendSpec {
-                    task_id: task.id.clone(),
-                    addr,
-                    port: port.target,
-                    link: if task.node == node { link.map(LinkKey::from) } else { None },
-                });
-            }
-            let id = FeId {
-                addr: Ipv4Addr::UNSPECIFIED,
-                port: port.published,
-                protocol: port.protocol,
-            };
-            out.insert(
-                id,
-                FrontendSpec {
-                    service: svc.name.clone(),
+        // Published ports.
+        if let Some(net) = svc.ingress_network() {
+            for port in &svc.ports {
+                let backends = state
+                    .running_tasks(&svc.name)
+                    .filter_map(|task| {
+                        let addr = task.address_on(net)?;
+                        let link = reachable(task, net, node, links, reach)?;
+                        Some(BackendSpec {
+                            task_id: task.id.clone(),
+                            addr,
+                            port: port.target,
+                            link,
+                        })
+                    })
+                    .collect();
+                let id = FeId {
                     addr: Ipv4Addr::UNSPECIFIED,
                     port: port.published,
                     protocol: port.protocol,
-                    flags: fe_flags::PUBLISHED,
-                    backends,
-                },
-            );
+                };
+                out.insert(
+                    id,
+                    FrontendSpec {
+                        service: svc.name.clone(),
+                        addr: Ipv4Addr::UNSPECIFIED,
+                        port: port.published,
+                        protocol: port.protocol,
+                        flags: fe_flags::PUBLISHED,
+                        net_id: 0,
+                        backends,
+                    },
+                );
+            }
+        }
+        // VIPs: every port of the VIP goes to the same port of a task (port 0 = keep).
+        for sn in &svc.networks {
+            let (Some(vip), Some(net)) = (sn.vip, state.networks.get(&sn.network)) else {
+                continue;
+            };
+            let backends: Vec<BackendSpec> = state
+                .running_tasks(&svc.name)
+                .filter_map(|task| {
+                    let addr = task.address_on(&sn.network)?;
+                    let link = reachable(task, &sn.network, node, links, reach)?;
+                    Some(BackendSpec {
+                        task_id: task.id.clone(),
+                        addr,
+                        port: 0,
+                        link,
+                    })
+                })
+                .collect();
+            for protocol in [Protocol::Tcp, Protocol::Udp] {
+                let id = FeId { addr: vip, port: 0, protocol };
+                out.insert(
+                    id,
+                    FrontendSpec {
+                        service: svc.name.clone(),
+                        addr: vip,
+                        port: 0,
+                        protocol,
+                        flags: fe_flags::VIP,
+                        net_id: net.vni,
+                        backends: backends.clone(),
+                    },
+                );
+            }
         }
     }
     out
@@ -223,6 +267,9 @@ pub struct Tables {
     free_be: BTreeSet<u32>,
     next_be: u32,
     ports: BTreeMap<u32, u32>,
+    /// Port ranges (inclusive) always marked in the ports bitmap: the SNAT range, whose
+    /// replies must reach conntrack on the packet path.
+    reserved: Vec<(u16, u16)>,
 }
 
 /// A backend's map value.
@@ -250,6 +297,11 @@ impl Tables {
             next_be: 1,
             ..Default::default()
         }
+    }
+
+    /// Keep `min..=max` marked in the ports bitmap from the next diff on.
+    pub fn reserve_ports(&mut self, min: u16, max: u16) {
+        self.reserved.push((min, max));
     }
 
     pub fn frontends(&self) -> impl Iterator<Item = (&FeId, &ProgFrontend)> {
@@ -326,6 +378,7 @@ impl Tables {
                         port: id.port,
                         protocol: id.protocol,
                         flags: fe.flags,
+                        net_id: fe.net_id,
                         backends: specs,
                     },
                     slots: slot_ids,
@@ -453,7 +506,7 @@ impl Tables {
                     svc_id,
                     count: slots.len() as u32,
                     flags: spec.flags,
-                    _pad: 0,
+                    net_id: spec.net_id,
                 },
             });
             for slot in slots.len()..old_slots.len() {
@@ -485,8 +538,10 @@ impl Tables {
 
         // Ports bitmap: recomputed whole, written where a word changed.
         let mut ports: BTreeMap<u32, u32> = BTreeMap::new();
-        for id in want.keys() {
-            *ports.entry(id.port as u32 >> 5).or_default() |= 1 << (id.port as u32 & 31);
+        let published = want.keys().filter(|id| id.addr.is_unspecified()).map(|id| id.port);
+        let reserved = self.reserved.iter().flat_map(|(a, b)| *a..=*b);
+        for p in published.chain(reserved) {
+            *ports.entry(p as u32 >> 5).or_default() |= 1 << (p as u32 & 31);
         }
         let mut port_ops = Vec::new();
         for (w, bits) in &ports {
@@ -525,7 +580,12 @@ mod tests {
         TaskState,
     };
 
+    /// Service `web` with published 8080→80 and, with `vip`, a VIP on network `app`.
     fn state(tasks: &[(&str, u32, &str, TaskState, [u8; 4])]) -> State {
+        state_vip(tasks, None)
+    }
+
+    fn state_vip(tasks: &[(&str, u32, &str, TaskState, [u8; 4])], vip: Option<Ipv4Addr>) -> State {
         let mut s = State::default();
         s.nodes.insert(
             "n1".into(),
@@ -557,7 +617,7 @@ mod tests {
                 endpoint_mode: EndpointMode::Vip,
                 networks: vec![ServiceNetwork {
                     network: "app".into(),
-                    vip: Some(Ipv4Addr::new(10, 0, 1, 2)),
+                    vip,
                     aliases: vec![],
                 }],
                 ports: vec![PortSpec {
@@ -805,6 +865,40 @@ mod tests {
         ]);
         let ops = adopted.apply(&desired(&s3, "n1", &links(&["t1", "t2", "t3"]), Reach::LocalOnly)).unwrap();
         assert!(ops.contains(&MapOp::SetSlot { svc_id: 1, slot: 3, backend_id: 3 }));
+    }
+
+    #[test]
+    fn vip_frontends_forward_every_port_to_tasks_on_that_network() {
+        let vip = Ipv4Addr::new(10, 0, 1, 2);
+        let s = state_vip(
+            &[
+                ("t1", 1, "n1", Running, [10, 0, 1, 11]),
+                ("t2", 2, "n2", Running, [10, 0, 1, 12]),
+                ("t3", 3, "n1", Shutdown, [10, 0, 1, 13]),
+            ],
+            Some(vip),
+        );
+        let d = desired(&s, "n1", &links(&["t1"]), Reach::Cluster);
+        for protocol in [Protocol::Tcp, Protocol::Udp] {
+            let fe = &d[&FeId { addr: vip, port: 0, protocol }];
+            assert_eq!(fe.flags, fe_flags::VIP);
+            assert_eq!(fe.net_id, 4097, "the network's VNI");
+            let b: Vec<_> = fe.backends.iter().map(|b| (b.task_id.as_str(), b.port, b.link.is_some())).collect();
+            assert_eq!(b, [("t1", 0, true), ("t2", 0, false)], "port 0 keeps the client's port");
+        }
+        // Single-node reach: only local tasks.
+        let d = desired(&s, "n1", &links(&["t1"]), Reach::LocalOnly);
+        assert_eq!(d[&FeId { addr: vip, port: 0, protocol: Protocol::Tcp }].backends.len(), 1);
+        // VIP ports are not in the packet-path port bitmap (VIPs are balanced at the socket).
+        let mut t = Tables::new();
+        let ops = t.apply(&d).unwrap();
+        let words: Vec<u32> = ops.iter().filter_map(|o| match o { MapOp::SetPortWord { word, .. } => Some(*word), _ => None }).collect();
+        assert_eq!(words, [8080 >> 5]);
+        // A reserved range (SNAT replies) is marked too, whole words included.
+        t.reserve_ports(61_000, 61_063);
+        let ops = t.apply(&d).unwrap();
+        let set: Vec<(u32, u32)> = ops.iter().filter_map(|o| match o { MapOp::SetPortWord { word, bits } => Some((*word, *bits)), _ => None }).collect();
+        assert_eq!(set, [(61_000 >> 5, 0xffff_ffff << (61_000 & 31)), (61_000 / 32 + 1, u32::MAX), (61_063 >> 5, (1u32 << ((61_063 & 31) + 1)) - 1)]);
     }
 
     #[test]
