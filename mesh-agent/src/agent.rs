@@ -240,6 +240,7 @@ impl Agent {
                 }
             }
             self.sync_task_nets(&state).await;
+            self.sync_isolation(&state);
             if let Some(dns) = &self.dns {
                 dns.update(state.clone());
                 for id in &conv.removed {
@@ -312,6 +313,24 @@ impl Agent {
         }
         if let Err(e) = self.dp.maps.set_task_nets(&nets) {
             error!(error = %e, "cannot program task namespaces");
+        }
+    }
+
+    /// Network isolation tables: every network's subnet, and which network each task
+    /// interface is on.
+    fn sync_isolation(&mut self, state: &State) {
+        let subnets: Vec<(ipnet::Ipv4Net, u32)> =
+            state.networks.values().map(|n| (n.subnet, n.vni)).collect();
+        let mut ifaces = std::collections::BTreeMap::new();
+        for id in self.attacher.attached() {
+            for l in self.attacher.host_links(id) {
+                if let Some(net) = state.networks.get(&l.network) {
+                    ifaces.insert(l.host_index, net.vni);
+                }
+            }
+        }
+        if let Err(e) = self.dp.maps.set_subnets(&subnets).and_then(|_| self.dp.maps.set_iface_nets(&ifaces)) {
+            error!(error = %e, "cannot program network isolation");
         }
     }
 

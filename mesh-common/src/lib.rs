@@ -45,6 +45,10 @@ pub mod maps {
     /// `(cookie, 0)` marks "this netns is a task of this node"; `(cookie, net_id)` lists the
     /// networks the task is attached to.
     pub const TASK_NETS: &str = "TASK_NETS_V1";
+    /// LPM trie: subnet of every mesh network (network-order address, prefix) → network id.
+    pub const SUBNETS: &str = "SUBNETS_V1";
+    /// Host-side veth ifindex of a task → id of the network that veth is on.
+    pub const IFACE_NET: &str = "IFACE_NET_V1";
 
     pub const MAX_FRONTENDS: u32 = 65_536;
     /// svc ids are 1..MAX_SERVICES (0 = none).
@@ -56,11 +60,13 @@ pub mod maps {
     pub const MAX_NODE_ADDRS: u32 = 256;
     pub const MAX_SOCK_REV: u32 = 65_536;
     pub const MAX_TASK_NETS: u32 = 65_536;
+    pub const MAX_SUBNETS: u32 = 4_096;
+    pub const MAX_IFACES: u32 = 65_536;
     pub const PORT_WORDS: u32 = 65_536 / 32;
 
     /// All maps the agent pins, in a stable order (status, cleanup).
     /// Map names must stay within the kernel's 15 characters (BPF_OBJ_NAME_LEN - 1).
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 15] = [
         FRONTENDS,
         SLOTS,
         BACKENDS,
@@ -74,6 +80,8 @@ pub mod maps {
         CONFIG,
         SOCK_REV,
         TASK_NETS,
+        SUBNETS,
+        IFACE_NET,
     ];
 }
 
@@ -142,10 +150,12 @@ pub mod reason {
     pub const SNAT: u32 = 18;
     /// No free SNAT port for a new flow: passed untouched.
     pub const ERR_SNAT_PORTS: u32 = 19;
+    /// A task sent to an address of a mesh network it is not attached to: dropped.
+    pub const DROP_OTHER_NETWORK: u32 = 20;
     pub const COUNT: u32 = 32;
 
     /// Human-readable names, index = reason code.
-    pub const NAMES: [&str; 20] = [
+    pub const NAMES: [&str; 21] = [
         "pass_not_ipv4",
         "pass_fragment",
         "pass_ip_options",
@@ -166,6 +176,7 @@ pub mod reason {
         "drop_vip_other_network",
         "snat",
         "err_snat_ports",
+        "drop_other_network",
     ];
 }
 

@@ -9,9 +9,11 @@ use mesh_common::{
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 
+use aya_ebpf::maps::lpm_trie::Key as LpmKey;
+
 use crate::maps::{
-    BACKENDS, BE_STATS, CONFIG, CONNTRACK, FRONTENDS, NODE_ADDRS, PORTS, RR, SLOTS, SVC_STATS,
-    count,
+    BACKENDS, BE_STATS, CONFIG, CONNTRACK, FRONTENDS, IFACE_NET, NODE_ADDRS, PORTS, RR, SLOTS,
+    SUBNETS, SVC_STATS, count,
 };
 
 /// How many SNAT ports a new flow tries before giving up.
@@ -304,3 +306,18 @@ pub fn lb4_from_task(key: &CtKey, bytes: u64) -> Result<(CtEntry, u32), u32> {
     Ok((ct, r))
 }
 
+
+/// Network isolation: does a packet entering from a task's interface `ifindex` head for an
+/// address of a mesh network other than that interface's? (Every network's bridge lives in
+/// the node's namespace, so without this the node would route between networks.)
+#[inline(always)]
+pub fn net4_crosses_networks(ifindex: u32, daddr: u32) -> bool {
+    // SAFETY: copied out at once.
+    let Some(src) = IFACE_NET.get_ptr(ifindex).map(|p| unsafe { *p }) else {
+        return false;
+    };
+    match SUBNETS.get(LpmKey::new(32, daddr)) {
+        Some(dst) => *dst != src,
+        None => false,
+    }
+}

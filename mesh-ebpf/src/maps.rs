@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use mesh_common::{
     Backend, Config, CtEntry, CtKey, Frontend, FrontendKey, SlotKey, SockRevEntry, SockRevKey,
@@ -55,6 +55,12 @@ pub static SOCK_REV: LruHashMap<SockRevKey, SockRevEntry> = LruHashMap::pinned(M
 
 #[map(name = "TASK_NETS_V1")]
 pub static TASK_NETS: HashMap<TaskNetKey, u32> = HashMap::pinned(MAX_TASK_NETS, 0);
+
+#[map(name = "SUBNETS_V1")]
+pub static SUBNETS: LpmTrie<u32, u32> = LpmTrie::pinned(MAX_SUBNETS, 0);
+
+#[map(name = "IFACE_NET_V1")]
+pub static IFACE_NET: HashMap<u32, u32> = HashMap::pinned(MAX_IFACES, 0);
 
 /// Count one packet under `reason`.
 #[inline(always)]

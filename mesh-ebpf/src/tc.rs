@@ -62,9 +62,21 @@ pub fn tc_ingress(ctx: &TcContext) -> Result<i32, u32> {
 #[inline(always)]
 pub fn tc_from_task(ctx: &TcContext) -> Result<i32, u32> {
     let pkt = pull(ctx)?;
-    let (ct, why) = lb::lb4_from_task(&pkt.key, ctx.len() as u64)?;
-    count(why);
-    tc_nat(ctx, &pkt, &ct, Deliver::Egress)
+    match lb::lb4_from_task(&pkt.key, ctx.len() as u64) {
+        Ok((ct, why)) => {
+            count(why);
+            tc_nat(ctx, &pkt, &ct, Deliver::Egress)
+        }
+        Err(why) => {
+            // SAFETY: reading a field of the context the kernel gave us.
+            let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+            if lb::net4_crosses_networks(ifindex, pkt.key.daddr) {
+                count(reason::DROP_OTHER_NETWORK);
+                return Ok(TC_ACT_SHOT);
+            }
+            Err(why)
+        }
+    }
 }
 
 #[inline(always)]

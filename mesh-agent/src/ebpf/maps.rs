@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::{Key as LpmKey, LpmTrie}},
 };
 use mesh_common::{
     Backend, Config, CtEntry, CtKey, Frontend, FrontendKey, SlotKey, TaskNetKey, TrafficStats,
@@ -28,6 +28,8 @@ pub struct Maps {
     pub be_stats: PerCpuArray<MapData, TrafficStats>,
     pub config: Array<MapData, Config>,
     pub task_nets: HashMap<MapData, TaskNetKey, u32>,
+    pub subnets: LpmTrie<MapData, u32, u32>,
+    pub iface_net: HashMap<MapData, u32, u32>,
 }
 
 fn typed<T>(name: &'static str, map: Option<Map>) -> Result<T, DatapathError>
@@ -71,6 +73,8 @@ impl Maps {
             be_stats: typed(names::BACKEND_STATS, get(names::BACKEND_STATS))?,
             config: typed(names::CONFIG, get(names::CONFIG))?,
             task_nets: typed(names::TASK_NETS, get(names::TASK_NETS))?,
+            subnets: typed(names::SUBNETS, get(names::SUBNETS))?,
+            iface_net: typed(names::IFACE_NET, get(names::IFACE_NET))?,
         })
     }
 
@@ -93,6 +97,39 @@ impl Maps {
         }
         for k in have.iter().filter(|k| !want.contains(k)) {
             let _ = self.task_nets.remove(k);
+        }
+        Ok(())
+    }
+
+    /// Replace the subnet → network table (network isolation).
+    pub fn set_subnets(&mut self, nets: &[(ipnet::Ipv4Net, u32)]) -> Result<(), DatapathError> {
+        let want: Vec<(u32, u32, u32)> = nets
+            .iter()
+            .map(|(n, id)| (n.prefix_len() as u32, u32::from_ne_bytes(n.network().octets()), *id))
+            .collect();
+        let have: Vec<LpmKey<u32>> = self.subnets.keys().filter_map(Result::ok).collect();
+        for (plen, addr, id) in &want {
+            self.subnets
+                .insert(&LpmKey::new(*plen, *addr), id, 0)
+                .map_err(me(names::SUBNETS))?;
+        }
+        for k in have {
+            let (plen, addr) = (k.prefix_len(), k.data());
+            if !want.iter().any(|(p, a, _)| *p == plen && *a == addr) {
+                let _ = self.subnets.remove(&k);
+            }
+        }
+        Ok(())
+    }
+
+    /// Replace the task interface → network table (network isolation).
+    pub fn set_iface_nets(&mut self, ifaces: &BTreeMap<u32, u32>) -> Result<(), DatapathError> {
+        let have: Vec<u32> = self.iface_net.keys().filter_map(Result::ok).collect();
+        for (ifindex, id) in ifaces {
+            self.iface_net.insert(ifindex, id, 0).map_err(me(names::IFACE_NET))?;
+        }
+        for k in have.iter().filter(|k| !ifaces.contains_key(k)) {
+            let _ = self.iface_net.remove(k);
         }
         Ok(())
     }

@@ -382,3 +382,68 @@ fn counters_track_packets_bytes_and_flows_per_service_and_backend() {
     let b = f.dp().maps.backend_stats(be_id);
     assert_eq!((b.flows, b.pkts_in, b.pkts_out), (1, 2, 1));
 }
+
+#[test]
+fn a_task_cannot_send_into_another_network() {
+    const TC_ACT_SHOT: u32 = 2;
+    let mut f = Fixture::new();
+    f.dp()
+        .maps
+        .set_subnets(&[("10.200.0.0/24".parse().unwrap(), 4200), ("10.201.0.0/24".parse().unwrap(), 4201)])
+        .unwrap();
+    // BPF_PROG_TEST_RUN runs TC programs on loopback (ifindex 1): call it a task veth on 4200.
+    f.dp().maps.set_iface_nets(&[(1u32, 4200u32)].into_iter().collect()).unwrap();
+    let from_task = |dst: Ipv4Addr| Frame::tcp(task_addr(1), 5555, dst, 80, TCP_SYN).build();
+    let (rc, _) = f.tc(progs::TC_TASK, &from_task(Ipv4Addr::new(10, 201, 0, 5)));
+    assert_eq!(rc, TC_ACT_SHOT, "other network: dropped");
+    assert_eq!(f.verdict("drop_other_network"), 1);
+    for ok in [Ipv4Addr::new(10, 200, 0, 99), Ipv4Addr::new(198, 18, 0, 7)] {
+        let frame = from_task(ok);
+        let (rc, out) = f.tc(progs::TC_TASK, &frame);
+        assert_eq!((rc, out), (TC_ACT_OK, frame), "{ok}: own network or outside the mesh passes");
+    }
+    // Replies of balanced flows are matched before isolation applies.
+    assert_eq!(f.verdict("drop_other_network"), 1);
+}
+
+#[test]
+fn remote_backend_flows_are_snated_to_the_node_and_replies_come_back() {
+    let mut f = Fixture::new();
+    f.dp().configure(Some(NODE)).unwrap();
+    f.tables.reserve_ports(mesh_common::SNAT_PORT_MIN, mesh_common::SNAT_PORT_MAX);
+    // Task 1 local, tasks 2 and 3 on another node (no link: reached through the kernel).
+    let mut s = state(3, &[1, 2, 3]);
+    for i in [2u8, 3] {
+        s.tasks.get_mut(&format!("t{i}")).unwrap().node = "n2".into();
+    }
+    s.nodes.insert("n2".into(), crate::model::Node { name: "n2".into(), address: Ipv4Addr::new(198, 18, 0, 9) });
+    let want = tables::desired(&s, "n1", &links(1), Reach::Cluster);
+    let ops = f.tables.apply(&want).unwrap();
+    f.dp().maps.apply(&ops).unwrap();
+    let mut frame = syn(47000);
+    frame.src_mac = CLIENT_MAC;
+    frame.dst_mac = NODE_MAC;
+    let mut remote = None;
+    for sport in 47000..47003 {
+        frame.sport = sport;
+        let (rc, out) = f.xdp(&frame.build());
+        let p = checked(&out);
+        if p.dst == task_addr(1) {
+            assert_eq!((rc, p.src, p.sport), (XDP_REDIRECT, CLIENT, sport), "local task: client address kept");
+        } else {
+            assert_eq!(rc, XDP_PASS, "remote task: the kernel routes it over the overlay");
+            assert_eq!(p.src, NODE, "SNAT to the node's underlay address");
+            assert!(p.sport >= mesh_common::SNAT_PORT_MIN, "SNAT port from the reserved range: {}", p.sport);
+            remote = Some((sport, p.dst, p.sport));
+        }
+    }
+    let (csport, task, snat_port) = remote.expect("two of three flows are remote");
+    assert_eq!(f.verdict("snat"), 2);
+    // The remote task's reply arrives on the node's interface (routed over the underlay).
+    let reply = Frame::tcp(task, 80, NODE, snat_port, TCP_SYN | TCP_ACK);
+    let (rc, out) = f.xdp(&reply.build());
+    assert_eq!(rc, XDP_REDIRECT);
+    let p = checked(&out);
+    assert_eq!((p.src, p.sport, p.dst, p.dport), (NODE, 8080, CLIENT, csport));
+    assert_eq!((p.dst_mac, p.src_mac), (CLIENT_MAC, NODE_MAC));
+}
