@@ -127,6 +127,8 @@ pub struct Agent {
     node_addrs: Vec<Ipv4Addr>,
     /// Network-namespace cookie of each attached task (socket-level VIP LB).
     task_cookies: std::collections::BTreeMap<String, u64>,
+    /// Last per-task service error, so a retried failure is logged once, not per retry.
+    service_errors: std::collections::BTreeMap<String, String>,
     pub dns: Option<Box<dyn TaskService>>,
 }
 
@@ -174,6 +176,7 @@ impl Agent {
             tc_attached: BTreeSet::new(),
             node_addrs: Vec::new(),
             task_cookies: Default::default(),
+            service_errors: Default::default(),
             dns,
         };
         agent.refresh_node_addrs().await;
@@ -219,7 +222,13 @@ impl Agent {
         let started = Instant::now();
         let span = info_span!("converge", node = %self.cfg.node);
         async {
-            let conv = self.attacher.converge(&state, &self.cfg.node).await;
+            // With overlays, every network gets its bridge on every node: published ports
+            // reach remote tasks through it.
+            let keep: BTreeSet<String> = match self.cfg.reach {
+                Reach::Cluster => state.networks.keys().cloned().collect(),
+                Reach::LocalOnly => BTreeSet::new(),
+            };
+            let conv = self.attacher.converge(&state, &self.cfg.node, &keep).await;
             // Reverse-NAT programs follow the task interfaces.
             let want: BTreeSet<String> = self
                 .attacher
@@ -246,10 +255,22 @@ impl Agent {
                 for id in &conv.removed {
                     dns.detach(id).await;
                 }
-                for id in self.attacher.attached().cloned().collect::<Vec<_>>() {
+                let attached: Vec<String> = self.attacher.attached().cloned().collect();
+                self.service_errors.retain(|id, _| attached.contains(id));
+                for id in attached {
                     if let Some(task) = state.tasks.get(&id) {
-                        if let Err(e) = dns.attach(task).await {
-                            warn!(task = id, error = %e, "cannot serve DNS in task");
+                        match dns.attach(task).await {
+                            Ok(()) => {
+                                if self.service_errors.remove(&id).is_some() {
+                                    info!(task = id, "DNS now served in task");
+                                }
+                            }
+                            Err(e) => {
+                                if self.service_errors.get(&id) != Some(&e) {
+                                    warn!(task = id, error = %e, "cannot serve DNS in task (retrying quietly)");
+                                    self.service_errors.insert(id, e);
+                                }
+                            }
                         }
                     }
                 }

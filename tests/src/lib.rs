@@ -16,6 +16,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod cluster;
+
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A short unique tag for names (interface names are limited to 15 characters).
@@ -216,6 +218,8 @@ pub struct Agent {
     pub node: String,
     pub pin_dir: PathBuf,
     pub run_dir: PathBuf,
+    /// Leave the pins for the next agent (hand-over tests); the last one removes them.
+    pub keep_pins: bool,
     _tmp: tempfile::TempDir,
 }
 
@@ -265,6 +269,7 @@ impl Agent {
             node: o.node.to_string(),
             pin_dir,
             run_dir,
+            keep_pins: false,
             _tmp: tmp,
         };
         a.wait_ready();
@@ -315,6 +320,9 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.proc.stop(Duration::from_secs(15));
+        if self.keep_pins {
+            return;
+        }
         // A test that kept the datapath (or an agent that crashed) must not leak pins.
         if let Ok(entries) = fs::read_dir(&self.pin_dir) {
             for e in entries.flatten() {
@@ -329,7 +337,7 @@ impl Drop for Agent {
 pub fn whoami(ns: &Netns, name: &str) -> Proc {
     let bin = agent_bin();
     let child = Command::new(bin)
-        .args(["whoami", "--name", name, "--http", "0.0.0.0:80", "--udp", "0.0.0.0:53"])
+        .args(["whoami", "--name", name, "--http", "0.0.0.0:80", "--udp", "0.0.0.0:7"])
         .arg("--netns")
         .arg(ns.path())
         .stdin(Stdio::null())

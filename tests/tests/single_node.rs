@@ -59,7 +59,7 @@ impl Bed {
         let mut y = String::from(
             "version: 1\nnodes:\n  - {name: n1, address: 198.18.0.1}\nnetworks:\n  - {name: appnet, subnet: 10.200.0.0/24, vni: 4200}\n\
              services:\n  - name: web\n    networks: [{network: appnet, vip: 10.200.0.2}]\n    ports:\n\
-             \x20     - {published: 8080, target: 80, protocol: tcp}\n      - {published: 8053, target: 53, protocol: udp}\ntasks:\n",
+             \x20     - {published: 8080, target: 80, protocol: tcp}\n      - {published: 8053, target: 7, protocol: udp}\ntasks:\n",
         );
         for (i, st) in tasks {
             y.push_str(&format!(

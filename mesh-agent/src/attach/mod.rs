@@ -159,8 +159,14 @@ impl Attacher {
         self.tasks.keys()
     }
 
-    /// Make the kernel match `state` for the tasks of `node`.
-    pub async fn converge(&mut self, state: &State, node: &str) -> Converged {
+    /// Bridge ifindex of every network with a bridge on this node.
+    pub fn bridges(&self) -> BTreeMap<String, u32> {
+        self.bridges.iter().map(|(n, b)| (n.clone(), b.index)).collect()
+    }
+
+    /// Make the kernel match `state` for the tasks of `node`. Networks in `keep` get a bridge
+    /// even without a local task (an overlay reaches remote tasks through it).
+    pub async fn converge(&mut self, state: &State, node: &str, keep: &BTreeSet<String>) -> Converged {
         let mut out = Converged::default();
         let want: BTreeMap<&str, &Task> = state
             .attached_tasks_on(node)
@@ -197,11 +203,21 @@ impl Attacher {
             }
         }
 
-        // Bridges of networks no attached task uses any more.
+        for name in keep {
+            if let Some(net) = state.networks.get(name) {
+                if let Err(e) = self.ensure_bridge(net).await {
+                    warn!(network = name, error = %e, "cannot create bridge");
+                    out.failed.push(e);
+                }
+            }
+        }
+
+        // Bridges of networks no attached task uses any more (and not kept).
         let used: BTreeSet<&str> = self
             .tasks
             .values()
             .flat_map(|a| a.links.iter().map(|l| l.network.as_str()))
+            .chain(keep.iter().map(String::as_str))
             .collect();
         let unused: Vec<String> = self
             .bridges

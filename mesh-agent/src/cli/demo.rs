@@ -87,7 +87,7 @@ fn start_task(ns: &str, name: &str) -> anyhow::Result<Child> {
     let path = netns::create_named(ns)?;
     let exe = std::env::current_exe().context("cannot find my own executable")?;
     let child = Command::new(exe)
-        .args(["whoami", "--name", name, "--http", "0.0.0.0:80", "--udp", "0.0.0.0:53"])
+        .args(["whoami", "--name", name, "--http", "0.0.0.0:80", "--udp", "0.0.0.0:7"])
         .arg("--netns")
         .arg(&path)
         .kill_on_drop(true)
@@ -133,6 +133,7 @@ pub async fn run(args: DemoArgs, stop: impl std::future::Future<Output = ()>) ->
     println!("  for i in 1 2 3 4 5 6; do curl -s http://{addr}:8080; done");
     println!("  for i in 1 2 3; do curl -s http://localhost:8080; done");
     println!("  mesh-agent status --node {DEMO_NODE}");
+    println!("  ip netns exec mesh-demo-1 getent hosts whoami tasks.whoami   # embedded DNS in every task");
     println!("  edit {} to scale (tasks of node demo, netns /run/netns/mesh-demo-N)", state_path.display());
     println!("  Ctrl-C stops and removes everything");
     println!();
@@ -157,7 +158,16 @@ pub async fn run(args: DemoArgs, stop: impl std::future::Future<Output = ()>) ->
         }
     });
 
-    let agent_fut = agent::run(cfg, source, None, stop);
+    let dns: Option<Box<dyn crate::agent::TaskService>> = {
+        let resolv = Path::new("/etc/resolv.conf");
+        let cfg = if resolv.exists() {
+            crate::dns::DnsConfig::from_resolv_conf(resolv).unwrap_or_default()
+        } else {
+            crate::dns::DnsConfig::default()
+        };
+        Some(Box::new(super::DnsService(crate::dns::Dns::new(cfg))))
+    };
+    let agent_fut = agent::run(cfg, source, dns, stop);
     tokio::pin!(agent_fut);
     let result = loop {
         tokio::select! {
