@@ -419,9 +419,22 @@ impl Agent {
             .map_err(|source| AgentError::RunDir { path, source })
     }
 
-    /// Detach everything, remove what the agent made; keep the maps pinned only when asked.
+    /// Detach everything and remove what the agent made — or, with `keep_datapath`, leave
+    /// the data path running for the next agent: programs stay attached (pinned links),
+    /// maps pinned, task interfaces and overlays in place. Only this process goes away.
     pub async fn shutdown(mut self) {
         info!(node = self.cfg.node, keep_datapath = self.cfg.keep_datapath, "shutting down");
+        let _ = std::fs::remove_file(self.cfg.run_dir.join(CATALOG_FILE));
+        let _ = std::fs::remove_dir(&self.cfg.run_dir);
+        if self.cfg.keep_datapath {
+            for e in self.dp.persist_links() {
+                warn!(error = %e, "cannot pin an attachment for the next agent");
+            }
+            // DNS sockets close with the process; the tasks' resolv.conf stays for the next
+            // agent, which serves 127.0.0.11 again as it starts.
+            info!(pins = %self.cfg.pin_dir.display(), "data path left running for the next agent");
+            return;
+        }
         if let Some(dns) = &self.dns {
             dns.shutdown().await;
         }
@@ -429,11 +442,7 @@ impl Agent {
         for e in self.attacher.teardown().await {
             warn!(error = %e, "teardown");
         }
-        let _ = std::fs::remove_file(self.cfg.run_dir.join(CATALOG_FILE));
-        let _ = std::fs::remove_dir(&self.cfg.run_dir);
-        if self.cfg.keep_datapath {
-            info!(pins = %self.cfg.pin_dir.display(), "maps left pinned for the next agent");
-        } else if let Err(e) = self.dp.unpin() {
+        if let Err(e) = self.dp.unpin() {
             warn!(error = %e, "cannot remove pinned maps");
         }
     }

@@ -323,13 +323,9 @@ impl Drop for Agent {
         if self.keep_pins {
             return;
         }
-        // A test that kept the datapath (or an agent that crashed) must not leak pins.
-        if let Ok(entries) = fs::read_dir(&self.pin_dir) {
-            for e in entries.flatten() {
-                let _ = fs::remove_file(e.path());
-            }
-            let _ = fs::remove_dir(&self.pin_dir);
-        }
+        // A test that kept the datapath (or an agent that crashed) must not leak pins
+        // (maps, and links under links/ whose unpinning detaches their programs).
+        let _ = fs::remove_dir_all(&self.pin_dir);
     }
 }
 

@@ -18,7 +18,10 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{
         CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
-        cgroup_sock_addr::CgroupSockAddrLinkId, tc::SchedClassifierLinkId, xdp::XdpLinkId,
+        cgroup_sock_addr::CgroupSockAddrLinkId,
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLinkId,
+        xdp::XdpLinkId,
     },
 };
 use mesh_common::progs;
@@ -132,6 +135,17 @@ pub fn netns_cookie() -> Result<u64, DatapathError> {
     Ok(cookie)
 }
 
+/// Directory (inside the pin directory) where attachments are pinned for a hand-over.
+const LINKS_DIR: &str = "links";
+
+/// A pinned link left by a previous agent at `path`, if any (a stale one is removed).
+fn take_pinned(path: &Path) -> Option<FdLink> {
+    match PinnedLink::from_pin(path) {
+        Ok(p) => Some(FdLink::from(p)),
+        Err(_) => None,
+    }
+}
+
 /// The loaded programs and their attachments. Dropping it detaches every program (links
 /// close); the pinned maps stay until [`Datapath::unpin`].
 pub struct Datapath {
@@ -176,6 +190,10 @@ impl Datapath {
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    fn link_pin(&self, kind: &str, name: &str) -> PathBuf {
+        self.pin_dir.join(LINKS_DIR).join(format!("{kind}-{name}"))
     }
 
     /// A loaded program of the object, for tests and benchmarks (BPF_PROG_TEST_RUN).
@@ -237,9 +255,24 @@ impl Datapath {
 
     /// Intercept published-port traffic arriving on `iface`.
     pub fn attach_ingress(&mut self, iface: &str, hook: Hook) -> Result<(), DatapathError> {
+        let pin = self.link_pin(match hook { Hook::Xdp => "xdp", Hook::Tc => "tc" }, iface);
+        let pinned = take_pinned(&pin);
         let attached = match hook {
             Hook::Xdp => {
                 let prog = self.xdp_program(progs::XDP_INGRESS)?;
+                // A hand-over: swap the new program into the previous agent's link atomically
+                // (no packet sees the interface without a program).
+                if let Some(link) = pinned.and_then(|l| aya::programs::xdp::XdpLink::try_from(l).ok()) {
+                    match prog.attach_to_link(link) {
+                        Ok(id) => {
+                            info!(iface, "XDP program replaced in the pinned link");
+                            self.ingress.push((iface.to_string(), Attached::Xdp(id)));
+                            return Ok(());
+                        }
+                        Err(e) => warn!(iface, error = %e, "cannot reuse the pinned XDP link; attaching afresh"),
+                    }
+                }
+                let _ = std::fs::remove_file(&pin);
                 let id = match prog.attach(iface, XdpMode::Default) {
                     Ok(id) => id,
                     Err(e) => {
@@ -255,6 +288,14 @@ impl Datapath {
             }
             Hook::Tc => {
                 let prog = self.tc_program(progs::TC_INGRESS)?;
+                if let Some(link) = pinned.and_then(|l| aya::programs::tc::SchedClassifierLink::try_from(l).ok()) {
+                    if let Ok(id) = prog.attach_to_link(link) {
+                        info!(iface, "TC program replaced in the pinned link");
+                        self.ingress.push((iface.to_string(), Attached::Tc(id)));
+                        return Ok(());
+                    }
+                }
+                let _ = std::fs::remove_file(&pin);
                 let id = prog.attach(iface, TcAttachType::Ingress).map_err(|source| {
                     DatapathError::Attach {
                         name: progs::TC_INGRESS,
@@ -275,7 +316,16 @@ impl Datapath {
         if self.tasks.contains_key(host_veth) {
             return Ok(());
         }
+        let pin = self.link_pin("task", host_veth);
+        let pinned = take_pinned(&pin);
         let prog = self.tc_program(progs::TC_TASK)?;
+        if let Some(link) = pinned.and_then(|l| aya::programs::tc::SchedClassifierLink::try_from(l).ok()) {
+            if let Ok(id) = prog.attach_to_link(link) {
+                self.tasks.insert(host_veth.to_string(), id);
+                return Ok(());
+            }
+        }
+        let _ = std::fs::remove_file(&pin);
         let id = prog
             .attach(host_veth, TcAttachType::Ingress)
             .map_err(|source| DatapathError::Attach {
@@ -289,6 +339,7 @@ impl Datapath {
 
     /// Forget (and detach, if the device still exists) a task interface's program.
     pub fn detach_task(&mut self, host_veth: &str) {
+        let _ = std::fs::remove_file(self.link_pin("task", host_veth));
         if let Some(id) = self.tasks.remove(host_veth) {
             if let Ok(prog) = self.tc_program(progs::TC_TASK) {
                 // The link is already gone when the veth was deleted first.
@@ -305,6 +356,9 @@ impl Datapath {
             source,
         })?;
         for name in [progs::CONNECT4, progs::SENDMSG4, progs::RECVMSG4, progs::GETPEERNAME4] {
+            // cgroup links cannot swap programs; a hand-over attaches the new program next to
+            // the old one, then drops the old link (both act the same on the same maps).
+            let old = take_pinned(&self.link_pin("sock", name));
             let prog = self.sock_program(name)?;
             // With bpf_link (kernel ≥ 5.7) every attachment coexists with others (other
             // agents' on the same cgroup too); the link API wants flags 0, i.e. `Single`.
@@ -316,6 +370,10 @@ impl Datapath {
                     source,
                 })?;
             self.sock.push((name, id));
+            if old.is_some() {
+                let _ = std::fs::remove_file(self.link_pin("sock", name));
+            }
+            drop(old);
         }
         info!(cgroup = %cgroup.display(), "socket-level LB attached");
         Ok(())
@@ -343,6 +401,70 @@ impl Datapath {
         }
     }
 
+    /// Pin every attachment under `<pin dir>/links`, so the programs stay attached after this
+    /// process exits and the next agent swaps its programs in (an upgrade's hand-over).
+    pub fn persist_links(&mut self) -> Vec<DatapathError> {
+        let mut errors = Vec::new();
+        let dir = self.pin_dir.join(LINKS_DIR);
+        if let Err(source) = std::fs::create_dir_all(&dir) {
+            errors.push(DatapathError::PinDir { path: dir.clone(), source });
+            return errors;
+        }
+        let pin = |link: Result<FdLink, String>, path: PathBuf, errors: &mut Vec<DatapathError>| match link {
+            Ok(l) => {
+                if path.exists() {
+                    // Already pinned (adopted from the previous agent): it runs our program now.
+                    return;
+                }
+                if let Err(e) = l.pin(&path) {
+                    errors.push(DatapathError::PinDir { path, source: std::io::Error::other(e.to_string()) });
+                }
+            }
+            Err(e) => errors.push(DatapathError::PinDir { path, source: std::io::Error::other(e) }),
+        };
+        for (iface, a) in std::mem::take(&mut self.ingress) {
+            match a {
+                Attached::Xdp(id) => {
+                    let path = self.link_pin("xdp", &iface);
+                    let l = self
+                        .xdp_program(progs::XDP_INGRESS)
+                        .map_err(|e| e.to_string())
+                        .and_then(|p| p.take_link(id).map_err(|e| e.to_string()))
+                        .and_then(|l| FdLink::try_from(l).map_err(|e| e.to_string()));
+                    pin(l, path, &mut errors);
+                }
+                Attached::Tc(id) => {
+                    let path = self.link_pin("tc", &iface);
+                    let l = self
+                        .tc_program(progs::TC_INGRESS)
+                        .map_err(|e| e.to_string())
+                        .and_then(|p| p.take_link(id).map_err(|e| e.to_string()))
+                        .and_then(|l| FdLink::try_from(l).map_err(|e| e.to_string()));
+                    pin(l, path, &mut errors);
+                }
+            }
+        }
+        for (veth, id) in std::mem::take(&mut self.tasks) {
+            let path = self.link_pin("task", &veth);
+            let l = self
+                .tc_program(progs::TC_TASK)
+                .map_err(|e| e.to_string())
+                .and_then(|p| p.take_link(id).map_err(|e| e.to_string()))
+                .and_then(|l| FdLink::try_from(l).map_err(|e| e.to_string()));
+            pin(l, path, &mut errors);
+        }
+        for (name, id) in std::mem::take(&mut self.sock) {
+            let path = self.link_pin("sock", name);
+            let l = self
+                .sock_program(name)
+                .map_err(|e| e.to_string())
+                .and_then(|p| p.take_link(id).map_err(|e| e.to_string()))
+                .and_then(|l| FdLink::try_from(l).map_err(|e| e.to_string()));
+            pin(l, path, &mut errors);
+        }
+        errors
+    }
+
     /// Remove the pinned maps (a clean shutdown; an upgrade keeps them instead).
     pub fn unpin(self) -> std::io::Result<()> {
         let dir = self.pin_dir.clone();
@@ -351,11 +473,16 @@ impl Datapath {
     }
 }
 
-/// Remove a pin directory and every pin in it.
+/// Remove a pin directory and every pin in it (pinned links included: unpinning a link
+/// that no process holds detaches its program).
 pub fn remove_pins(dir: &Path) -> std::io::Result<()> {
     match std::fs::read_dir(dir) {
         Ok(entries) => {
             for e in entries.flatten() {
+                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    remove_pins(&e.path())?;
+                    continue;
+                }
                 std::fs::remove_file(e.path())?;
             }
             std::fs::remove_dir(dir)?;
