@@ -77,13 +77,19 @@ impl Bed {
     }
 
     fn agent(&self) -> Agent {
+        self.agent_with(&[], None)
+    }
+
+    fn agent_with(&self, extra: &[&str], pin_dir: Option<PathBuf>) -> Agent {
+        let mut e = vec!["--no-dns".to_string()];
+        e.extend(extra.iter().map(|s| s.to_string()));
         Agent::start(AgentOpts {
             node: "n1",
             netns: &self.node,
             state: &self.state,
             ifaces: &["ext0"],
-            extra: vec!["--no-dns".into()],
-            pin_dir: None,
+            extra: e,
+            pin_dir,
         })
     }
 
@@ -275,4 +281,57 @@ fn shutdown_leaves_nothing_behind() {
     assert!(!agent.pin_dir.exists(), "pins removed");
     assert!(!agent.run_dir.join("catalog.json").exists(), "catalog removed");
     assert!(curl(&bed.client, &format!("http://{NODE_IP}:8080/")).is_none(), "nothing answers any more");
+}
+
+#[test]
+fn an_upgrade_hands_over_without_breaking_a_live_connection() {
+    let bed = Bed::new(3);
+    let mut old = bed.agent_with(&["--keep-datapath"], None);
+    wait_for_set(&bed, &[1, 2, 3]);
+    let pins = old.pin_dir.clone();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let client = bed.client.path();
+    let th = std::thread::spawn(move || {
+        let f = std::fs::File::open(client).unwrap();
+        nix::sched::setns(std::os::fd::AsFd::as_fd(&f), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let mut s = TcpStream::connect("198.18.0.1:8080").expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut ask = || -> String {
+            if s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").is_err() {
+                return "<write failed>".into();
+            }
+            let mut buf = [0u8; 512];
+            match s.read(&mut buf) {
+                Ok(n) if n > 0 => String::from_utf8_lossy(&buf[..n]).lines().last().unwrap_or_default().to_string(),
+                _ => "<read failed>".into(),
+            }
+        };
+        let mut out = vec![ask()];
+        go_rx.recv().unwrap(); // old agent gone
+        out.push(ask());
+        go_rx.recv().unwrap(); // new agent up
+        out.push(ask());
+        out
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    old.keep_pins = true;
+    assert!(old.stop(), "clean exit:\n{}", old.log());
+    assert!(pins.join("links").exists(), "attachments pinned for the next agent");
+    go_tx.send(()).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let new = bed.agent_with(&[], Some(pins.clone()));
+    assert!(new.log().contains("replaced in the pinned link"), "{}", new.log());
+    go_tx.send(()).unwrap();
+    let answers = th.join().unwrap();
+    assert!(
+        answers.iter().all(|a| a.starts_with("web.")),
+        "served with no agent and across the hand-over: {answers:?}\n{}\n{}",
+        new.log(),
+        new.status()
+    );
+    assert_eq!(tally(&answers).len(), 1, "one task all along: {answers:?}");
+    let t = tally(&bed.requests(9));
+    assert_eq!(t.len(), 3, "new connections balance: {t:?}");
+    drop(new);
+    assert!(!pins.exists(), "the last agent (no --keep-datapath) removes everything");
 }

@@ -244,7 +244,8 @@ impl Attacher {
             network: net.name.clone(),
             source,
         };
-        let l = self.nl.ensure_bridge(&name, self.mtu).await.map_err(wrap)?;
+        // The gateway's MAC derives from its address, like the tasks' (stable across restarts).
+        let l = self.nl.ensure_bridge(&name, self.mtu, task_mac(net.gateway)).await.map_err(wrap)?;
         self.nl
             .add_addr(l.index, net.gateway, net.subnet.prefix_len())
             .await

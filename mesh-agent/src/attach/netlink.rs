@@ -125,12 +125,22 @@ impl Netlink {
         })
     }
 
-    /// Create a bridge (no-op if it exists) and return it.
-    pub async fn ensure_bridge(&self, name: &str, mtu: u32) -> Result<Link, NetlinkError> {
+    /// Create a bridge with a fixed MAC (no-op if it exists with it) and return it. Without
+    /// an explicit MAC a bridge takes its lowest port's, which changes as ports come and go.
+    pub async fn ensure_bridge(&self, name: &str, mtu: u32, mac: [u8; 6]) -> Result<Link, NetlinkError> {
         if let Some(l) = self.link(name).await? {
+            if l.mac != mac {
+                let msg = LinkUnspec::new_with_index(l.index).address(mac.to_vec()).build();
+                self.handle.link().set(msg).execute().await.map_err(|source| NetlinkError::Op {
+                    op: "set bridge address",
+                    name: name.into(),
+                    source,
+                })?;
+                return self.must_link(name).await;
+            }
             return Ok(l);
         }
-        let msg = LinkBridge::new(name).mtu(mtu).up().build();
+        let msg = LinkBridge::new(name).mtu(mtu).address(mac.to_vec()).up().build();
         match self.handle.link().add(msg).execute().await {
             Ok(()) => {}
             Err(e) if is_exists(&e) => {}
