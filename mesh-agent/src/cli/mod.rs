@@ -1,6 +1,7 @@
 //! Command-line interface: one subcommand per verb. Every flag has a `MESH_*` environment
 //! fallback; flags win over the environment.
 
+pub mod config;
 pub mod demo;
 pub mod status;
 pub mod whoami;
@@ -38,11 +39,24 @@ pub enum Command {
         /// The state file.
         file: PathBuf,
     },
+    /// The agent's configuration file.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Bring up a working single-node mesh on this machine from a bundled example.
     Demo(DemoArgs),
     /// A tiny HTTP (answers its name) and UDP (echo) server for task namespaces.
     #[command(hide = true)]
     Whoami(WhoamiArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a config file (TOML) without starting; unknown keys are errors.
+    Check {
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, Args, Clone)]
@@ -81,9 +95,12 @@ impl NodeArgs {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    /// Configuration file (TOML); flags and MESH_* variables override it.
+    #[arg(long, env = "MESH_CONFIG")]
+    pub config: Option<PathBuf>,
     /// The managers' state file (YAML), watched for changes.
     #[arg(long, env = "MESH_STATE")]
-    pub state: PathBuf,
+    pub state: Option<PathBuf>,
     #[command(flatten)]
     pub node: NodeArgs,
     /// Enter this network namespace first (the node's), e.g. /run/netns/node1.
@@ -114,6 +131,13 @@ pub struct RunArgs {
     /// Period of retries and node-address refresh, in milliseconds.
     #[arg(long, env = "MESH_RESYNC_MS", default_value_t = 2000)]
     pub resync_ms: u64,
+    /// Address of the /metrics, /healthz, /readyz endpoint ("none" disables it).
+    #[arg(long, env = "MESH_METRICS_ADDR", default_value = "127.0.0.1:9464")]
+    pub metrics_addr: String,
+    /// Log filter (tracing syntax, e.g. "info" or "mesh_agent=debug"); reloaded on SIGHUP
+    /// from the config file.
+    #[arg(long, env = "MESH_LOG")]
+    pub log: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -1,0 +1,230 @@
+//! The agent's configuration file (TOML), layered under flags and environment:
+//!
+//! **precedence: command-line flag > `MESH_*` environment variable > config file > default.**
+//!
+//! Every key mirrors a `mesh-agent run` flag (dashes become underscores). An unknown key is
+//! an error naming it. `mesh-agent config check FILE` validates a file without starting.
+//!
+//! ```toml
+//! state = "/etc/mesh/state.yaml"
+//! node = "node1"
+//! ifaces = ["eth0"]
+//! hook = "xdp"              # xdp | tc
+//! cgroup = "/sys/fs/cgroup" # or "none"
+//! keep_datapath = false
+//! no_dns = false
+//! dns_upstreams = ["10.0.0.2:53"]
+//! reach = "cluster"         # local | cluster
+//! resync_ms = 2000
+//! metrics_addr = "127.0.0.1:9464"  # or "none"
+//! log = "info"              # a tracing filter; reloaded on SIGHUP
+//! ```
+
+use std::{net::SocketAddr, path::{Path, PathBuf}};
+
+use clap::{ArgMatches, parser::ValueSource};
+use serde::Deserialize;
+
+use super::{ReachArg, RunArgs};
+use crate::ebpf::Hook;
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub state: Option<PathBuf>,
+    pub node: Option<String>,
+    pub pin_dir: Option<PathBuf>,
+    pub run_dir: Option<PathBuf>,
+    pub netns: Option<PathBuf>,
+    pub ifaces: Option<Vec<String>>,
+    pub hook: Option<HookName>,
+    pub cgroup: Option<String>,
+    pub keep_datapath: Option<bool>,
+    pub no_dns: Option<bool>,
+    pub dns_upstreams: Option<Vec<SocketAddr>>,
+    pub reach: Option<ReachName>,
+    pub resync_ms: Option<u64>,
+    pub metrics_addr: Option<String>,
+    pub log: Option<String>,
+    pub log_format: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HookName {
+    Xdp,
+    Tc,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReachName {
+    Local,
+    Cluster,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// Parse and validate a config file.
+pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.into(),
+        source,
+    })?;
+    parse(&text).map_err(|message| ConfigError::Invalid {
+        path: path.into(),
+        message,
+    })
+}
+
+/// Parse and validate config text; errors name the key.
+pub fn parse(text: &str) -> Result<FileConfig, String> {
+    let c: FileConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+    if let Some(m) = &c.metrics_addr {
+        if m != "none" && m.parse::<SocketAddr>().is_err() {
+            return Err(format!("metrics_addr: `{m}` is neither an address:port nor \"none\""));
+        }
+    }
+    if let Some(f) = &c.log_format {
+        if f != "text" && f != "json" {
+            return Err(format!("log_format: `{f}` is neither \"text\" nor \"json\""));
+        }
+    }
+    if let Some(l) = &c.log {
+        tracing_subscriber::EnvFilter::try_new(l).map_err(|e| format!("log: {e}"))?;
+    }
+    if c.resync_ms == Some(0) {
+        return Err("resync_ms: must be at least 1".into());
+    }
+    Ok(c)
+}
+
+/// Was `id` left at its default (neither on the command line nor in the environment)?
+fn defaulted(m: &ArgMatches, id: &str) -> bool {
+    !matches!(
+        m.value_source(id),
+        Some(ValueSource::CommandLine) | Some(ValueSource::EnvVariable)
+    )
+}
+
+/// Fill every setting the command line and environment left unset from the file.
+pub fn merge(args: &mut RunArgs, m: &ArgMatches, file: &FileConfig) {
+    macro_rules! take {
+        ($id:literal, $field:expr, $val:expr) => {
+            if defaulted(m, $id) {
+                if let Some(v) = $val {
+                    $field = v;
+                }
+            }
+        };
+    }
+    take!("state", args.state, file.state.clone().map(Some));
+    take!("node", args.node.node, file.node.clone().map(Some));
+    take!("pin_dir", args.node.pin_dir, file.pin_dir.clone().map(Some));
+    take!("run_dir", args.node.run_dir, file.run_dir.clone().map(Some));
+    take!("netns", args.netns, file.netns.clone().map(Some));
+    take!("ifaces", args.ifaces, file.ifaces.clone());
+    take!(
+        "hook",
+        args.hook,
+        file.hook.map(|h| match h {
+            HookName::Xdp => Hook::Xdp,
+            HookName::Tc => Hook::Tc,
+        })
+    );
+    take!("cgroup", args.cgroup, file.cgroup.clone().map(Some));
+    take!("keep_datapath", args.keep_datapath, file.keep_datapath);
+    take!("no_dns", args.no_dns, file.no_dns);
+    take!("dns_upstreams", args.dns_upstreams, file.dns_upstreams.clone());
+    take!(
+        "reach",
+        args.reach,
+        file.reach.map(|r| match r {
+            ReachName::Local => ReachArg::Local,
+            ReachName::Cluster => ReachArg::Cluster,
+        })
+    );
+    take!("resync_ms", args.resync_ms, file.resync_ms);
+    take!("metrics_addr", args.metrics_addr, file.metrics_addr.clone());
+    take!("log", args.log, file.log.clone().map(Some));
+}
+
+/// Keys of a reloaded file whose new value differs from the running one and only takes
+/// effect on restart (everything but `log`).
+pub fn restart_needed(running: &RunArgs, file: &FileConfig) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    let mut check = |key: &'static str, changed: bool| {
+        if changed {
+            out.push(key);
+        }
+    };
+    check("state", file.state.is_some() && file.state != running.state);
+    check("node", file.node.is_some() && file.node != running.node.node);
+    check("ifaces", file.ifaces.as_ref().is_some_and(|i| *i != running.ifaces));
+    check(
+        "hook",
+        file.hook.is_some_and(|h| matches!((h, running.hook), (HookName::Xdp, Hook::Tc) | (HookName::Tc, Hook::Xdp))),
+    );
+    check("cgroup", file.cgroup.is_some() && file.cgroup != running.cgroup);
+    check("keep_datapath", file.keep_datapath.is_some_and(|k| k != running.keep_datapath));
+    check("no_dns", file.no_dns.is_some_and(|k| k != running.no_dns));
+    check("dns_upstreams", file.dns_upstreams.as_ref().is_some_and(|u| *u != running.dns_upstreams));
+    check("resync_ms", file.resync_ms.is_some_and(|r| r != running.resync_ms));
+    check("metrics_addr", file.metrics_addr.as_ref().is_some_and(|m| *m != running.metrics_addr));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, FromArgMatches};
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn run_args(argv: &[&str], file: &str) -> RunArgs {
+        let m = Cli::command().try_get_matches_from(argv).unwrap();
+        let cli = Cli::from_arg_matches(&m).unwrap();
+        let Command::Run(mut args) = cli.command else { panic!("run") };
+        let (_, sub) = m.subcommand().unwrap();
+        merge(&mut args, sub, &parse(file).unwrap());
+        args
+    }
+
+    #[test]
+    fn flags_beat_the_file_and_the_file_beats_defaults() {
+        let file = "state = \"/from/file.yaml\"\nhook = \"tc\"\nresync_ms = 700\nifaces = [\"eth9\"]\nreach = \"cluster\"\n";
+        let a = run_args(&["mesh-agent", "run", "--hook", "xdp"], file);
+        assert_eq!(a.state.as_deref(), Some(Path::new("/from/file.yaml")), "file fills what flags left");
+        assert_eq!(a.hook, Hook::Xdp, "flag wins");
+        assert_eq!(a.resync_ms, 700, "file beats the default");
+        assert_eq!(a.ifaces, ["eth9"]);
+        assert_eq!(a.reach, ReachArg::Cluster);
+        let a = run_args(&["mesh-agent", "run", "--state", "/flag.yaml"], file);
+        assert_eq!(a.state.as_deref(), Some(Path::new("/flag.yaml")));
+        // The environment beats the file (one test: the process environment is shared).
+        // SAFETY: no other test reads or writes this variable.
+        unsafe { std::env::set_var("MESH_RESYNC_MS", "1234") };
+        let a = run_args(&["mesh-agent", "run"], "resync_ms = 700\n");
+        unsafe { std::env::remove_var("MESH_RESYNC_MS") };
+        assert_eq!(a.resync_ms, 1234);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let e = parse("stat = \"/x\"\n").unwrap_err();
+        assert!(e.contains("unknown field `stat`"), "{e}");
+        let e = parse("hook = \"ebpf\"\n").unwrap_err();
+        assert!(e.contains("hook") || e.contains("unknown variant `ebpf`"), "{e}");
+        let e = parse("metrics_addr = \"localhost\"\n").unwrap_err();
+        assert!(e.starts_with("metrics_addr:"), "{e}");
+        let e = parse("dns_upstreams = [\"nonsense\"]\n").unwrap_err();
+        assert!(e.contains("dns_upstreams"), "{e}");
+        assert!(parse("").is_ok());
+    }
+}
