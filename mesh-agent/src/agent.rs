@@ -42,6 +42,23 @@ pub struct AgentConfig {
     pub reach: Reach,
     /// Retry period for tasks that could not be attached, and node-address refresh.
     pub resync: Duration,
+    pub runtime: Runtime,
+}
+
+/// Who owns the tasks' namespaces and networks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Runtime {
+    /// mesh does: it attaches tasks to per-network bridges, builds the overlays, serves DNS
+    /// (the state file's world).
+    Mesh,
+    /// Docker does (a real Swarm): mesh takes over only what IPVS would do, where Docker puts
+    /// IPVS — published ports in the `ingress_sbox` namespace (TC, SNAT as Swarm does) and
+    /// service VIPs in each task's sandbox (socket-level LB).
+    Docker {
+        /// The ingress sandbox's netns; default: `ingress_sbox` next to the tasks' sandboxes
+        /// (their `SandboxKey`s come from the Engine API).
+        ingress_sbox: Option<PathBuf>,
+    },
 }
 
 impl AgentConfig {
@@ -56,6 +73,7 @@ impl AgentConfig {
             keep_datapath: false,
             reach: Reach::LocalOnly,
             resync: Duration::from_secs(2),
+            runtime: Runtime::Mesh,
         }
     }
 }
@@ -74,6 +92,67 @@ pub enum AgentError {
     UnknownNode { node: String, known: String },
     #[error("cannot write {path}: {source}")]
     RunDir { path: PathBuf, source: std::io::Error },
+    #[error("docker runtime: no ingress sandbox found (no local task with a sandbox yet); pass --docker-ingress-sbox")]
+    NoIngressSandbox,
+    #[error("docker runtime: ingress sandbox {path}: {message}")]
+    Sandbox { path: PathBuf, message: String },
+}
+
+/// Docker's ingress sandbox: `ingress_sbox` in the directory of the local tasks' sandboxes.
+fn docker_ingress_sbox(state: &State, node: &str) -> Option<PathBuf> {
+    state
+        .tasks
+        .values()
+        .filter(|t| t.node == node)
+        .filter_map(|t| t.netns.as_ref())
+        .filter_map(|p| p.parent().map(|d| d.join("ingress_sbox")))
+        .find(|p| p.exists())
+}
+
+/// Interface names and IPv4 addresses inside a namespace (loopback left out).
+async fn sandbox_addrs(sbox: &Path) -> Result<Vec<(String, Ipv4Addr)>, AgentError> {
+    let path = sbox.to_path_buf();
+    let err = |message: String| AgentError::Sandbox { path: sbox.to_path_buf(), message };
+    let r = tokio::task::spawn_blocking(move || {
+        crate::netns::run_in(&path, || -> Result<Vec<(String, Ipv4Addr)>, String> {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+            rt.block_on(async {
+                let nl = Netlink::open().map_err(|e| e.to_string())?;
+                let links = nl.links().await.map_err(|e| e.to_string())?;
+                let addrs = nl.ipv4_addrs().await.map_err(|e| e.to_string())?;
+                Ok(addrs
+                    .into_iter()
+                    .filter(|(_, a)| !a.is_loopback())
+                    .filter_map(|(i, a)| links.iter().find(|l| l.index == i).map(|l| (l.name.clone(), a)))
+                    .collect())
+            })
+        })
+    })
+    .await
+    .map_err(|e| err(e.to_string()))?
+    .map_err(|e| err(e.to_string()))?;
+    r.map_err(err)
+}
+
+async fn sandbox_interfaces(sbox: &Path) -> Result<Vec<String>, AgentError> {
+    let mut v: Vec<String> = sandbox_addrs(sbox).await?.into_iter().map(|(n, _)| n).collect();
+    v.sort();
+    v.dedup();
+    Ok(v)
+}
+
+/// The ingress sandbox's address on the `ingress` network (Swarm SNATs to it).
+async fn sandbox_ingress_addr(sbox: &Path, state: &State) -> Result<Ipv4Addr, AgentError> {
+    let net = state
+        .networks
+        .get(crate::model::INGRESS_NETWORK)
+        .ok_or_else(|| AgentError::Sandbox { path: sbox.into(), message: "the state has no ingress network".into() })?;
+    sandbox_addrs(sbox)
+        .await?
+        .into_iter()
+        .map(|(_, a)| a)
+        .find(|a| net.subnet.contains(a))
+        .ok_or_else(|| AgentError::Sandbox { path: sbox.into(), message: format!("no address in {}", net.subnet) })
 }
 
 /// What `status` needs to name ids (written next to the pinned maps' owner, in `run_dir`).
@@ -129,6 +208,8 @@ pub struct Agent {
     task_cookies: std::collections::BTreeMap<String, u64>,
     /// Last per-task service error, so a retried failure is logged once, not per retry.
     service_errors: std::collections::BTreeMap<String, String>,
+    /// Docker runtime: the ingress sandbox mesh's programs run in.
+    docker_sbox: Option<PathBuf>,
     pub dns: Option<Box<dyn TaskService>>,
 }
 
@@ -157,8 +238,16 @@ impl Agent {
         };
         // Flows to tasks on other nodes get this node's underlay address as their source,
         // so the replies come back here (cluster reach only).
-        let snat = (cfg.reach == Reach::Cluster).then(|| state.nodes[&cfg.node].address);
-        dp.configure(snat)?;
+        let docker_sbox = match &cfg.runtime {
+            Runtime::Docker { ingress_sbox } => Some(ingress_sbox.clone().or_else(|| docker_ingress_sbox(&state, &cfg.node)).ok_or(AgentError::NoIngressSandbox)?),
+            Runtime::Mesh => None,
+        };
+        let snat = match &docker_sbox {
+            // Under Docker the ingress sandbox's address on the ingress network, as Swarm SNATs.
+            Some(sbox) => Some(sandbox_ingress_addr(sbox, &state).await?),
+            None => (cfg.reach == Reach::Cluster).then(|| state.nodes[&cfg.node].address),
+        };
+        dp.configure(snat, docker_sbox.is_none())?;
         if snat.is_some() {
             tables.reserve_ports(mesh_common::SNAT_PORT_MIN, mesh_common::SNAT_PORT_MAX);
         }
@@ -177,10 +266,38 @@ impl Agent {
             node_addrs: Vec::new(),
             task_cookies: Default::default(),
             service_errors: Default::default(),
+            docker_sbox: None,
             dns,
         };
+        agent.docker_sbox = docker_sbox.clone();
         agent.refresh_node_addrs().await;
         agent.apply(state).await;
+
+        if let Some(sbox) = &docker_sbox {
+            // Published ports: Docker's iptables steer them into the ingress sandbox; its
+            // interfaces get the TC program (forward on the gateway-bridge side, replies on
+            // the ingress-overlay side).
+            let ifaces = sandbox_interfaces(sbox).await?;
+            for iface in &ifaces {
+                let path = sbox.clone();
+                let name = iface.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    crate::netns::run_in(&path, move || {
+                        for (knob, v) in [("accept_local", "1"), ("rp_filter", "0")] {
+                            let _ = std::fs::write(format!("/proc/sys/net/ipv4/conf/{name}/{knob}"), v);
+                        }
+                        let _ = std::fs::write("/proc/sys/net/ipv4/conf/all/rp_filter", "0");
+                    })
+                })
+                .await;
+                agent.dp.attach_ingress_in(sbox, iface, Hook::Tc)?;
+            }
+            if let Some(cg) = agent.cfg.cgroup.clone() {
+                agent.dp.attach_sock(&cg)?;
+            }
+            info!(node = agent.cfg.node, sandbox = %sbox.display(), interfaces = ?ifaces, "agent ready (docker runtime)");
+            return Ok(agent);
+        }
 
         let ifaces = if agent.cfg.interfaces.is_empty() {
             let idx = agent.nl.default_route_ifindex().await?.ok_or(AgentError::NoInterface)?;
@@ -228,7 +345,11 @@ impl Agent {
                 Reach::Cluster => state.networks.keys().cloned().collect(),
                 Reach::LocalOnly => BTreeSet::new(),
             };
-            let conv = self.attacher.converge(&state, &self.cfg.node, &keep).await;
+            let conv = if self.cfg.runtime == Runtime::Mesh {
+                self.attacher.converge(&state, &self.cfg.node, &keep).await
+            } else {
+                crate::attach::Converged::default()
+            };
             // Reverse-NAT programs follow the task interfaces.
             let want: BTreeSet<String> = self
                 .attacher
@@ -250,7 +371,7 @@ impl Agent {
             }
             self.sync_task_nets(&state).await;
             self.sync_isolation(&state);
-            if let Some(dns) = &self.dns {
+            if let (Some(dns), Runtime::Mesh) = (&self.dns, &self.cfg.runtime) {
                 dns.update(state.clone());
                 for id in &conv.removed {
                     dns.detach(id).await;
@@ -305,7 +426,15 @@ impl Agent {
 
     /// Tell the socket-level VIP LB which namespaces are tasks and which networks each is on.
     async fn sync_task_nets(&mut self, state: &State) {
-        let attached: BTreeSet<String> = self.attacher.attached().cloned().collect();
+        let attached: BTreeSet<String> = match self.cfg.runtime {
+            Runtime::Mesh => self.attacher.attached().cloned().collect(),
+            // Docker made them: every running task of this node with a sandbox.
+            Runtime::Docker { .. } => state
+                .attached_tasks_on(&self.cfg.node)
+                .filter(|t| t.netns.as_ref().is_some_and(|p| p.exists()))
+                .map(|t| t.id.clone())
+                .collect(),
+        };
         self.task_cookies.retain(|id, _| attached.contains(id));
         for id in &attached {
             if self.task_cookies.contains_key(id) {
@@ -360,6 +489,13 @@ impl Agent {
         match self.nl.ipv4_addrs().await {
             Ok(a) => {
                 let mut addrs: Vec<Ipv4Addr> = a.into_iter().map(|(_, ip)| ip).collect();
+                if let Some(sbox) = self.docker_sbox.clone() {
+                    // Docker DNATs published ports to the sandbox's own addresses.
+                    match sandbox_addrs(&sbox).await {
+                        Ok(v) => addrs.extend(v.into_iter().map(|(_, a)| a)),
+                        Err(e) => warn!(error = %e, "cannot list the ingress sandbox's addresses"),
+                    }
+                }
                 addrs.sort();
                 addrs.dedup();
                 if addrs != self.node_addrs {

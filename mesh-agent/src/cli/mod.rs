@@ -138,6 +138,23 @@ pub struct RunArgs {
     /// from the config file.
     #[arg(long, env = "MESH_LOG")]
     pub log: Option<String>,
+    /// Who owns the tasks' namespaces: mesh (state file, mesh attaches tasks) or docker (a real
+    /// Swarm: mesh replaces only IPVS).
+    #[arg(long, env = "MESH_RUNTIME", value_enum, default_value_t = RuntimeArg::Mesh)]
+    pub runtime: RuntimeArg,
+    /// Docker runtime: the managers' Engine API socket (unix path); implies the Swarm source.
+    #[arg(long, env = "MESH_DOCKER_HOST")]
+    pub docker_host: Option<String>,
+    /// Docker runtime: the ingress sandbox's netns (default: found next to the tasks'
+    /// sandboxes, whose paths come from the Engine API).
+    #[arg(long, env = "MESH_DOCKER_INGRESS_SBOX")]
+    pub docker_ingress_sbox: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RuntimeArg {
+    Mesh,
+    Docker,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -171,6 +188,13 @@ impl RunArgs {
         cfg.keep_datapath = self.keep_datapath;
         cfg.reach = self.reach.into();
         cfg.resync = Duration::from_millis(self.resync_ms.max(100));
+        if self.runtime == RuntimeArg::Docker {
+            cfg.runtime = crate::agent::Runtime::Docker {
+                ingress_sbox: self.docker_ingress_sbox.clone(),
+            };
+            // Every task of the cluster is reached over Docker's overlays.
+            cfg.reach = Reach::Cluster;
+        }
         cfg
     }
 }

@@ -241,8 +241,10 @@ impl Datapath {
 
     /// Write the agent-wide settings: this netns's cookie (for the socket hooks) and the
     /// SNAT source for flows to tasks on other nodes.
-    pub fn configure(&mut self, snat_addr: Option<std::net::Ipv4Addr>) -> Result<(), DatapathError> {
-        let cookie = netns_cookie()?;
+    pub fn configure(&mut self, snat_addr: Option<std::net::Ipv4Addr>, node_scope: bool) -> Result<(), DatapathError> {
+        // Without the node scope (under Docker, whose iptables steer published ports into its
+        // ingress sandbox) the socket hooks act only in task namespaces.
+        let cookie = if node_scope { netns_cookie()? } else { 0 };
         self.maps.set_config(mesh_common::Config {
             netns_cookie: cookie,
             flags: 0,
@@ -309,6 +311,27 @@ impl Datapath {
         info!(iface, ?hook, "published ports intercepted");
         self.ingress.push((iface.to_string(), attached));
         Ok(())
+    }
+
+    /// [`Datapath::attach_ingress`] on an interface of another network namespace (Docker's
+    /// ingress sandbox): the attach runs on a thread inside it, where the name resolves.
+    pub fn attach_ingress_in(&mut self, netns_path: &Path, iface: &str, hook: Hook) -> Result<(), DatapathError> {
+        let ns = File::open(netns_path).map_err(|source| DatapathError::PinDir {
+            path: netns_path.into(),
+            source,
+        })?;
+        std::thread::scope(|sc| {
+            sc.spawn(|| {
+                nix::sched::setns(std::os::fd::AsFd::as_fd(&ns), nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| DatapathError::PinDir { path: netns_path.into(), source: e.into() })?;
+                self.attach_ingress(iface, hook)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(DatapathError::PinDir {
+                path: netns_path.into(),
+                source: std::io::Error::other("attach thread panicked"),
+            }))
+        })
     }
 
     /// Reverse NAT for replies a task sends: TC ingress on its host-side veth.

@@ -268,10 +268,19 @@ impl Task {
     }
 }
 
+/// Name of Swarm's routing-mesh network. A service attached to it receives published-port
+/// traffic there (as on Swarm); otherwise on its first network.
+pub const INGRESS_NETWORK: &str = "ingress";
+
 impl Service {
-    /// The network published-port traffic reaches the tasks on (the service's first).
+    /// The network published-port traffic reaches the tasks on: `ingress` when the service is
+    /// on it (a Swarm cluster), else the service's first network.
     pub fn ingress_network(&self) -> Option<&str> {
-        self.networks.first().map(|n| n.network.as_str())
+        self.networks
+            .iter()
+            .find(|n| n.network == INGRESS_NETWORK)
+            .or_else(|| self.networks.first())
+            .map(|n| n.network.as_str())
     }
 }
 
