@@ -92,6 +92,8 @@ pub enum AgentError {
     UnknownNode { node: String, known: String },
     #[error("cannot write {path}: {source}")]
     RunDir { path: PathBuf, source: std::io::Error },
+    #[error("overlay: {0}")]
+    Overlay(String),
     #[error("docker runtime: no ingress sandbox found (no local task with a sandbox yet); pass --docker-ingress-sbox")]
     NoIngressSandbox,
     #[error("docker runtime: ingress sandbox {path}: {message}")]
@@ -210,6 +212,8 @@ pub struct Agent {
     service_errors: std::collections::BTreeMap<String, String>,
     /// Docker runtime: the ingress sandbox mesh's programs run in.
     docker_sbox: Option<PathBuf>,
+    /// VXLAN overlays (mesh runtime, cluster reach).
+    overlay: Option<crate::overlay::Overlay>,
     pub dns: Option<Box<dyn TaskService>>,
 }
 
@@ -267,8 +271,15 @@ impl Agent {
             task_cookies: Default::default(),
             service_errors: Default::default(),
             docker_sbox: None,
+            overlay: None,
             dns,
         };
+        if agent.cfg.runtime == Runtime::Mesh && agent.cfg.reach == Reach::Cluster {
+            agent.overlay = Some(
+                crate::overlay::Overlay::open(crate::overlay::OverlayConfig::default())
+                    .map_err(|e| AgentError::Overlay(e.to_string()))?,
+            );
+        }
         agent.docker_sbox = docker_sbox.clone();
         agent.refresh_node_addrs().await;
         agent.apply(state).await;
@@ -350,6 +361,12 @@ impl Agent {
             } else {
                 crate::attach::Converged::default()
             };
+            if let Some(ov) = &mut self.overlay {
+                let rep = ov.converge(&state, &self.cfg.node, &self.attacher.bridges()).await;
+                if !rep.is_noop() {
+                    info!(report = ?rep, "overlays converged");
+                }
+            }
             // Reverse-NAT programs follow the task interfaces.
             let want: BTreeSet<String> = self
                 .attacher
@@ -575,6 +592,11 @@ impl Agent {
             dns.shutdown().await;
         }
         self.dp.detach_all();
+        if let Some(ov) = &mut self.overlay {
+            for e in ov.teardown().await {
+                warn!(error = %e, "overlay teardown");
+            }
+        }
         for e in self.attacher.teardown().await {
             warn!(error = %e, "teardown");
         }

@@ -126,3 +126,17 @@ pub fn parse_ipv4(data: usize, data_end: usize, frame_len: usize) -> Result<Pkt,
         l4_off,
     })
 }
+
+/// The IPv4 destination of any IPv4 frame (fragments, ICMP, options included), for checks
+/// that apply to every packet, not only to the TCP/UDP the load balancer rewrites.
+#[inline(always)]
+pub fn ipv4_daddr(data: usize, data_end: usize) -> Option<u32> {
+    let eth: *const EthHdr = ptr_at(data, data_end, 0).ok()?;
+    // SAFETY: bounds checked by ptr_at.
+    if unsafe { core::ptr::read_unaligned(&raw const (*eth).ether_type) } != ETH_P_IP.to_be() {
+        return None;
+    }
+    let ip: *const Ipv4Hdr = ptr_at(data, data_end, ETH_LEN).ok()?;
+    // SAFETY: bounds checked by ptr_at.
+    Some(u32::from_ne_bytes(unsafe { (*ip).dst_addr }))
+}

@@ -13,8 +13,8 @@ use crate::{
     lb::{self, Origin},
     maps::count,
     parse::{
-        ETH_LEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4_DPORT_OFF, L4_SPORT_OFF, Pkt, parse_ipv4,
-        ptr_at,
+        ETH_LEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4_DPORT_OFF, L4_SPORT_OFF, Pkt, ipv4_daddr,
+        parse_ipv4, ptr_at,
     },
 };
 use network_types::eth::EthHdr;
@@ -61,22 +61,27 @@ pub fn tc_ingress(ctx: &TcContext) -> Result<i32, u32> {
 /// rewritten back to the frontend and sent out of the interface the flow came in on.
 #[inline(always)]
 pub fn tc_from_task(ctx: &TcContext) -> Result<i32, u32> {
-    let pkt = pull(ctx)?;
-    match lb::lb4_from_task(&pkt.key, ctx.len() as u64) {
-        Ok((ct, why)) => {
-            count(why);
-            tc_nat(ctx, &pkt, &ct, Deliver::Egress)
-        }
-        Err(why) => {
-            // SAFETY: reading a field of the context the kernel gave us.
-            let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-            if lb::net4_crosses_networks(ifindex, pkt.key.daddr) {
-                count(reason::DROP_OTHER_NETWORK);
-                return Ok(TC_ACT_SHOT);
+    let why = match pull(ctx) {
+        Ok(pkt) => match lb::lb4_from_task(&pkt.key, ctx.len() as u64) {
+            Ok((ct, why)) => {
+                count(why);
+                return tc_nat(ctx, &pkt, &ct, Deliver::Egress);
             }
-            Err(why)
+            Err(why) => why,
+        },
+        Err(why) => why,
+    };
+    // Not a flow this node balanced: isolation applies to every IPv4 packet (ICMP and
+    // fragments too), not only to TCP/UDP.
+    if let Some(daddr) = ipv4_daddr(ctx.data(), ctx.data_end()) {
+        // SAFETY: reading a field of the context the kernel gave us.
+        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+        if lb::net4_crosses_networks(ifindex, daddr) {
+            count(reason::DROP_OTHER_NETWORK);
+            return Ok(TC_ACT_SHOT);
         }
     }
+    Err(why)
 }
 
 #[inline(always)]

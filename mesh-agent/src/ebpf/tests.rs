@@ -397,19 +397,25 @@ fn a_task_cannot_send_into_another_network() {
     let (rc, _) = f.tc(progs::TC_TASK, &from_task(Ipv4Addr::new(10, 201, 0, 5)));
     assert_eq!(rc, TC_ACT_SHOT, "other network: dropped");
     assert_eq!(f.verdict("drop_other_network"), 1);
+    // ICMP too (not only what the load balancer parses).
+    let mut icmp = Frame::tcp(task_addr(1), 0, Ipv4Addr::new(10, 201, 0, 5), 0, 0);
+    icmp.l4 = L4::Other(1);
+    icmp.payload = vec![8, 0, 0, 0, 0, 0, 0, 0];
+    let (rc, _) = f.tc(progs::TC_TASK, &icmp.build());
+    assert_eq!(rc, TC_ACT_SHOT, "ICMP into another network: dropped");
+    assert_eq!(f.verdict("drop_other_network"), 2);
     for ok in [Ipv4Addr::new(10, 200, 0, 99), Ipv4Addr::new(198, 18, 0, 7)] {
         let frame = from_task(ok);
         let (rc, out) = f.tc(progs::TC_TASK, &frame);
         assert_eq!((rc, out), (TC_ACT_OK, frame), "{ok}: own network or outside the mesh passes");
     }
-    // Replies of balanced flows are matched before isolation applies.
-    assert_eq!(f.verdict("drop_other_network"), 1);
+    assert_eq!(f.verdict("drop_other_network"), 2);
 }
 
 #[test]
 fn remote_backend_flows_are_snated_to_the_node_and_replies_come_back() {
     let mut f = Fixture::new();
-    f.dp().configure(Some(NODE)).unwrap();
+    f.dp().configure(Some(NODE), true).unwrap();
     f.tables.reserve_ports(mesh_common::SNAT_PORT_MIN, mesh_common::SNAT_PORT_MAX);
     // Task 1 local, tasks 2 and 3 on another node (no link: reached through the kernel).
     let mut s = state(3, &[1, 2, 3]);
