@@ -17,7 +17,7 @@ PKGS=(
   build-essential pkg-config
   # network plumbing and clients used by tests
   iproute2 iputils-ping curl dnsutils ethtool tcpdump iptables nftables conntrack bpftool procps
-  python3
+  python3 python3-prometheus-client
   # baselines and load generators used by `cargo xtask bench`
   dnsperf iperf3 wrk haproxy dnsmasq-base nginx-light linux-perf
   # sources of managers' state / real Swarm

@@ -43,6 +43,8 @@ pub struct AgentConfig {
     /// Retry period for tasks that could not be attached, and node-address refresh.
     pub resync: Duration,
     pub runtime: Runtime,
+    /// Where to serve /metrics, /healthz, /readyz (`None`: nowhere).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// Who owns the tasks' namespaces and networks.
@@ -74,6 +76,7 @@ impl AgentConfig {
             reach: Reach::LocalOnly,
             resync: Duration::from_secs(2),
             runtime: Runtime::Mesh,
+            metrics_addr: None,
         }
     }
 }
@@ -94,6 +97,8 @@ pub enum AgentError {
     RunDir { path: PathBuf, source: std::io::Error },
     #[error("overlay: {0}")]
     Overlay(String),
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("docker runtime: no ingress sandbox found (no local task with a sandbox yet); pass --docker-ingress-sbox")]
     NoIngressSandbox,
     #[error("docker runtime: ingress sandbox {path}: {message}")]
@@ -194,6 +199,10 @@ pub trait TaskService: Send {
     fn attach<'a>(&'a self, task: &'a crate::model::Task) -> BoxFuture<'a, Result<(), String>>;
     fn detach<'a>(&'a self, task_id: &'a str) -> BoxFuture<'a, ()>;
     fn shutdown(&self) -> BoxFuture<'_, ()>;
+    /// The DNS server's counters, for /metrics (None for other services).
+    fn dns_stats(&self) -> Option<Box<dyn Fn() -> crate::dns::DnsStats + Send + Sync>> {
+        None
+    }
 }
 
 pub struct Agent {
@@ -214,12 +223,14 @@ pub struct Agent {
     docker_sbox: Option<PathBuf>,
     /// VXLAN overlays (mesh runtime, cluster reach).
     overlay: Option<crate::overlay::Overlay>,
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
     pub dns: Option<Box<dyn TaskService>>,
 }
 
 impl Agent {
     /// Load (or adopt) the datapath, converge to `state`, then attach the programs.
     pub async fn start(cfg: AgentConfig, state: Arc<State>, dns: Option<Box<dyn TaskService>>) -> Result<Agent, AgentError> {
+        let cfg_metrics = cfg.metrics_addr.is_some();
         if !state.nodes.contains_key(&cfg.node) {
             return Err(AgentError::UnknownNode {
                 node: cfg.node.clone(),
@@ -272,8 +283,16 @@ impl Agent {
             service_errors: Default::default(),
             docker_sbox: None,
             overlay: None,
+            metrics: None,
             dns,
         };
+        if cfg_metrics {
+            let m = crate::metrics::Metrics::new(agent.cfg.pin_dir.clone());
+            if let Some(f) = agent.dns.as_ref().and_then(|d| d.dns_stats()) {
+                m.set_dns(f);
+            }
+            agent.metrics = Some(m);
+        }
         if agent.cfg.runtime == Runtime::Mesh && agent.cfg.reach == Reach::Cluster {
             agent.overlay = Some(
                 crate::overlay::Overlay::open(crate::overlay::OverlayConfig::default())
@@ -307,6 +326,9 @@ impl Agent {
                 agent.dp.attach_sock(&cg)?;
             }
             info!(node = agent.cfg.node, sandbox = %sbox.display(), interfaces = ?ifaces, "agent ready (docker runtime)");
+            if let Some(m) = &agent.metrics {
+                m.set_ready();
+            }
             return Ok(agent);
         }
 
@@ -334,6 +356,9 @@ impl Agent {
             agent.dp.attach_sock(&cg)?;
         }
         info!(node = agent.cfg.node, interfaces = ?ifaces, hook = ?agent.cfg.hook, "agent ready");
+        if let Some(m) = &agent.metrics {
+            m.set_ready();
+        }
         Ok(agent)
     }
 
@@ -414,6 +439,7 @@ impl Agent {
                 }
             }
             let want = tables::desired(&state, &self.cfg.node, &self.attacher.links(), self.cfg.reach);
+            let mut programmed = false;
             match self.tables.apply(&want) {
                 Ok(ops) => {
                     if let Err(e) = self.dp.maps.apply(&ops) {
@@ -421,6 +447,7 @@ impl Agent {
                         // Forget what we believe is programmed: the next sync rewrites it all.
                         self.tables = self.dp.maps.adopt_tables();
                     } else if !ops.is_empty() {
+                        programmed = true;
                         info!(
                             ops = ops.len(),
                             attached = conv.added.len(),
@@ -428,13 +455,23 @@ impl Agent {
                             elapsed_us = started.elapsed().as_micros() as u64,
                             "tables programmed"
                         );
+                    } else {
+                        programmed = true;
                     }
                 }
                 Err(e) => error!(error = %e, "state does not fit the maps; keeping the last good tables"),
             }
             self.state = state;
-            if let Err(e) = self.write_catalog() {
-                warn!(error = %e, "cannot write the catalog");
+            match self.write_catalog() {
+                Ok(cat) => {
+                    if let Some(m) = &self.metrics {
+                        m.set_catalog(cat);
+                    }
+                }
+                Err(e) => warn!(error = %e, "cannot write the catalog"),
+            }
+            if let Some(m) = &self.metrics {
+                m.record_sync(started.elapsed(), programmed);
             }
         }
         .instrument(span)
@@ -529,7 +566,7 @@ impl Agent {
         }
     }
 
-    fn write_catalog(&self) -> Result<(), AgentError> {
+    fn write_catalog(&self) -> Result<Catalog, AgentError> {
         let mut frontends: Vec<CatalogFrontend> = self
             .tables
             .frontends()
@@ -569,7 +606,8 @@ impl Agent {
         let body = serde_json::to_vec_pretty(&cat).unwrap_or_default();
         std::fs::write(&tmp, body)
             .and_then(|_| std::fs::rename(&tmp, &path))
-            .map_err(|source| AgentError::RunDir { path, source })
+            .map_err(|source| AgentError::RunDir { path, source })?;
+        Ok(cat)
     }
 
     /// Detach everything and remove what the agent made — or, with `keep_datapath`, leave
@@ -614,9 +652,25 @@ pub async fn run(
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
     info!(source = source.describe(), node = cfg.node, "starting");
+    // The health endpoint comes up first: /healthz at once, /readyz after the first sync.
+    let listener = match cfg.metrics_addr {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| AgentError::Metrics { addr, source })?,
+        ),
+        None => None,
+    };
     let initial = source.initial().await?;
     let resync = cfg.resync;
     let mut agent = Agent::start(cfg, initial, dns).await?;
+    let server = match (listener, &agent.metrics) {
+        (Some(l), Some(m)) => {
+            info!(addr = ?l.local_addr().ok(), "serving /metrics, /healthz, /readyz");
+            Some(tokio::spawn(crate::metrics::serve(l, m.clone())))
+        }
+        _ => None,
+    };
     let (tx, mut rx) = mpsc::channel(16);
     let follower = tokio::spawn(source.run(tx));
     let mut tick = tokio::time::interval(resync);
@@ -649,6 +703,9 @@ pub async fn run(
         }
     }
     follower.abort();
+    if let Some(s) = server {
+        s.abort();
+    }
     agent.shutdown().await;
     Ok(())
 }

@@ -111,6 +111,9 @@ fn real_main() -> anyhow::Result<()> {
                 _ => cli.log_format,
             };
             let handle = init_logging(format, args.log.as_deref().unwrap_or("info"));
+            if args.metrics_addr != "none" && args.metrics_addr.parse::<std::net::SocketAddr>().is_err() {
+                anyhow::bail!("--metrics-addr {}: neither address:port nor \"none\"", args.metrics_addr);
+            }
             let state = args
                 .state
                 .clone()

@@ -121,6 +121,7 @@ pub async fn run(args: DemoArgs, stop: impl std::future::Future<Output = ()>) ->
     cfg.interfaces = args.ifaces.clone();
     cfg.hook = args.hook;
     cfg.resync = Duration::from_millis(500);
+    cfg.metrics_addr = "127.0.0.1:9464".parse().ok();
     let source = Box::new(FileSource::new(state_path.clone()));
 
     let (where_, addr) = node_address(&args.ifaces)
@@ -133,6 +134,7 @@ pub async fn run(args: DemoArgs, stop: impl std::future::Future<Output = ()>) ->
     println!("  for i in 1 2 3 4 5 6; do curl -s http://{addr}:8080; done");
     println!("  for i in 1 2 3; do curl -s http://localhost:8080; done");
     println!("  mesh-agent status --node {DEMO_NODE}");
+    println!("  curl -s http://127.0.0.1:9464/metrics | grep mesh_backend_flows_total");
     println!("  ip netns exec mesh-demo-1 getent hosts whoami tasks.whoami   # embedded DNS in every task");
     println!("  edit {} to scale (tasks of node demo, netns /run/netns/mesh-demo-N)", state_path.display());
     println!("  Ctrl-C stops and removes everything");

@@ -188,6 +188,10 @@ impl RunArgs {
         cfg.keep_datapath = self.keep_datapath;
         cfg.reach = self.reach.into();
         cfg.resync = Duration::from_millis(self.resync_ms.max(100));
+        cfg.metrics_addr = match self.metrics_addr.as_str() {
+            "none" | "" => None,
+            a => a.parse().ok(),
+        };
         if self.runtime == RuntimeArg::Docker {
             cfg.runtime = crate::agent::Runtime::Docker {
                 ingress_sbox: self.docker_ingress_sbox.clone(),
@@ -269,5 +273,9 @@ impl crate::agent::TaskService for DnsService {
     }
     fn shutdown(&self) -> futures::future::BoxFuture<'_, ()> {
         Box::pin(self.0.shutdown())
+    }
+    fn dns_stats(&self) -> Option<Box<dyn Fn() -> crate::dns::DnsStats + Send + Sync>> {
+        let dns = self.0.clone();
+        Some(Box::new(move || dns.stats()))
     }
 }
