@@ -224,6 +224,7 @@ pub struct Agent {
     /// VXLAN overlays (mesh runtime, cluster reach).
     overlay: Option<crate::overlay::Overlay>,
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
+    overlay_errors: Vec<String>,
     pub dns: Option<Box<dyn TaskService>>,
 }
 
@@ -284,6 +285,7 @@ impl Agent {
             docker_sbox: None,
             overlay: None,
             metrics: None,
+            overlay_errors: Vec::new(),
             dns,
         };
         if cfg_metrics {
@@ -388,6 +390,14 @@ impl Agent {
             };
             if let Some(ov) = &mut self.overlay {
                 let rep = ov.converge(&state, &self.cfg.node, &self.attacher.bridges()).await;
+                // Errors are retried every sync: log them when they change, not per retry.
+                let errs: Vec<String> = rep.errors.iter().map(|e| e.to_string()).collect();
+                if errs != self.overlay_errors {
+                    for e in &errs {
+                        warn!(error = e, "overlay");
+                    }
+                    self.overlay_errors = errs;
+                }
                 if !rep.is_noop() {
                     info!(report = ?rep, "overlays converged");
                 }

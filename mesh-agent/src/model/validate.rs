@@ -540,20 +540,13 @@ impl Validator {
                 }
             }
 
-            match &task.netns {
-                None if task.state.is_attached() => self.err(
-                    format!("{p}.netns"),
-                    format!(
-                        "required: a {} task has a network namespace",
-                        state_name(task.state)
-                    ),
-                ),
-                Some(path) => {
-                    if let Some(m) = abs_path_problem(path) {
-                        self.err(format!("{p}.netns"), m);
-                    }
-                }
-                None => {}
+            // `netns` is node-local runtime data: a manager (the Swarm source) knows only its
+            // own host's sandboxes, so a running task on another node has none. The node that
+            // runs a task without one reports it when it cannot attach it.
+            if let Some(path) = &task.netns
+                && let Some(m) = abs_path_problem(path)
+            {
+                self.err(format!("{p}.netns"), m);
             }
             if let Some(path) = &task.resolv_conf
                 && let Some(m) = abs_path_problem(path)
@@ -731,25 +724,6 @@ fn host_problem(addr: Ipv4Addr, name: &str, net: &NetInfo) -> Option<String> {
 fn default_gateway(subnet: Ipv4Net) -> Ipv4Addr {
     let base = u32::from(subnet.network());
     Ipv4Addr::from(base.checked_add(1).unwrap_or(base))
-}
-
-fn state_name(s: super::TaskState) -> &'static str {
-    use super::TaskState::*;
-    match s {
-        New => "new",
-        Pending => "pending",
-        Assigned => "assigned",
-        Accepted => "accepted",
-        Preparing => "preparing",
-        Starting => "starting",
-        Running => "running",
-        Complete => "complete",
-        Shutdown => "shutdown",
-        Failed => "failed",
-        Rejected => "rejected",
-        Remove => "remove",
-        Orphaned => "orphaned",
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1620,14 +1594,11 @@ mod tests {
     }
 
     #[test]
-    fn attached_task_needs_netns() {
+    fn netns_is_optional_node_local_data() {
+        // A running task on another node (as the Swarm source reports it) has no netns.
         let mut f = base();
         f.tasks[0].netns = None;
-        assert_one(f, "tasks[0].netns", "required");
-        let mut f = base();
-        f.tasks[3].state = TaskState::Starting;
-        f.tasks[3].networks[0].address = ip("10.1.0.40");
-        assert_one(f, "tasks[3].netns", "starting");
+        validate(f).unwrap();
     }
 
     #[test]

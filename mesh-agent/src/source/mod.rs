@@ -6,6 +6,7 @@
 //! sources (Docker Swarm's Engine API, etcd) implement the same trait.
 
 pub mod file;
+pub mod swarm;
 
 use std::sync::Arc;
 

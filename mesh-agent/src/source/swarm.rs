@@ -1,0 +1,564 @@
+//! The Docker Swarm source: the managers' state, read from a manager's Engine API.
+//!
+//! [`SwarmSource`] talks to one Docker daemon that is a swarm manager, over its unix socket
+//! (default `/var/run/docker.sock`; TCP and TLS are not supported: bollard is built with its
+//! `pipe` feature only). A sync reads `GET /info` (this daemon's node id), `/nodes`,
+//! `/networks`, `/services`, `/tasks`, and `GET /containers/{id}/json` for the local node's
+//! starting and running tasks (their network namespace, `SandboxKey`); [`map`] turns that
+//! into the model's wire form, which is then validated exactly like a state file.
+//!
+//! Following ([`Source::run`]): `GET /events` (types service, node, network, container)
+//! triggers a sync ~200 ms after the last event of a burst. The Engine API has no task
+//! events (a task starting on another node changes nothing an event reports), so after any
+//! event or change the source keeps re-syncing every second for a while ([`SETTLE_WINDOW`]),
+//! and every [`RESYNC_INTERVAL`] otherwise, in case an event was missed. Only a changed
+//! outcome is sent: a new valid [`State`] as [`SourceEvent::Snapshot`], a new validation
+//! failure as [`SourceEvent::Rejected`].
+//!
+//! When the daemon is unreachable (stopped, restarting, not a manager any more) the source
+//! sends nothing, so the agent keeps serving the last snapshot; it reconnects with
+//! exponential backoff (capped at [`MAX_BACKOFF`]), logs the outage once and the recovery
+//! once, and syncs right after reconnecting. [`Source::initial`] retries the same way for a
+//! bounded time ([`INITIAL_TIMEOUT`] by default) before giving up.
+//!
+//! Errors: [`SwarmError`] names the API call that failed. Through the [`Source`] trait, an
+//! unreachable manager is [`SourceError::Read`] (path: the socket; source: an `io::Error`
+//! wrapping the [`SwarmError`]) and a state that does not validate [`SourceError::Invalid`].
+//!
+//! `GET /tasks` does not go through bollard: its `Task` model lacks `NetworksAttachments`
+//! (see `api.rs`).
+
+mod api;
+pub mod map;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use futures::{FutureExt, StreamExt, future::BoxFuture};
+use tokio::{sync::mpsc, time::Instant};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use api::Api;
+pub use api::RawError;
+use map::{ClusterView, Mapping};
+
+use super::{Source, SourceError, SourceEvent};
+use crate::model::{self, State, StateError};
+
+/// Default Engine API socket.
+pub const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
+/// How long [`Source::initial`] keeps trying to reach a manager (default).
+pub const INITIAL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Quiet time after an event before syncing (events come in bursts).
+pub const DEBOUNCE: Duration = Duration::from_millis(200);
+/// Period of the safety-net sync when nothing happens.
+pub const RESYNC_INTERVAL: Duration = Duration::from_secs(10);
+/// Period of the sync while the swarm is settling (after an event or a change).
+pub const SETTLE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long the swarm counts as settling after the last event or change.
+pub const SETTLE_WINDOW: Duration = Duration::from_secs(10);
+/// First reconnection delay; doubled after every failure up to [`MAX_BACKOFF`].
+pub const MIN_BACKOFF: Duration = Duration::from_millis(200);
+/// Longest reconnection delay.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Timeout of one API request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why talking to the manager failed. Each variant names the API call.
+#[derive(Debug, thiserror::Error)]
+pub enum SwarmError {
+    #[error("unsupported Docker endpoint `{endpoint}`: {reason}")]
+    Endpoint { endpoint: String, reason: String },
+    #[error("cannot connect to {}: {}", socket.display(), chain(source))]
+    Connect {
+        socket: PathBuf,
+        source: bollard::errors::Error,
+    },
+    #[error("GET /version on {} (API version negotiation): {}", socket.display(), chain(source))]
+    Version {
+        socket: PathBuf,
+        source: bollard::errors::Error,
+    },
+    #[error("GET /info: {}", chain(source))]
+    Info { source: bollard::errors::Error },
+    #[error("{}: not a swarm manager ({detail})", socket.display())]
+    NotManager { socket: PathBuf, detail: String },
+    #[error("GET /nodes: {}", chain(source))]
+    Nodes { source: bollard::errors::Error },
+    #[error("GET /networks: {}", chain(source))]
+    Networks { source: bollard::errors::Error },
+    #[error("GET /services: {}", chain(source))]
+    Services { source: bollard::errors::Error },
+    #[error("GET /tasks: {source}")]
+    Tasks { source: RawError },
+    #[error("GET /containers/{id}/json: {}", chain(source))]
+    InspectContainer {
+        id: String,
+        source: bollard::errors::Error,
+    },
+    #[error("GET /events: {}", chain(source))]
+    Events { source: bollard::errors::Error },
+    #[error("GET /events: the daemon closed the stream")]
+    EventsEnded,
+}
+
+/// `e` and its causes (`client error (Connect): Connection refused (os error 111)`): bollard's
+/// messages alone do not say why a connection failed.
+fn chain(e: &bollard::errors::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let c_text = c.to_string();
+        if !text.contains(&c_text) {
+            text.push_str(": ");
+            text.push_str(&c_text);
+        }
+        cause = c.source();
+    }
+    text
+}
+
+/// A swarm manager's Engine API, followed.
+#[derive(Debug)]
+pub struct SwarmSource {
+    socket: PathBuf,
+    initial_timeout: Duration,
+    debounce: Duration,
+    resync_interval: Duration,
+    settle_interval: Duration,
+    settle_window: Duration,
+    max_backoff: Duration,
+    request_timeout: Duration,
+    /// The last outcome sent (or returned by `initial`), to send nothing when it repeats.
+    last: Last,
+    /// Sandbox of each local container already inspected (a container's sandbox never
+    /// changes; entries go on the container's events and on reconnection).
+    sandboxes: HashMap<String, PathBuf>,
+    /// Mapping notes last logged.
+    notes: Vec<String>,
+    /// The state's name for the node of the daemon talked to, as of the last sync.
+    local_node: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, PartialEq)]
+enum Last {
+    #[default]
+    Nothing,
+    State(Arc<State>),
+    Rejected(String),
+}
+
+impl Default for SwarmSource {
+    /// The daemon on [`DEFAULT_SOCKET`].
+    fn default() -> Self {
+        Self::new(DEFAULT_SOCKET)
+    }
+}
+
+impl SwarmSource {
+    /// The daemon listening on the unix socket `socket`.
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        SwarmSource {
+            socket: socket.into(),
+            initial_timeout: INITIAL_TIMEOUT,
+            debounce: DEBOUNCE,
+            resync_interval: RESYNC_INTERVAL,
+            settle_interval: SETTLE_INTERVAL,
+            settle_window: SETTLE_WINDOW,
+            max_backoff: MAX_BACKOFF,
+            request_timeout: REQUEST_TIMEOUT,
+            last: Last::Nothing,
+            sandboxes: HashMap::new(),
+            notes: Vec::new(),
+            local_node: None,
+        }
+    }
+
+    /// From a `DOCKER_HOST`-style endpoint: `unix:///path` or a plain path. `tcp://`,
+    /// `http(s)://`, `ssh://` and `npipe://` are refused: this build of bollard has neither
+    /// its HTTP nor its TLS transport.
+    pub fn from_endpoint(endpoint: &str) -> Result<Self, SwarmError> {
+        let refuse = |reason: &str| SwarmError::Endpoint {
+            endpoint: endpoint.to_string(),
+            reason: reason.to_string(),
+        };
+        if let Some(path) = endpoint.strip_prefix("unix://") {
+            if path.is_empty() {
+                return Err(refuse("no socket path"));
+            }
+            return Ok(Self::new(path));
+        }
+        if endpoint.contains("://") {
+            return Err(refuse(
+                "only unix sockets (unix:///path) are supported: mesh-agent's bollard is built \
+                 without its HTTP and TLS transports",
+            ));
+        }
+        if endpoint.is_empty() {
+            return Err(refuse("empty"));
+        }
+        Ok(Self::new(endpoint))
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The name, in the state, of the swarm node whose daemon this source talks to (known
+    /// after [`Source::initial`]): the node an agent using this daemon runs on, whatever
+    /// the host name says.
+    pub fn local_node(&self) -> Option<&str> {
+        self.local_node.as_deref()
+    }
+
+    /// How long [`Source::initial`] keeps retrying (default [`INITIAL_TIMEOUT`]).
+    pub fn with_initial_timeout(mut self, timeout: Duration) -> Self {
+        self.initial_timeout = timeout;
+        self
+    }
+
+    /// Period of the safety-net sync (default [`RESYNC_INTERVAL`]).
+    pub fn with_resync_interval(mut self, every: Duration) -> Self {
+        self.resync_interval = every.max(Duration::from_millis(10));
+        self
+    }
+
+    /// Quiet time after an event before syncing (default [`DEBOUNCE`]).
+    pub fn with_debounce(mut self, window: Duration) -> Self {
+        self.debounce = window;
+        self
+    }
+
+    /// Period and duration of the faster syncs after an event or change (defaults
+    /// [`SETTLE_INTERVAL`], [`SETTLE_WINDOW`]).
+    pub fn with_settle(mut self, every: Duration, window: Duration) -> Self {
+        self.settle_interval = every.max(Duration::from_millis(10));
+        self.settle_window = window;
+        self
+    }
+
+    /// Longest delay between reconnection attempts (default [`MAX_BACKOFF`]).
+    pub fn with_max_backoff(mut self, max: Duration) -> Self {
+        self.max_backoff = max.max(MIN_BACKOFF);
+        self
+    }
+
+    /// Timeout of each API request (default [`REQUEST_TIMEOUT`]).
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout.max(Duration::from_secs(1));
+        self
+    }
+
+    /// Read the whole swarm and map it; `Err` if the manager could not be read, `Ok(Err)` if
+    /// it was read but its state does not validate.
+    #[tracing::instrument(name = "swarm_sync", level = "debug", skip_all)]
+    async fn sync(&mut self, api: &Api) -> Result<Result<State, StateError>, SwarmError> {
+        let role = api.role().await?;
+        let (nodes, networks, services, tasks) =
+            futures::try_join!(api.nodes(), api.networks(), api.services(), api.tasks())?;
+        let wanted = map::local_containers(&tasks, Some(&role.node_id));
+        self.sandboxes.retain(|id, _| wanted.contains(id));
+        let missing: Vec<String> = wanted
+            .iter()
+            .filter(|id| !self.sandboxes.contains_key(*id))
+            .cloned()
+            .collect();
+        let found: Vec<(String, Option<PathBuf>)> = futures::stream::iter(missing)
+            .map(|id| async move {
+                let sandbox = api.sandbox(&id).await?;
+                Ok::<_, SwarmError>((id, sandbox))
+            })
+            .buffer_unordered(8)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()?;
+        for (id, sandbox) in found {
+            // Not running yet: ask again next time.
+            if let Some(path) = sandbox {
+                self.sandboxes.insert(id, path);
+            }
+        }
+        let view = ClusterView {
+            nodes,
+            networks,
+            services,
+            tasks,
+            local_node: Some(role.node_id),
+            sandboxes: self.sandboxes.clone(),
+        };
+        let Mapping {
+            file,
+            local_node,
+            notes,
+        } = map::map(&view);
+        self.local_node = local_node;
+        if notes != self.notes {
+            for n in &notes {
+                debug!("mapping: {n}");
+            }
+            self.notes = notes;
+        }
+        Ok(model::validate(file))
+    }
+
+    /// The event to send for `outcome`, if it differs from the last one.
+    fn judge(&mut self, outcome: Result<State, StateError>) -> Option<SourceEvent> {
+        match outcome {
+            Ok(state) => {
+                if matches!(&self.last, Last::State(s) if **s == state) {
+                    return None;
+                }
+                let state = Arc::new(state);
+                self.last = Last::State(state.clone());
+                Some(SourceEvent::Snapshot(state))
+            }
+            Err(e) => {
+                let text = self.invalid(e).to_string();
+                if matches!(&self.last, Last::Rejected(t) if *t == text) {
+                    return None;
+                }
+                self.last = Last::Rejected(text.clone());
+                Some(SourceEvent::Rejected(text))
+            }
+        }
+    }
+
+    fn invalid(&self, source: StateError) -> SourceError {
+        SourceError::Invalid {
+            path: self.socket.clone(),
+            source,
+        }
+    }
+
+    fn unreachable(&self, e: SwarmError) -> SourceError {
+        SourceError::Read {
+            path: self.socket.clone(),
+            source: std::io::Error::other(e),
+        }
+    }
+
+    /// A container's events: forget its sandbox (it stopped, or its id is reused).
+    fn on_event(&mut self, ev: &bollard::models::EventMessage) -> bool {
+        use bollard::models::EventMessageTypeEnum as T;
+        match ev.typ {
+            Some(T::SERVICE) | Some(T::NODE) | Some(T::NETWORK) => true,
+            Some(T::CONTAINER) => {
+                let actor = ev.actor.as_ref();
+                let swarm_task = actor
+                    .and_then(|a| a.attributes.as_ref())
+                    .is_some_and(|a| a.contains_key("com.docker.swarm.task.id"));
+                if !swarm_task {
+                    return false;
+                }
+                let action = ev.action.as_deref().unwrap_or_default();
+                if !matches!(action, "start" | "create")
+                    && let Some(id) = actor.and_then(|a| a.id.as_deref())
+                {
+                    self.sandboxes.remove(id);
+                }
+                // Exec and health events change nothing.
+                !action.starts_with("exec_") && !action.starts_with("health_status")
+            }
+            _ => false,
+        }
+    }
+
+    async fn initial_inner(&mut self) -> Result<Arc<State>, SourceError> {
+        let deadline = Instant::now() + self.initial_timeout;
+        let mut backoff = Backoff::new(self.max_backoff);
+        let mut logged = false;
+        loop {
+            let attempt = async {
+                let api = Api::connect(&self.socket, self.request_timeout).await?;
+                self.sync(&api).await
+            };
+            let err = match attempt.await {
+                Ok(Ok(state)) => {
+                    if logged {
+                        info!("swarm manager reachable");
+                    }
+                    let state = Arc::new(state);
+                    self.last = Last::State(state.clone());
+                    return Ok(state);
+                }
+                Ok(Err(invalid)) => self.invalid(invalid),
+                Err(e) => self.unreachable(e),
+            };
+            let delay = backoff.next();
+            if Instant::now() + delay > deadline {
+                return Err(err);
+            }
+            if !logged {
+                warn!("{err}; retrying for up to {:?}", self.initial_timeout);
+                logged = true;
+            } else {
+                debug!("{err}; retrying in {delay:?}");
+            }
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    async fn follow(mut self, tx: mpsc::Sender<SourceEvent>) {
+        let mut backoff = Backoff::new(self.max_backoff);
+        // Since when, and why, the manager is unreachable (logged once).
+        let mut outage: Option<(Instant, String)> = None;
+        loop {
+            let broke = self.follow_connected(&tx, &mut outage, &mut backoff).await;
+            let Some(err) = broke else {
+                return; // the receiver is gone
+            };
+            match &outage {
+                None => {
+                    // A stream that merely ended is retried at once, quietly: the outage
+                    // is declared only if reconnecting fails.
+                    if matches!(err, SwarmError::EventsEnded | SwarmError::Events { .. }) {
+                        debug!("{err}; reconnecting");
+                    } else {
+                        warn!(
+                            "swarm manager unreachable: {err}; keeping the last state, \
+                             reconnecting (backoff up to {:?})",
+                            self.max_backoff
+                        );
+                        outage = Some((Instant::now(), err.to_string()));
+                    }
+                }
+                Some(_) => debug!("swarm manager still unreachable: {err}"),
+            }
+            let delay = backoff.next();
+            tokio::select! {
+                _ = tx.closed() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            self.sandboxes.clear();
+        }
+    }
+
+    /// Connect, follow events and sync until something fails (`Some(error)`) or `tx` closes
+    /// (`None`).
+    async fn follow_connected(
+        &mut self,
+        tx: &mpsc::Sender<SourceEvent>,
+        outage: &mut Option<(Instant, String)>,
+        backoff: &mut Backoff,
+    ) -> Option<SwarmError> {
+        let api = match Api::connect(&self.socket, self.request_timeout).await {
+            Ok(api) => api,
+            Err(e) => return Some(e),
+        };
+        let mut events = Box::pin(api.events());
+        let mut next_sync = Instant::now();
+        let mut debounce_at: Option<Instant> = None;
+        // Settling right after (re)connecting: events may have been missed.
+        let mut busy_until = Instant::now() + self.settle_window;
+        loop {
+            let wake = debounce_at.map_or(next_sync, |d| d.min(next_sync));
+            tokio::select! {
+                biased;
+                _ = tx.closed() => return None,
+                ev = events.next() => match ev {
+                    Some(Ok(msg)) => {
+                        if self.on_event(&msg) {
+                            let now = Instant::now();
+                            debounce_at.get_or_insert(now + self.debounce);
+                            busy_until = now + self.settle_window;
+                        }
+                    }
+                    // An event bollard cannot decode still says something happened.
+                    Some(Err(
+                        bollard::errors::Error::JsonDataError { .. }
+                        | bollard::errors::Error::JsonSerdeError { .. },
+                    )) => {
+                        debounce_at.get_or_insert(Instant::now() + self.debounce);
+                    }
+                    Some(Err(source)) => return Some(SwarmError::Events { source }),
+                    None => return Some(SwarmError::EventsEnded),
+                },
+                _ = tokio::time::sleep_until(wake) => {
+                    debounce_at = None;
+                    let outcome = match self.sync(&api).await {
+                        Ok(o) => o,
+                        Err(e) => return Some(e),
+                    };
+                    backoff.reset();
+                    if let Some((since, why)) = outage.take() {
+                        info!(
+                            "swarm manager reachable again after {:.1?} (was: {why})",
+                            since.elapsed()
+                        );
+                    }
+                    let now = Instant::now();
+                    if let Some(ev) = self.judge(outcome) {
+                        busy_until = now + self.settle_window;
+                        match &ev {
+                            SourceEvent::Snapshot(s) => debug!(
+                                nodes = s.nodes.len(),
+                                services = s.services.len(),
+                                tasks = s.tasks.len(),
+                                "swarm state changed"
+                            ),
+                            SourceEvent::Rejected(why) => {
+                                debug!("swarm state refused: {why}")
+                            }
+                        }
+                        if tx.send(ev).await.is_err() {
+                            return None;
+                        }
+                    }
+                    let every = if now < busy_until {
+                        self.settle_interval.min(self.resync_interval)
+                    } else {
+                        self.resync_interval
+                    };
+                    next_sync = Instant::now() + every;
+                }
+            }
+        }
+    }
+}
+
+/// Exponential backoff from [`MIN_BACKOFF`] to a cap.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(max: Duration) -> Self {
+        Backoff {
+            next: MIN_BACKOFF.min(max),
+            max,
+        }
+    }
+    fn next(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        d
+    }
+    fn reset(&mut self) {
+        self.next = MIN_BACKOFF.min(self.max);
+    }
+}
+
+impl Source for SwarmSource {
+    fn describe(&self) -> String {
+        format!("swarm:unix://{}", self.socket.display())
+    }
+
+    fn initial(&mut self) -> BoxFuture<'_, Result<Arc<State>, SourceError>> {
+        let span = info_span!("swarm", socket = %self.socket.display());
+        self.initial_inner().instrument(span).boxed()
+    }
+
+    fn run(self: Box<Self>, tx: mpsc::Sender<SourceEvent>) -> BoxFuture<'static, ()> {
+        let span = info_span!("swarm", socket = %self.socket.display());
+        (*self).follow(tx).instrument(span).boxed()
+    }
+}
