@@ -148,6 +148,56 @@ async fn sandbox_interfaces(sbox: &Path) -> Result<Vec<String>, AgentError> {
     Ok(v)
 }
 
+/// The sandbox's interface on Docker's gateway bridge (the one not on the ingress network):
+/// its address and MAC, and the host-side veth leading to it (and that bridge's MAC).
+async fn ingress_sandbox_link(nl: &Netlink, sbox: &Path, state: &State) -> Result<(tables::IngressSandbox, String), AgentError> {
+    let err = |message: String| AgentError::Sandbox { path: sbox.to_path_buf(), message };
+    let net = state
+        .networks
+        .get(crate::model::INGRESS_NETWORK)
+        .ok_or_else(|| err("the state has no ingress network".into()))?;
+    let subnet = net.subnet;
+    let path = sbox.to_path_buf();
+    let inside = tokio::task::spawn_blocking(move || {
+        crate::netns::run_in(&path, move || -> Result<(Ipv4Addr, [u8; 6], u32), String> {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+            rt.block_on(async {
+                let nl = Netlink::open().map_err(|e| e.to_string())?;
+                let links = nl.links().await.map_err(|e| e.to_string())?;
+                for (i, a) in nl.ipv4_addrs().await.map_err(|e| e.to_string())? {
+                    if a.is_loopback() || subnet.contains(&a) {
+                        continue;
+                    }
+                    if let Some(l) = links.iter().find(|l| l.index == i) {
+                        if let Some(peer) = l.peer {
+                            return Ok((a, l.mac, peer));
+                        }
+                    }
+                }
+                Err("no veth on Docker's gateway bridge".into())
+            })
+        })
+    })
+    .await
+    .map_err(|e| err(e.to_string()))?
+    .map_err(|e| err(e.to_string()))?
+    .map_err(err)?;
+    let (addr, mac, peer) = inside;
+    let host = nl
+        .link_by_index(peer)
+        .await?
+        .ok_or_else(|| err(format!("its veth peer #{peer} is not in this namespace")))?;
+    let bridge_mac = match host.controller {
+        Some(b) => nl.link_by_index(b).await?.map(|l| l.mac).unwrap_or([0; 6]),
+        None => [0; 6],
+    };
+    let sb = tables::IngressSandbox {
+        addr,
+        link: tables::LinkKey { ifindex: host.index, task_mac: mac, gw_mac: bridge_mac },
+    };
+    Ok((sb, host.name))
+}
+
 /// The ingress sandbox's address on the `ingress` network (Swarm SNATs to it).
 async fn sandbox_ingress_addr(sbox: &Path, state: &State) -> Result<Ipv4Addr, AgentError> {
     let net = state
@@ -221,6 +271,8 @@ pub struct Agent {
     service_errors: std::collections::BTreeMap<String, String>,
     /// Docker runtime: the ingress sandbox mesh's programs run in.
     docker_sbox: Option<PathBuf>,
+    /// Docker runtime: how the node reaches that sandbox.
+    ingress_sbox: Option<tables::IngressSandbox>,
     /// VXLAN overlays (mesh runtime, cluster reach).
     overlay: Option<crate::overlay::Overlay>,
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
@@ -263,7 +315,7 @@ impl Agent {
             Some(sbox) => Some(sandbox_ingress_addr(sbox, &state).await?),
             None => (cfg.reach == Reach::Cluster).then(|| state.nodes[&cfg.node].address),
         };
-        dp.configure(snat, docker_sbox.is_none())?;
+        dp.configure(snat, true)?;
         if snat.is_some() {
             tables.reserve_ports(mesh_common::SNAT_PORT_MIN, mesh_common::SNAT_PORT_MAX);
         }
@@ -283,6 +335,7 @@ impl Agent {
             task_cookies: Default::default(),
             service_errors: Default::default(),
             docker_sbox: None,
+            ingress_sbox: None,
             overlay: None,
             metrics: None,
             overlay_errors: Vec::new(),
@@ -302,6 +355,13 @@ impl Agent {
             );
         }
         agent.docker_sbox = docker_sbox.clone();
+        if let Some(sbox) = &docker_sbox {
+            let (sb, host_veth) = ingress_sandbox_link(&agent.nl, sbox, &state).await?;
+            // Reverse NAT for what comes back out of the sandbox (the TC program tasks get).
+            agent.dp.attach_task(&host_veth)?;
+            info!(sandbox_addr = %sb.addr, host_veth, "published ports reach Docker's ingress sandbox");
+            agent.ingress_sbox = Some(sb);
+        }
         agent.refresh_node_addrs().await;
         agent.apply(state).await;
 
@@ -324,10 +384,25 @@ impl Agent {
                 .await;
                 agent.dp.attach_ingress_in(sbox, iface, Hook::Tc)?;
             }
+            // External clients: XDP on the node's interfaces (given, or the default route's).
+            let host_ifaces = if agent.cfg.interfaces.is_empty() {
+                match agent.nl.default_route_ifindex().await? {
+                    Some(i) => agent.nl.link_by_index(i).await?.map(|l| vec![l.name]).unwrap_or_default(),
+                    None => {
+                        warn!("no default route and no --iface: only local clients reach published ports");
+                        Vec::new()
+                    }
+                }
+            } else {
+                agent.cfg.interfaces.clone()
+            };
+            for iface in &host_ifaces {
+                agent.dp.attach_ingress(iface, agent.cfg.hook)?;
+            }
             if let Some(cg) = agent.cfg.cgroup.clone() {
                 agent.dp.attach_sock(&cg)?;
             }
-            info!(node = agent.cfg.node, sandbox = %sbox.display(), interfaces = ?ifaces, "agent ready (docker runtime)");
+            info!(node = agent.cfg.node, sandbox = %sbox.display(), interfaces = ?ifaces, host_interfaces = ?host_ifaces, "agent ready (docker runtime)");
             if let Some(m) = &agent.metrics {
                 m.set_ready();
             }
@@ -381,7 +456,7 @@ impl Agent {
             // reach remote tasks through it.
             let keep: BTreeSet<String> = match self.cfg.reach {
                 Reach::Cluster => state.networks.keys().cloned().collect(),
-                Reach::LocalOnly => BTreeSet::new(),
+                Reach::LocalOnly | Reach::Routed => BTreeSet::new(),
             };
             let conv = if self.cfg.runtime == Runtime::Mesh {
                 self.attacher.converge(&state, &self.cfg.node, &keep).await
@@ -448,7 +523,10 @@ impl Agent {
                     }
                 }
             }
-            let want = tables::desired(&state, &self.cfg.node, &self.attacher.links(), self.cfg.reach);
+            let mut want = tables::desired(&state, &self.cfg.node, &self.attacher.links(), self.cfg.reach);
+            if let Some(sbox) = &self.ingress_sbox {
+                want = tables::via_ingress_sandbox(want, sbox);
+            }
             let mut programmed = false;
             match self.tables.apply(&want) {
                 Ok(ops) => {
@@ -553,13 +631,7 @@ impl Agent {
         match self.nl.ipv4_addrs().await {
             Ok(a) => {
                 let mut addrs: Vec<Ipv4Addr> = a.into_iter().map(|(_, ip)| ip).collect();
-                if let Some(sbox) = self.docker_sbox.clone() {
-                    // Docker DNATs published ports to the sandbox's own addresses.
-                    match sandbox_addrs(&sbox).await {
-                        Ok(v) => addrs.extend(v.into_iter().map(|(_, a)| a)),
-                        Err(e) => warn!(error = %e, "cannot list the ingress sandbox's addresses"),
-                    }
-                }
+
                 addrs.sort();
                 addrs.dedup();
                 if addrs != self.node_addrs {
@@ -672,6 +744,21 @@ pub async fn run(
         None => None,
     };
     let initial = source.initial().await?;
+    let mut cfg = cfg;
+    if cfg.node.is_empty() {
+        // No --node: the source's own node (a Swarm manager knows which node it is).
+        cfg.node = source.local_node().ok_or_else(|| AgentError::UnknownNode {
+            node: "(none given, and the source does not know this node)".into(),
+            known: initial.nodes.keys().cloned().collect::<Vec<_>>().join(", "),
+        })?;
+        if cfg.pin_dir.as_os_str().is_empty() {
+            cfg.pin_dir = PathBuf::from(format!("/sys/fs/bpf/mesh/{}", cfg.node));
+        }
+        if cfg.run_dir.as_os_str().is_empty() {
+            cfg.run_dir = PathBuf::from(format!("/run/mesh/{}", cfg.node));
+        }
+        info!(node = cfg.node, "node name from the source");
+    }
     let resync = cfg.resync;
     let mut agent = Agent::start(cfg, initial, dns).await?;
     let server = match (listener, &agent.metrics) {

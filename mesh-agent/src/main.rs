@@ -7,9 +7,9 @@ use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches};
 use mesh_agent::{
     agent,
-    cli::{Cli, Command, ConfigCommand, LogFormat, RunArgs, config, demo, status, whoami},
+    cli::{Cli, Command, ConfigCommand, LogFormat, RunArgs, RuntimeArg, config, demo, status, whoami},
     model, netns,
-    source::file::FileSource,
+    source::{file::FileSource, swarm::SwarmSource},
 };
 use tracing::{info, warn};
 use tracing_subscriber::{EnvFilter, Registry, layer::SubscriberExt, reload, util::SubscriberInitExt};
@@ -114,16 +114,20 @@ fn real_main() -> anyhow::Result<()> {
             if args.metrics_addr != "none" && args.metrics_addr.parse::<std::net::SocketAddr>().is_err() {
                 anyhow::bail!("--metrics-addr {}: neither address:port nor \"none\"", args.metrics_addr);
             }
-            let state = args
-                .state
-                .clone()
-                .context("no state file: pass --state, MESH_STATE or `state` in the config file")?;
+            // The managers' state: a Swarm manager's Engine API under the docker runtime (or
+            // with --docker-host), else the state file.
+            let source: Box<dyn mesh_agent::source::Source> = match (&args.docker_host, args.runtime) {
+                (Some(h), _) => Box::new(SwarmSource::from_endpoint(h)?),
+                (None, RuntimeArg::Docker) => Box::new(SwarmSource::default()),
+                (None, RuntimeArg::Mesh) => Box::new(FileSource::new(args.state.clone().context(
+                    "no state file: pass --state, MESH_STATE or `state` in the config file",
+                )?)),
+            };
             // Enter the node's namespace before any thread exists, so all inherit it.
             if let Some(ns) = &args.netns {
                 netns::enter_process(ns)?;
             }
             let cfg = args.agent_config();
-            let source = Box::new(FileSource::new(state));
             let rt = runtime()?;
             rt.block_on(async move {
                 let dns = mesh_agent::cli::dns_service(&args).await?;

@@ -4,7 +4,7 @@
 
 use mesh_common::{
     Backend, CtEntry, CtKey, Frontend, FrontendKey, SlotKey, TrafficStats, be_flags, ct_flags,
-    reason,
+    fe_flags, reason,
 };
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
@@ -36,9 +36,15 @@ pub fn lb4_is_node_addr(addr: u32) -> bool {
     NODE_ADDRS.get_ptr(addr).is_some()
 }
 
-/// The frontend a packet addresses: a published port on one of the node's addresses.
+/// The frontend a packet addresses: a published port of this very address (a frontend bound
+/// to one address, like Docker's ingress sandbox), else one on any of the node's addresses.
 #[inline(always)]
 pub fn lb4_lookup_published(key: &CtKey) -> Option<Frontend> {
+    if let Some(fe) = lb4_lookup_frontend(key.daddr, key.dport, key.proto) {
+        if fe.flags & fe_flags::PUBLISHED != 0 {
+            return Some(fe);
+        }
+    }
     if !lb4_is_node_addr(key.daddr) {
         return None;
     }

@@ -35,6 +35,8 @@ pub struct Link {
     pub mac: [u8; 6],
     /// Index of the bridge it is enslaved to.
     pub controller: Option<u32>,
+    /// For a veth: its peer's index (in the peer's namespace).
+    pub peer: Option<u32>,
 }
 
 fn link_from_msg(m: &LinkMessage) -> Link {
@@ -43,12 +45,14 @@ fn link_from_msg(m: &LinkMessage) -> Link {
         name: String::new(),
         mac: [0; 6],
         controller: None,
+        peer: None,
     };
     for a in &m.attributes {
         match a {
             LinkAttribute::IfName(n) => l.name = n.clone(),
             LinkAttribute::Address(mac) if mac.len() == 6 => l.mac.copy_from_slice(mac),
             LinkAttribute::Controller(c) => l.controller = Some(*c),
+            LinkAttribute::Link(p) => l.peer = Some(*p),
             _ => {}
         }
     }

@@ -180,6 +180,12 @@ impl RunArgs {
         cfg.hook = self.hook;
         cfg.pin_dir = self.node.pin_dir();
         cfg.run_dir = self.node.run_dir();
+        if self.runtime == RuntimeArg::Docker && self.node.node.is_none() {
+            // The Swarm source names this node (its daemon's node), after its first sync.
+            cfg.node = String::new();
+            cfg.pin_dir = self.node.pin_dir.clone().unwrap_or_default();
+            cfg.run_dir = self.node.run_dir.clone().unwrap_or_default();
+        }
         cfg.cgroup = match self.cgroup.as_deref() {
             Some("none") => None,
             Some(p) => Some(PathBuf::from(p)),
@@ -196,8 +202,8 @@ impl RunArgs {
             cfg.runtime = crate::agent::Runtime::Docker {
                 ingress_sbox: self.docker_ingress_sbox.clone(),
             };
-            // Every task of the cluster is reached over Docker's overlays.
-            cfg.reach = Reach::Cluster;
+            // Every task of the cluster, local ones too, is reached over Docker's overlays.
+            cfg.reach = Reach::Routed;
         }
         cfg
     }

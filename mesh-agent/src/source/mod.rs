@@ -53,4 +53,10 @@ pub trait Source: Send + 'static {
 
     /// Follow changes and send one event per change until `tx` closes.
     fn run(self: Box<Self>, tx: mpsc::Sender<SourceEvent>) -> BoxFuture<'static, ()>;
+
+    /// The state's name for the node this source runs on, when the source knows it (a
+    /// Swarm manager knows its own node); known after `initial`.
+    fn local_node(&self) -> Option<String> {
+        None
+    }
 }

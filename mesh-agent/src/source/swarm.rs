@@ -548,6 +548,10 @@ impl Backoff {
 }
 
 impl Source for SwarmSource {
+    fn local_node(&self) -> Option<String> {
+        SwarmSource::local_node(self).map(str::to_string)
+    }
+
     fn describe(&self) -> String {
         format!("swarm:unix://{}", self.socket.display())
     }

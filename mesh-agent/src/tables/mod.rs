@@ -122,6 +122,9 @@ pub enum Reach {
     LocalOnly,
     /// Every running task; remote ones through the kernel's routes (overlays).
     Cluster,
+    /// Every running task, all through the kernel's routes: someone else (Docker) owns the
+    /// tasks' interfaces, local ones included.
+    Routed,
 }
 
 /// Is `task` a backend this node can reach on `network`, and how?
@@ -134,6 +137,7 @@ fn reachable(
 ) -> Option<Option<LinkKey>> {
     let link = links.get(&(task.id.clone(), network.to_string())).copied();
     match (task.node == node, link, reach) {
+        (_, _, Reach::Routed) => Some(None),
         (true, Some(l), _) => Some(Some(l.into())),
         (true, None, _) => None, // attach failed: not reachable from here
         (false, _, Reach::Cluster) => Some(None),
@@ -216,6 +220,41 @@ pub fn desired(state: &State, node: &str, links: &LocalLinks, reach: Reach) -> B
                 );
             }
         }
+    }
+    out
+}
+
+/// Docker's ingress sandbox as this node sees it: the address Docker would DNAT published
+/// ports to, and the veth that leads into it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IngressSandbox {
+    /// The sandbox's address on Docker's gateway bridge.
+    pub addr: Ipv4Addr,
+    /// Host-side veth of the sandbox's gateway-bridge interface, its MAC inside, and the
+    /// gateway bridge's MAC.
+    pub link: LinkKey,
+}
+
+/// Two-stage published ports under Docker (whose own DNAT into the sandbox needs IPVS and is
+/// missing): on the node, a published port balances to the ingress sandbox (one local
+/// backend: redirect into its veth, reverse NAT on the way back); in the sandbox, the same
+/// port on the sandbox's own address balances to the tasks (SNAT, as Swarm does).
+pub fn via_ingress_sandbox(want: BTreeMap<FeId, FrontendSpec>, sbox: &IngressSandbox) -> BTreeMap<FeId, FrontendSpec> {
+    let mut out = BTreeMap::new();
+    for (id, spec) in want {
+        if !id.addr.is_unspecified() || spec.flags & fe_flags::PUBLISHED == 0 {
+            out.insert(id, spec);
+            continue;
+        }
+        let inner = FeId { addr: sbox.addr, ..id };
+        let to_sbox = BackendSpec {
+            task_id: "ingress-sbox".into(),
+            addr: sbox.addr,
+            port: id.port,
+            link: Some(sbox.link),
+        };
+        out.insert(inner, FrontendSpec { addr: sbox.addr, ..spec.clone() });
+        out.insert(id, FrontendSpec { backends: vec![to_sbox], ..spec });
     }
     out
 }
@@ -538,7 +577,10 @@ impl Tables {
 
         // Ports bitmap: recomputed whole, written where a word changed.
         let mut ports: BTreeMap<u32, u32> = BTreeMap::new();
-        let published = want.keys().filter(|id| id.addr.is_unspecified()).map(|id| id.port);
+        let published = want
+            .iter()
+            .filter(|(_, spec)| spec.flags & fe_flags::PUBLISHED != 0)
+            .map(|(id, _)| id.port);
         let reserved = self.reserved.iter().flat_map(|(a, b)| *a..=*b);
         for p in published.chain(reserved) {
             *ports.entry(p as u32 >> 5).or_default() |= 1 << (p as u32 & 31);
@@ -899,6 +941,28 @@ mod tests {
         let ops = t.apply(&d).unwrap();
         let set: Vec<(u32, u32)> = ops.iter().filter_map(|o| match o { MapOp::SetPortWord { word, bits } => Some((*word, *bits)), _ => None }).collect();
         assert_eq!(set, [(61_000 >> 5, 0xffff_ffff << (61_000 & 31)), (61_000 / 32 + 1, u32::MAX), (61_063 >> 5, (1u32 << ((61_063 & 31) + 1)) - 1)]);
+    }
+
+    #[test]
+    fn docker_ingress_sandbox_gets_two_stages() {
+        let s = state(&[("t1", 1, "n1", Running, [10, 0, 1, 11]), ("t2", 2, "n2", Running, [10, 0, 1, 12])]);
+        let d = desired(&s, "n1", &LocalLinks::new(), Reach::Routed);
+        let sbox = IngressSandbox {
+            addr: Ipv4Addr::new(172, 17, 0, 2),
+            link: LinkKey { ifindex: 11, task_mac: [2, 0x42, 172, 17, 0, 2], gw_mac: [2; 6] },
+        };
+        let d = via_ingress_sandbox(d, &sbox);
+        let node = &d[&FeId { addr: Ipv4Addr::UNSPECIFIED, port: 8080, protocol: Protocol::Tcp }];
+        assert_eq!(node.backends.len(), 1);
+        assert_eq!((node.backends[0].addr, node.backends[0].port, node.backends[0].link), (sbox.addr, 8080, Some(sbox.link)));
+        let inner = &d[&FeId { addr: sbox.addr, port: 8080, protocol: Protocol::Tcp }];
+        assert_eq!(inner.flags, fe_flags::PUBLISHED);
+        let tasks: Vec<_> = inner.backends.iter().map(|b| (b.task_id.as_str(), b.port, b.link)).collect();
+        assert_eq!(tasks, [("t1", 80, None), ("t2", 80, None)], "remote: SNAT through the kernel");
+        let mut t = Tables::new();
+        let ops = t.apply(&d).unwrap();
+        let words: BTreeSet<u32> = ops.iter().filter_map(|o| match o { MapOp::SetPortWord { word, .. } => Some(*word), _ => None }).collect();
+        assert_eq!(words, BTreeSet::from([8080 >> 5]));
     }
 
     #[test]
