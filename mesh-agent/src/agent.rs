@@ -45,6 +45,9 @@ pub struct AgentConfig {
     pub runtime: Runtime,
     /// Where to serve /metrics, /healthz, /readyz (`None`: nowhere).
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Running as this Swarm service (Engine API socket, service name): on shutdown, keep the
+    /// data path while the service exists (a rolling update), remove it when it is gone.
+    pub swarm_service: Option<(PathBuf, String)>,
 }
 
 /// Who owns the tasks' namespaces and networks.
@@ -77,6 +80,7 @@ impl AgentConfig {
             resync: Duration::from_secs(2),
             runtime: Runtime::Mesh,
             metrics_addr: None,
+            swarm_service: None,
         }
     }
 }
@@ -699,7 +703,22 @@ impl Agent {
         info!(node = self.cfg.node, keep_datapath = self.cfg.keep_datapath, "shutting down");
         let _ = std::fs::remove_file(self.cfg.run_dir.join(CATALOG_FILE));
         let _ = std::fs::remove_dir(&self.cfg.run_dir);
-        if self.cfg.keep_datapath {
+        let mut keep = self.cfg.keep_datapath;
+        if let Some((socket, name)) = &self.cfg.swarm_service {
+            keep = match crate::source::swarm::service_exists(socket, name).await {
+                Ok(exists) => {
+                    info!(service = name, exists, "own Swarm service checked: kept while it exists");
+                    exists
+                }
+                // Unknown: keep (a wrong keep leaves programs for the next agent to adopt;
+                // a wrong cleanup would cut live connections).
+                Err(e) => {
+                    warn!(service = name, error = %e, "cannot check the own Swarm service; keeping the data path");
+                    true
+                }
+            };
+        }
+        if keep {
             for e in self.dp.persist_links() {
                 warn!(error = %e, "cannot pin an attachment for the next agent");
             }

@@ -174,7 +174,10 @@ fn real_main() -> anyhow::Result<()> {
                 netns::enter_process(ns)?;
             }
             let rt = runtime()?;
-            rt.block_on(whoami::serve(args.name, args.http, args.udp))?;
+            let name = args.name.unwrap_or_else(|| {
+                nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default()
+            });
+            rt.block_on(whoami::serve(name, args.http, args.udp))?;
             Ok(())
         }
     }

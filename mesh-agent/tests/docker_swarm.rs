@@ -212,10 +212,9 @@ fn mesh_replaces_ipvs_under_a_real_swarm() {
     assert!(agent.stop(), "clean exit:\n{}", agent.log());
     assert!(!pins.exists(), "pins removed");
     assert_eq!(docker_net_fingerprint(&d), before_stop, "Docker's interfaces and iptables as they were");
-    let host_net = String::from_utf8_lossy(&in_ns(&d, "bpftool", &["net", "show"]).stdout).to_string();
-    assert!(!host_net.contains("mesh_"), "no program left on the Docker host: {host_net}");
-    let sbox = d.exec_root().join("netns/ingress_sbox");
-    let net = Command::new("nsenter").arg(format!("--net={}", sbox.display())).args(["bpftool", "net", "show"]).output().unwrap();
-    let net = String::from_utf8_lossy(&net.stdout).to_string();
-    assert!(!net.contains("mesh_"), "no program left in the ingress sandbox: {net}");
+
+    // Debian's bpftool 7.1 does not list tcx attachments: check that no mesh program is
+    // loaded at all any more (one still attached would be; nothing else loads them here).
+    let progs = String::from_utf8_lossy(&Command::new("bpftool").args(["prog", "show"]).output().unwrap().stdout).to_string();
+    assert!(!progs.contains("name mesh_"), "every program detached: {progs}");
 }

@@ -3,8 +3,11 @@
 //! an address change updates the pseudo-header part, a port change is left to the offload.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_redirect, bpf_redirect_peer},
+    EbpfContext,
+    bindings::{
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup,
+    },
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
 };
 use mesh_common::{CtEntry, proto, reason};
@@ -138,6 +141,39 @@ fn tc_rewrite_tuple(ctx: &TcContext, pkt: &Pkt, ct: &CtEntry) -> Result<(), u32>
     Ok(())
 }
 
+/// A rewritten packet for a backend this node reaches by routing (a remote task over an
+/// overlay, or through Docker's): send it out of the route's interface at once. Handing it
+/// back to the input path instead would make the kernel drop a SNATed packet (its source is
+/// now a local address: a martian) unless `accept_local` is set, which a containerised agent
+/// cannot do. Falls back to the stack when the FIB has no answer.
+#[inline(always)]
+fn tc_route_out(ctx: &TcContext, ct: &CtEntry, proto: u8) -> i32 {
+    const AF_INET: u8 = 2;
+    // SAFETY: an all-zero bpf_fib_lookup is a valid input; fields are set below.
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.l4_protocol = proto;
+    p.sport = ct.sport;
+    p.dport = ct.dport;
+    // SAFETY: a field of the context the kernel gave us; union fields written as documented.
+    unsafe {
+        p.ifindex = (*ctx.skb.skb).ifindex;
+        p.__bindgen_anon_3.ipv4_src = ct.saddr;
+        p.__bindgen_anon_4.ipv4_dst = ct.daddr;
+    }
+    // SAFETY: helper call with a valid, correctly sized parameter block.
+    let rc = unsafe {
+        fib_lookup(ctx.as_ptr(), &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0)
+    };
+    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 || rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        count(reason::REDIRECT);
+        // SAFETY: helper call; NULL params: the kernel resolves the next hop's neighbour.
+        return unsafe { bpf_redirect_neigh(p.ifindex, core::ptr::null_mut(), 0, 0) } as i32;
+    }
+    count(reason::PASS_REWRITTEN);
+    TC_ACT_OK
+}
+
 /// Rewrite to `ct`'s tuple with the kernel's checksum helpers and deliver.
 #[inline(always)]
 pub fn tc_nat(ctx: &TcContext, pkt: &Pkt, ct: &CtEntry, how: Deliver) -> Result<i32, u32> {
@@ -147,8 +183,7 @@ pub fn tc_nat(ctx: &TcContext, pkt: &Pkt, ct: &CtEntry, how: Deliver) -> Result<
         return Ok(TC_ACT_SHOT);
     }
     if ct.ifindex == 0 {
-        count(reason::PASS_REWRITTEN);
-        return Ok(TC_ACT_OK);
+        return Ok(tc_route_out(ctx, ct, pkt.key.proto));
     }
     if ctx.store(0, &ct.dmac, 0).is_err() || ctx.store(6, &ct.smac, 0).is_err() {
         count(reason::DROP_REWRITE);

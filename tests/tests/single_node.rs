@@ -276,8 +276,10 @@ fn shutdown_leaves_nothing_behind() {
     }
     let xdp = String::from_utf8_lossy(&bed.node.ip(&["-d", "link", "show", "ext0"]).stdout).to_string();
     assert!(!xdp.contains("prog/xdp"), "XDP detached: {xdp}");
-    let tc = bed.node.run("bpftool", &["net", "show", "dev", "ext0"]);
-    assert!(!String::from_utf8_lossy(&tc.stdout).contains("mesh_"), "no TC program left");
+    // Debian's bpftool 7.1 does not list tcx attachments: no mesh program may still be
+    // loaded (an attached one would be; tests run one at a time).
+    let progs = String::from_utf8_lossy(&sh("bpftool", &["prog", "show"]).stdout).to_string();
+    assert!(!progs.contains("name mesh_"), "every program detached: {progs}");
     assert!(!agent.pin_dir.exists(), "pins removed");
     assert!(!agent.run_dir.join("catalog.json").exists(), "catalog removed");
     assert!(curl(&bed.client, &format!("http://{NODE_IP}:8080/")).is_none(), "nothing answers any more");

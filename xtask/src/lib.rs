@@ -187,3 +187,116 @@ pub fn ebpf_sources() -> Vec<PathBuf> {
         root.join("mesh-common/Cargo.toml"),
     ]
 }
+
+pub mod image {
+    //! The agent's container image without pulling anything: a rootfs holding the release
+    //! binary and exactly the shared libraries `ldd` names, imported with `docker import`.
+
+    use std::{
+        path::{Path, PathBuf},
+        process::Command,
+    };
+
+    use super::BuildError;
+
+    type Result<T> = std::result::Result<T, BuildError>;
+
+    fn fail<T>(msg: impl Into<String>) -> Result<T> {
+        Err(BuildError(msg.into()))
+    }
+
+    fn io<T>(what: &str, r: std::io::Result<T>) -> Result<T> {
+        r.map_err(|e| BuildError(format!("{what}: {e}")))
+    }
+
+    /// Paths `ldd` lists for `bin` (libraries and the dynamic loader).
+    pub fn libraries(bin: &Path) -> Result<Vec<PathBuf>> {
+        let out = io("cannot run ldd", Command::new("ldd").arg(bin).output())?;
+        if !out.status.success() {
+            return fail(format!("ldd {}: {}", bin.display(), String::from_utf8_lossy(&out.stderr)));
+        }
+        let mut libs = Vec::new();
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+            let path = match line.split("=>").nth(1) {
+                Some(rhs) => rhs.split_whitespace().next(),
+                None => line.split_whitespace().next(),
+            };
+            if let Some(p) = path.filter(|p| p.starts_with('/')) {
+                libs.push(PathBuf::from(p));
+            }
+        }
+        Ok(libs)
+    }
+
+    /// Write `<out>/rootfs.tar` (the agent binary, stripped of host debug info, and its
+    /// libraries) and return its path.
+    pub fn rootfs(bin: &Path, out: &Path) -> Result<PathBuf> {
+        let fs = out.join("rootfs");
+        let _ = std::fs::remove_dir_all(&fs);
+        io("create rootfs", std::fs::create_dir_all(fs.join("usr/local/bin")))?;
+        let dest = fs.join("usr/local/bin/mesh-agent");
+        io("copy the agent", std::fs::copy(bin, &dest))?;
+        // Host debug info is not needed in the image (the embedded eBPF object keeps its BTF:
+        // it is data inside the binary, not a section strip touches).
+        let st = io("cannot run strip", Command::new("strip").arg("--strip-debug").arg(&dest).status())?;
+        if !st.success() {
+            return fail("strip failed");
+        }
+        let mut listing = vec![("/usr/local/bin/mesh-agent".to_string(), io("stat", std::fs::metadata(&dest))?.len())];
+        for lib in libraries(bin)? {
+            // Copy the file the path resolves to, under the path the loader looks for.
+            let real = io("resolve library", std::fs::canonicalize(&lib))?;
+            let rel = lib.strip_prefix("/").map_err(|e| BuildError(e.to_string()))?;
+            let dest = fs.join(rel);
+            if let Some(parent) = dest.parent() {
+                io("create library dir", std::fs::create_dir_all(parent))?;
+            }
+            io("copy library", std::fs::copy(&real, &dest))?;
+            listing.push((lib.display().to_string(), io("stat", std::fs::metadata(&real))?.len()));
+        }
+        // Mount points and files the agent uses at run time.
+        for d in ["tmp", "run", "sys", "proc", "etc", "var/run", "host"] {
+            io("create mount point", std::fs::create_dir_all(fs.join(d)))?;
+        }
+        let tar = out.join("rootfs.tar");
+        let st = io(
+            "cannot run tar",
+            Command::new("tar")
+                .args(["--numeric-owner", "--owner=0", "--group=0", "-C"])
+                .arg(&fs)
+                .args(["-cf"])
+                .arg(&tar)
+                .arg(".")
+                .status(),
+        )?;
+        if !st.success() {
+            return fail("tar failed");
+        }
+        let total: u64 = listing.iter().map(|(_, n)| n).sum();
+        println!("image content ({} files, {:.1} MiB):", listing.len(), total as f64 / 1048576.0);
+        for (p, n) in &listing {
+            println!("  {p:<50} {:>8.1} KiB", *n as f64 / 1024.0);
+        }
+        Ok(tar)
+    }
+
+    /// `docker import` the rootfs as `image` with the agent as entrypoint (`docker`: the CLI
+    /// command, e.g. "docker" or a wrapper pointing at another daemon).
+    pub fn import(docker: &str, tar: &Path, image: &str) -> Result<()> {
+        let st = io("cannot run docker (is a daemon reachable? DOCKER_HOST)", Command::new(docker)
+            .arg("import")
+            .args(["--change", "ENTRYPOINT [\"/usr/local/bin/mesh-agent\"]"])
+            .args(["--change", "CMD [\"run\"]"])
+            .arg(tar)
+            .arg(image)
+            .status())?;
+        if !st.success() {
+            return fail("docker import failed");
+        }
+        let out = io("docker run", Command::new(docker).args(["run", "--rm", image, "--version"]).output())?;
+        println!("{image}: {}", String::from_utf8_lossy(&out.stdout).trim());
+        Ok(())
+    }
+}
+

@@ -61,102 +61,6 @@ enum Task {
     },
 }
 
-mod image {
-    //! The agent's container image without pulling anything: a rootfs holding the release
-    //! binary and exactly the shared libraries `ldd` names, imported with `docker import`.
-
-    use std::{
-        path::{Path, PathBuf},
-        process::Command,
-    };
-
-    use anyhow::{Context, bail};
-
-    /// Paths `ldd` lists for `bin` (libraries and the dynamic loader).
-    pub fn libraries(bin: &Path) -> anyhow::Result<Vec<PathBuf>> {
-        let out = Command::new("ldd").arg(bin).output().context("cannot run ldd")?;
-        if !out.status.success() {
-            bail!("ldd {}: {}", bin.display(), String::from_utf8_lossy(&out.stderr));
-        }
-        let mut libs = Vec::new();
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
-            let path = match line.split("=>").nth(1) {
-                Some(rhs) => rhs.split_whitespace().next(),
-                None => line.split_whitespace().next(),
-            };
-            if let Some(p) = path.filter(|p| p.starts_with('/')) {
-                libs.push(PathBuf::from(p));
-            }
-        }
-        Ok(libs)
-    }
-
-    /// Write target/image/rootfs.tar and return its path.
-    pub fn rootfs(bin: &Path) -> anyhow::Result<PathBuf> {
-        let root = crate::workspace_root().join("target/image");
-        let fs = root.join("rootfs");
-        let _ = std::fs::remove_dir_all(&fs);
-        std::fs::create_dir_all(fs.join("usr/local/bin"))?;
-        let dest = fs.join("usr/local/bin/mesh-agent");
-        std::fs::copy(bin, &dest)?;
-        // Host debug info is not needed in the image (the embedded eBPF object keeps its BTF:
-        // it is data inside the binary, not a section strip touches).
-        let st = Command::new("strip").arg("--strip-debug").arg(&dest).status().context("cannot run strip")?;
-        if !st.success() {
-            bail!("strip failed");
-        }
-        let mut listing = vec![("/usr/local/bin/mesh-agent".to_string(), std::fs::metadata(&dest)?.len())];
-        for lib in libraries(bin)? {
-            // Copy the file the path resolves to, under the path the loader looks for.
-            let real = std::fs::canonicalize(&lib)?;
-            let dest = fs.join(lib.strip_prefix("/")?);
-            std::fs::create_dir_all(dest.parent().context("library path")?)?;
-            std::fs::copy(&real, &dest)?;
-            listing.push((lib.display().to_string(), std::fs::metadata(&real)?.len()));
-        }
-        // Mount points and files the agent uses at run time.
-        for d in ["tmp", "run", "sys", "proc", "etc", "var/run"] {
-            std::fs::create_dir_all(fs.join(d))?;
-        }
-        let tar = root.join("rootfs.tar");
-        let st = Command::new("tar")
-            .args(["--numeric-owner", "--owner=0", "--group=0", "-C"])
-            .arg(&fs)
-            .args(["-cf"])
-            .arg(&tar)
-            .arg(".")
-            .status()?;
-        if !st.success() {
-            bail!("tar failed");
-        }
-        let total: u64 = listing.iter().map(|(_, n)| n).sum();
-        println!("image content ({} files, {:.1} MiB):", listing.len(), total as f64 / 1048576.0);
-        for (p, n) in &listing {
-            println!("  {p:<50} {:>8.1} KiB", *n as f64 / 1024.0);
-        }
-        Ok(tar)
-    }
-
-    /// `docker import` the rootfs as `image` with the agent as entrypoint.
-    pub fn import(tar: &Path, image: &str) -> anyhow::Result<()> {
-        let st = Command::new("docker")
-            .arg("import")
-            .args(["--change", "ENTRYPOINT [\"/usr/local/bin/mesh-agent\"]"])
-            .args(["--change", "CMD [\"run\"]"])
-            .arg(tar)
-            .arg(image)
-            .status()
-            .context("cannot run docker (is a daemon reachable? DOCKER_HOST)")?;
-        if !st.success() {
-            bail!("docker import failed");
-        }
-        let out = Command::new("docker").args(["run", "--rm", image, "--version"]).output()?;
-        println!("{image}: {}", String::from_utf8_lossy(&out.stdout).trim());
-        Ok(())
-    }
-}
-
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     c.current_dir(workspace_root());
@@ -248,11 +152,12 @@ fn real_main() -> anyhow::Result<()> {
         Task::Image { tag, rootfs_only } => {
             let bin = build(true)?;
             let tag = tag.unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string());
-            let tar = image::rootfs(&bin)?;
+            let tar = xtask::image::rootfs(&bin, &workspace_root().join("target/image"))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             if rootfs_only {
                 println!("{}", tar.display());
             } else {
-                image::import(&tar, &format!("mesh-agent:{tag}"))?;
+                xtask::image::import("docker", &tar, &format!("mesh-agent:{tag}")).map_err(|e| anyhow::anyhow!("{e}"))?;
             }
         }
         Task::Bench { quick } => {

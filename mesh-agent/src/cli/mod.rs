@@ -149,6 +149,12 @@ pub struct RunArgs {
     /// sandboxes, whose paths come from the Engine API).
     #[arg(long, env = "MESH_DOCKER_INGRESS_SBOX")]
     pub docker_ingress_sbox: Option<PathBuf>,
+    /// The Swarm service this agent runs as (set by the stack file from
+    /// `{{.Service.Name}}`): on SIGTERM the data path is kept while the service exists (a
+    /// rolling update hands over without cutting connections) and removed once it is gone
+    /// (`docker service rm`).
+    #[arg(long, env = "MESH_SWARM_SERVICE")]
+    pub swarm_service: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -198,6 +204,14 @@ impl RunArgs {
             "none" | "" => None,
             a => a.parse().ok(),
         };
+        if let Some(name) = &self.swarm_service {
+            let socket = self
+                .docker_host
+                .as_deref()
+                .map(|h| PathBuf::from(h.trim_start_matches("unix://")))
+                .unwrap_or_else(|| PathBuf::from("/var/run/docker.sock"));
+            cfg.swarm_service = Some((socket, name.clone()));
+        }
         if self.runtime == RuntimeArg::Docker {
             cfg.runtime = crate::agent::Runtime::Docker {
                 ingress_sbox: self.docker_ingress_sbox.clone(),
@@ -230,9 +244,9 @@ pub struct DemoArgs {
 
 #[derive(Debug, Args)]
 pub struct WhoamiArgs {
-    /// Name to answer with.
+    /// Name to answer with (default: the host name, e.g. a container's id).
     #[arg(long)]
-    pub name: String,
+    pub name: Option<String>,
     /// Enter this network namespace first.
     #[arg(long)]
     pub netns: Option<PathBuf>,

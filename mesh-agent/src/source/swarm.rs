@@ -124,6 +124,17 @@ fn chain(e: &bollard::errors::Error) -> String {
     text
 }
 
+/// Does the Swarm service `name` exist (Engine API at `socket`)? The agent asks this on
+/// SIGTERM: its own service still there means a rolling update or restart (keep the data path
+/// for the next agent); gone means `docker service rm` (clean up everything).
+pub async fn service_exists(socket: &Path, name: &str) -> Result<bool, SwarmError> {
+    let api = api::Api::connect(socket, Duration::from_secs(5)).await?;
+    let services = api.services().await?;
+    Ok(services
+        .iter()
+        .any(|s| s.spec.as_ref().and_then(|sp| sp.name.as_deref()) == Some(name)))
+}
+
 /// A swarm manager's Engine API, followed.
 #[derive(Debug)]
 pub struct SwarmSource {
