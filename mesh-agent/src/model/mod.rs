@@ -285,6 +285,19 @@ impl Service {
 }
 
 impl State {
+    /// Running tasks of every service, each list in (slot, id) order: one pass over the tasks
+    /// (what code visiting every service should use, not [`State::running_tasks`] per service).
+    pub fn running_tasks_by_service(&self) -> BTreeMap<&str, Vec<&Task>> {
+        let mut m: BTreeMap<&str, Vec<&Task>> = BTreeMap::new();
+        for t in self.tasks.values().filter(|t| t.state.is_running()) {
+            m.entry(t.service.as_str()).or_default().push(t);
+        }
+        for v in m.values_mut() {
+            v.sort_by(|a, b| (a.slot, &a.id).cmp(&(b.slot, &b.id)));
+        }
+        m
+    }
+
     /// Running tasks of `service`, in (slot, id) order.
     pub fn running_tasks<'a>(&'a self, service: &'a str) -> impl Iterator<Item = &'a Task> + 'a {
         let mut v: Vec<&Task> = self

@@ -41,7 +41,7 @@ pub struct FrontendSpec {
     pub service: String,
     pub addr: Ipv4Addr,
     pub port: u16,
-    pub protocol: Protocol,
+    pub protocol: FeProto,
     pub flags: u32,
     /// For a VIP: its network's id (the VNI); 0 for published ports.
     pub net_id: u32,
@@ -96,22 +96,59 @@ impl From<LocalLink> for LinkKey {
     }
 }
 
+/// The protocol(s) of a frontend. A VIP balances TCP and UDP alike: one frontend (one svc
+/// id, one backend set, one round-robin cursor) under two map keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FeProto {
+    Tcp,
+    Udp,
+    Both,
+}
+
+impl FeProto {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FeProto::Tcp => "tcp",
+            FeProto::Udp => "udp",
+            FeProto::Both => "tcp+udp",
+        }
+    }
+
+    fn numbers(self) -> &'static [u8] {
+        match self {
+            FeProto::Tcp => &[mesh_common::proto::TCP],
+            FeProto::Udp => &[mesh_common::proto::UDP],
+            FeProto::Both => &[mesh_common::proto::TCP, mesh_common::proto::UDP],
+        }
+    }
+}
+
+impl From<Protocol> for FeProto {
+    fn from(p: Protocol) -> Self {
+        match p {
+            Protocol::Tcp => FeProto::Tcp,
+            Protocol::Udp => FeProto::Udp,
+        }
+    }
+}
+
 /// Identity of a frontend: what the client addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FeId {
     pub addr: Ipv4Addr,
     pub port: u16,
-    pub protocol: Protocol,
+    pub protocol: FeProto,
 }
 
 impl FeId {
-    pub fn key(&self) -> FrontendKey {
-        FrontendKey {
+    /// The map keys of this frontend (two for a TCP+UDP VIP).
+    pub fn keys(&self) -> impl Iterator<Item = FrontendKey> + '_ {
+        self.protocol.numbers().iter().map(|p| FrontendKey {
             addr: u32::from_ne_bytes(self.addr.octets()),
             port: self.port.to_be(),
-            proto: self.protocol.number(),
+            proto: *p,
             _pad: 0,
-        }
+        })
     }
 }
 
@@ -150,12 +187,15 @@ fn reachable(
 /// network, every port, to the tasks' addresses on that network).
 pub fn desired(state: &State, node: &str, links: &LocalLinks, reach: Reach) -> BTreeMap<FeId, FrontendSpec> {
     let mut out = BTreeMap::new();
+    let by_service = state.running_tasks_by_service();
+    let none = Vec::new();
     for svc in state.services.values() {
+        let running = by_service.get(svc.name.as_str()).unwrap_or(&none);
         // Published ports.
         if let Some(net) = svc.ingress_network() {
             for port in &svc.ports {
-                let backends = state
-                    .running_tasks(&svc.name)
+                let backends = running
+                    .iter()
                     .filter_map(|task| {
                         let addr = task.address_on(net)?;
                         let link = reachable(task, net, node, links, reach)?;
@@ -170,7 +210,7 @@ pub fn desired(state: &State, node: &str, links: &LocalLinks, reach: Reach) -> B
                 let id = FeId {
                     addr: Ipv4Addr::UNSPECIFIED,
                     port: port.published,
-                    protocol: port.protocol,
+                    protocol: port.protocol.into(),
                 };
                 out.insert(
                     id,
@@ -178,7 +218,7 @@ pub fn desired(state: &State, node: &str, links: &LocalLinks, reach: Reach) -> B
                         service: svc.name.clone(),
                         addr: Ipv4Addr::UNSPECIFIED,
                         port: port.published,
-                        protocol: port.protocol,
+                        protocol: port.protocol.into(),
                         flags: fe_flags::PUBLISHED,
                         net_id: 0,
                         backends,
@@ -191,8 +231,8 @@ pub fn desired(state: &State, node: &str, links: &LocalLinks, reach: Reach) -> B
             let (Some(vip), Some(net)) = (sn.vip, state.networks.get(&sn.network)) else {
                 continue;
             };
-            let backends: Vec<BackendSpec> = state
-                .running_tasks(&svc.name)
+            let backends: Vec<BackendSpec> = running
+                .iter()
                 .filter_map(|task| {
                     let addr = task.address_on(&sn.network)?;
                     let link = reachable(task, &sn.network, node, links, reach)?;
@@ -204,21 +244,19 @@ pub fn desired(state: &State, node: &str, links: &LocalLinks, reach: Reach) -> B
                     })
                 })
                 .collect();
-            for protocol in [Protocol::Tcp, Protocol::Udp] {
-                let id = FeId { addr: vip, port: 0, protocol };
-                out.insert(
-                    id,
-                    FrontendSpec {
-                        service: svc.name.clone(),
-                        addr: vip,
-                        port: 0,
-                        protocol,
-                        flags: fe_flags::VIP,
-                        net_id: net.vni,
-                        backends: backends.clone(),
-                    },
-                );
-            }
+            let id = FeId { addr: vip, port: 0, protocol: FeProto::Both };
+            out.insert(
+                id,
+                FrontendSpec {
+                    service: svc.name.clone(),
+                    addr: vip,
+                    port: 0,
+                    protocol: FeProto::Both,
+                    flags: fe_flags::VIP,
+                    net_id: net.vni,
+                    backends,
+                },
+            );
         }
     }
     out
@@ -309,6 +347,9 @@ pub struct Tables {
     /// Port ranges (inclusive) always marked in the ports bitmap: the SNAT range, whose
     /// replies must reach conntrack on the packet path.
     reserved: Vec<(u16, u16)>,
+    /// The maps were created empty with these tables: an id handed out for the first time
+    /// has zero counters already (only a recycled id needs its counters reset).
+    fresh: bool,
 }
 
 /// A backend's map value.
@@ -330,10 +371,12 @@ pub fn backend_value(svc_id: u32, b: &BackendSpec) -> Backend {
 }
 
 impl Tables {
+    /// Tables for freshly created (empty) maps.
     pub fn new() -> Self {
         Tables {
             next_svc: 1,
             next_be: 1,
+            fresh: true,
             ..Default::default()
         }
     }
@@ -369,20 +412,37 @@ impl Tables {
         ports: &[(u32, u32)],
     ) -> Tables {
         let mut t = Tables::new();
+        t.fresh = false;
         let be_by_id: HashMap<u32, &Backend> = backends.iter().map(|(id, b)| (*id, b)).collect();
+        let mut slots_by_svc: HashMap<u32, Vec<(u32, u32)>> = HashMap::new();
+        for (s, b) in slots {
+            slots_by_svc.entry(s.svc_id).or_default().push((s.slot, *b));
+        }
+        // One frontend per svc id: a VIP's TCP and UDP keys share theirs.
+        let mut by_svc: BTreeMap<u32, (FrontendKey, Frontend, FeProto)> = BTreeMap::new();
+        for (k, fe) in frontends {
+            let p = if k.proto == mesh_common::proto::UDP { FeProto::Udp } else { FeProto::Tcp };
+            by_svc
+                .entry(fe.svc_id)
+                .and_modify(|e| {
+                    if e.2 != p {
+                        e.2 = FeProto::Both;
+                    }
+                })
+                .or_insert((*k, *fe, p));
+        }
         let mut max_svc = 0;
         let mut max_be = 0;
-        for (k, fe) in frontends {
+        for (k, fe, protocol) in by_svc.values() {
             let id = FeId {
                 addr: Ipv4Addr::from(k.addr.to_ne_bytes()),
                 port: u16::from_be(k.port),
-                protocol: if k.proto == mesh_common::proto::UDP { Protocol::Udp } else { Protocol::Tcp },
+                protocol: *protocol,
             };
-            let mut ids: Vec<(u32, u32)> = slots
-                .iter()
-                .filter(|(s, _)| s.svc_id == fe.svc_id && s.slot >= 1 && s.slot <= fe.count)
-                .map(|(s, b)| (s.slot, *b))
-                .collect();
+            let mut ids: Vec<(u32, u32)> = slots_by_svc
+                .get(&fe.svc_id)
+                .map(|v| v.iter().filter(|(slot, _)| *slot >= 1 && *slot <= fe.count).copied().collect())
+                .unwrap_or_default();
             ids.sort();
             let mut specs = Vec::new();
             let mut slot_ids = Vec::new();
@@ -434,9 +494,10 @@ impl Tables {
         t
     }
 
-    fn alloc_svc(&mut self) -> Result<u32, TablesError> {
+    /// A svc id, and whether its counters may hold a previous owner's values.
+    fn alloc_svc(&mut self) -> Result<(u32, bool), TablesError> {
         if let Some(id) = self.free_svc.pop_first() {
-            return Ok(id);
+            return Ok((id, true));
         }
         if self.next_svc >= maps::MAX_SERVICES {
             return Err(TablesError::FrontendsFull {
@@ -444,12 +505,13 @@ impl Tables {
             });
         }
         self.next_svc += 1;
-        Ok(self.next_svc - 1)
+        Ok((self.next_svc - 1, !self.fresh))
     }
 
-    fn alloc_be(&mut self) -> Result<u32, TablesError> {
+    /// A backend id, and whether its counters may hold a previous owner's values.
+    fn alloc_be(&mut self) -> Result<(u32, bool), TablesError> {
         if let Some(id) = self.free_be.pop_first() {
-            return Ok(id);
+            return Ok((id, true));
         }
         if self.next_be >= maps::MAX_BACKENDS {
             return Err(TablesError::BackendsFull {
@@ -457,7 +519,7 @@ impl Tables {
             });
         }
         self.next_be += 1;
-        Ok(self.next_be - 1)
+        Ok((self.next_be - 1, !self.fresh))
     }
 
     /// Compute the operations that turn the programmed tables into `want`, and record `want`
@@ -484,7 +546,7 @@ impl Tables {
             .collect();
         for id in gone {
             let Some(pf) = self.frontends.remove(&id) else { continue };
-            removes.push(MapOp::DeleteFrontend { key: id.key() });
+            removes.extend(id.keys().map(|key| MapOp::DeleteFrontend { key }));
             for (i, _) in pf.slots.iter().enumerate() {
                 removes.push(MapOp::DeleteSlot {
                     svc_id: pf.svc_id,
@@ -506,8 +568,10 @@ impl Tables {
                 Some(pf) if pf.spec == *spec => continue,
                 Some(pf) => (pf.svc_id, pf.slots.clone(), Some(pf.spec.clone())),
                 None => {
-                    let svc_id = self.alloc_svc()?;
-                    adds.push(MapOp::ResetService { svc_id });
+                    let (svc_id, used) = self.alloc_svc()?;
+                    if used {
+                        adds.push(MapOp::ResetService { svc_id });
+                    }
                     (svc_id, Vec::new(), None)
                 }
             };
@@ -518,9 +582,11 @@ impl Tables {
                 let bid = match self.backends.get(&key) {
                     Some(&bid) => bid,
                     None => {
-                        let bid = self.alloc_be()?;
+                        let (bid, used) = self.alloc_be()?;
                         self.backends.insert(key, bid);
-                        adds.push(MapOp::ResetBackendStats { id: bid });
+                        if used {
+                            adds.push(MapOp::ResetBackendStats { id: bid });
+                        }
                         adds.push(MapOp::SetBackend {
                             id: bid,
                             value: backend_value(svc_id, b),
@@ -539,15 +605,13 @@ impl Tables {
                     });
                 }
             }
-            adds.push(MapOp::SetFrontend {
-                key: id.key(),
-                value: Frontend {
-                    svc_id,
-                    count: slots.len() as u32,
-                    flags: spec.flags,
-                    net_id: spec.net_id,
-                },
-            });
+            let value = Frontend {
+                svc_id,
+                count: slots.len() as u32,
+                flags: spec.flags,
+                net_id: spec.net_id,
+            };
+            adds.extend(id.keys().map(|key| MapOp::SetFrontend { key, value }));
             for slot in slots.len()..old_slots.len() {
                 removes.push(MapOp::DeleteSlot {
                     svc_id,
@@ -847,7 +911,8 @@ mod tests {
         empty.services.clear();
         empty.tasks.clear();
         let ops = t.apply(&desired(&empty, "n1", &l, Reach::LocalOnly)).unwrap();
-        assert!(ops.contains(&MapOp::DeleteFrontend { key: FeId { addr: Ipv4Addr::UNSPECIFIED, port: 8080, protocol: Protocol::Tcp }.key() }));
+        let key = FeId { addr: Ipv4Addr::UNSPECIFIED, port: 8080, protocol: FeProto::Tcp }.keys().next().unwrap();
+        assert!(ops.contains(&MapOp::DeleteFrontend { key }));
         assert!(ops.contains(&MapOp::DeleteSlot { svc_id: 1, slot: 1 }));
         assert!(ops.contains(&MapOp::ClearBackend { id: 1 }));
         assert_eq!(ops.last(), Some(&MapOp::SetPortWord { word: 8080 >> 5, bits: 0 }));
@@ -921,16 +986,27 @@ mod tests {
             Some(vip),
         );
         let d = desired(&s, "n1", &links(&["t1"]), Reach::Cluster);
-        for protocol in [Protocol::Tcp, Protocol::Udp] {
-            let fe = &d[&FeId { addr: vip, port: 0, protocol }];
-            assert_eq!(fe.flags, fe_flags::VIP);
-            assert_eq!(fe.net_id, 4097, "the network's VNI");
-            let b: Vec<_> = fe.backends.iter().map(|b| (b.task_id.as_str(), b.port, b.link.is_some())).collect();
-            assert_eq!(b, [("t1", 0, true), ("t2", 0, false)], "port 0 keeps the client's port");
-        }
+        let fe = &d[&FeId { addr: vip, port: 0, protocol: FeProto::Both }];
+        assert_eq!(fe.flags, fe_flags::VIP);
+        assert_eq!(fe.net_id, 4097, "the network's VNI");
+        let b: Vec<_> = fe.backends.iter().map(|b| (b.task_id.as_str(), b.port, b.link.is_some())).collect();
+        assert_eq!(b, [("t1", 0, true), ("t2", 0, false)], "port 0 keeps the client's port");
+        // One svc id, one backend set, written under the TCP and the UDP key.
+        let mut t0 = Tables::new();
+        let ops = t0.apply(&d).unwrap();
+        let vip_keys: Vec<(u8, u32)> = ops
+            .iter()
+            .filter_map(|o| match o {
+                MapOp::SetFrontend { key, value } if key.addr == u32::from_ne_bytes(vip.octets()) => Some((key.proto, value.svc_id)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(vip_keys.len(), 2);
+        assert_eq!(vip_keys[0].1, vip_keys[1].1);
+        assert_ne!(vip_keys[0].0, vip_keys[1].0);
         // Single-node reach: only local tasks.
         let d = desired(&s, "n1", &links(&["t1"]), Reach::LocalOnly);
-        assert_eq!(d[&FeId { addr: vip, port: 0, protocol: Protocol::Tcp }].backends.len(), 1);
+        assert_eq!(d[&FeId { addr: vip, port: 0, protocol: FeProto::Both }].backends.len(), 1);
         // VIP ports are not in the packet-path port bitmap (VIPs are balanced at the socket).
         let mut t = Tables::new();
         let ops = t.apply(&d).unwrap();
@@ -952,10 +1028,10 @@ mod tests {
             link: LinkKey { ifindex: 11, task_mac: [2, 0x42, 172, 17, 0, 2], gw_mac: [2; 6] },
         };
         let d = via_ingress_sandbox(d, &sbox);
-        let node = &d[&FeId { addr: Ipv4Addr::UNSPECIFIED, port: 8080, protocol: Protocol::Tcp }];
+        let node = &d[&FeId { addr: Ipv4Addr::UNSPECIFIED, port: 8080, protocol: FeProto::Tcp }];
         assert_eq!(node.backends.len(), 1);
         assert_eq!((node.backends[0].addr, node.backends[0].port, node.backends[0].link), (sbox.addr, 8080, Some(sbox.link)));
-        let inner = &d[&FeId { addr: sbox.addr, port: 8080, protocol: Protocol::Tcp }];
+        let inner = &d[&FeId { addr: sbox.addr, port: 8080, protocol: FeProto::Tcp }];
         assert_eq!(inner.flags, fe_flags::PUBLISHED);
         let tasks: Vec<_> = inner.backends.iter().map(|b| (b.task_id.as_str(), b.port, b.link)).collect();
         assert_eq!(tasks, [("t1", 80, None), ("t2", 80, None)], "remote: SNAT through the kernel");
