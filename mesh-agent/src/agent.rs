@@ -265,6 +265,11 @@ pub struct Agent {
     nl: Netlink,
     attacher: Attacher,
     tables: Tables,
+    /// Desired frontends per service, recomputed only for what a snapshot changed.
+    desired: tables::DesiredCache,
+    /// Diff the whole desired state on the next sync (first sync, after an error).
+    full_sync: bool,
+    catalog_written: bool,
     state: Arc<State>,
     /// Host veths with the reverse-NAT program attached.
     tc_attached: BTreeSet<String>,
@@ -333,6 +338,9 @@ impl Agent {
             dp,
             nl,
             tables,
+            desired: tables::DesiredCache::default(),
+            full_sync: true,
+            catalog_written: false,
             state: Arc::new(State::default()),
             tc_attached: BTreeSet::new(),
             node_addrs: Vec::new(),
@@ -527,17 +535,33 @@ impl Agent {
                     }
                 }
             }
-            let mut want = tables::desired(&state, &self.cfg.node, &self.attacher.links(), self.cfg.reach);
-            if let Some(sbox) = &self.ingress_sbox {
-                want = tables::via_ingress_sandbox(want, sbox);
-            }
+            // Only the services this snapshot changed are recomputed and diffed.
+            let changes = self.desired.update(
+                &state,
+                &self.cfg.node,
+                &self.attacher.links(),
+                self.cfg.reach,
+                self.ingress_sbox.as_ref(),
+            );
+            let refs: Vec<(tables::FeId, Option<&tables::FrontendSpec>)> =
+                changes.iter().map(|(id, spec)| (*id, spec.as_ref())).collect();
             let mut programmed = false;
-            match self.tables.apply(&want) {
+            let changed = !changes.is_empty() || !self.catalog_written;
+            // The first sync (and the one after an error) diffs everything: what the maps
+            // hold (adopted from a previous agent, say) may include frontends nobody wants.
+            let result = if self.full_sync {
+                self.tables.apply(self.desired.all())
+            } else {
+                self.tables.apply_changes(&refs)
+            };
+            match result {
                 Ok(ops) => {
                     if let Err(e) = self.dp.maps.apply(&ops) {
                         error!(error = %e, "programming the maps failed; retrying on the next sync");
                         // Forget what we believe is programmed: the next sync rewrites it all.
                         self.tables = self.dp.maps.adopt_tables();
+                        self.desired = tables::DesiredCache::default();
+                        self.full_sync = true;
                     } else if !ops.is_empty() {
                         programmed = true;
                         info!(
@@ -550,17 +574,28 @@ impl Agent {
                     } else {
                         programmed = true;
                     }
-                }
-                Err(e) => error!(error = %e, "state does not fit the maps; keeping the last good tables"),
-            }
-            self.state = state;
-            match self.write_catalog() {
-                Ok(cat) => {
-                    if let Some(m) = &self.metrics {
-                        m.set_catalog(cat);
+                    if programmed {
+                        self.full_sync = false;
                     }
                 }
-                Err(e) => warn!(error = %e, "cannot write the catalog"),
+                Err(e) => {
+                    error!(error = %e, "state does not fit the maps; keeping the last good tables");
+                    // Recompute everything next time (the cache moved ahead of the maps).
+                    self.desired = tables::DesiredCache::default();
+                    self.full_sync = true;
+                }
+            }
+            self.state = state;
+            if changed && programmed {
+                match self.write_catalog() {
+                    Ok(cat) => {
+                        self.catalog_written = true;
+                        if let Some(m) = &self.metrics {
+                            m.set_catalog(cat);
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "cannot write the catalog"),
+                }
             }
             if let Some(m) = &self.metrics {
                 m.record_sync(started.elapsed(), programmed);

@@ -215,6 +215,8 @@ fn mesh_replaces_ipvs_under_a_real_swarm() {
 
     // Debian's bpftool 7.1 does not list tcx attachments: check that no mesh program is
     // loaded at all any more (one still attached would be; nothing else loads them here).
-    let progs = String::from_utf8_lossy(&Command::new("bpftool").args(["prog", "show"]).output().unwrap().stdout).to_string();
-    assert!(!progs.contains("name mesh_"), "every program detached: {progs}");
+    eventually("every program detached", Duration::from_secs(15), || {
+        let progs = String::from_utf8_lossy(&Command::new("bpftool").args(["prog", "show"]).output().unwrap().stdout).to_string();
+        (!progs.contains("name mesh_")).then_some(())
+    });
 }

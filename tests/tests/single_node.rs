@@ -278,8 +278,11 @@ fn shutdown_leaves_nothing_behind() {
     assert!(!xdp.contains("prog/xdp"), "XDP detached: {xdp}");
     // Debian's bpftool 7.1 does not list tcx attachments: no mesh program may still be
     // loaded (an attached one would be; tests run one at a time).
-    let progs = String::from_utf8_lossy(&sh("bpftool", &["prog", "show"]).stdout).to_string();
-    assert!(!progs.contains("name mesh_"), "every program detached: {progs}");
+    // (The kernel frees programs of earlier tests' deleted namespaces asynchronously.)
+    eventually("every program detached", Duration::from_secs(15), || {
+        let progs = String::from_utf8_lossy(&sh("bpftool", &["prog", "show"]).stdout).to_string();
+        (!progs.contains("name mesh_")).then_some(())
+    });
     assert!(!agent.pin_dir.exists(), "pins removed");
     assert!(!agent.run_dir.join("catalog.json").exists(), "catalog removed");
     assert!(curl(&bed.client, &format!("http://{NODE_IP}:8080/")).is_none(), "nothing answers any more");

@@ -183,83 +183,95 @@ fn reachable(
 }
 
 /// The tables a snapshot asks for on `node`: published ports (on any node address, to the
-/// tasks' addresses on the service's first network, target port) and service VIPs (per
-/// network, every port, to the tasks' addresses on that network).
+/// tasks' addresses on the service's ingress network, target port) and service VIPs (per
+/// network, every port, TCP and UDP, to the tasks' addresses on that network).
 pub fn desired(state: &State, node: &str, links: &LocalLinks, reach: Reach) -> BTreeMap<FeId, FrontendSpec> {
     let mut out = BTreeMap::new();
     let by_service = state.running_tasks_by_service();
-    let none = Vec::new();
     for svc in state.services.values() {
-        let running = by_service.get(svc.name.as_str()).unwrap_or(&none);
-        // Published ports.
-        if let Some(net) = svc.ingress_network() {
-            for port in &svc.ports {
-                let backends = running
-                    .iter()
-                    .filter_map(|task| {
-                        let addr = task.address_on(net)?;
-                        let link = reachable(task, net, node, links, reach)?;
-                        Some(BackendSpec {
-                            task_id: task.id.clone(),
-                            addr,
-                            port: port.target,
-                            link,
-                        })
-                    })
-                    .collect();
-                let id = FeId {
-                    addr: Ipv4Addr::UNSPECIFIED,
-                    port: port.published,
-                    protocol: port.protocol.into(),
-                };
-                out.insert(
-                    id,
-                    FrontendSpec {
-                        service: svc.name.clone(),
-                        addr: Ipv4Addr::UNSPECIFIED,
-                        port: port.published,
-                        protocol: port.protocol.into(),
-                        flags: fe_flags::PUBLISHED,
-                        net_id: 0,
-                        backends,
-                    },
-                );
-            }
-        }
-        // VIPs: every port of the VIP goes to the same port of a task (port 0 = keep).
-        for sn in &svc.networks {
-            let (Some(vip), Some(net)) = (sn.vip, state.networks.get(&sn.network)) else {
-                continue;
-            };
-            let backends: Vec<BackendSpec> = running
+        let running = by_service.get(svc.name.as_str()).map(Vec::as_slice).unwrap_or(&[]);
+        service_frontends(state, svc, running, node, links, reach, &mut out);
+    }
+    out
+}
+
+/// The frontends of one service (`running`: its running tasks in slot order).
+fn service_frontends(
+    state: &State,
+    svc: &crate::model::Service,
+    running: &[&crate::model::Task],
+    node: &str,
+    links: &LocalLinks,
+    reach: Reach,
+    out: &mut BTreeMap<FeId, FrontendSpec>,
+) {
+    // Published ports.
+    if let Some(net) = svc.ingress_network() {
+        for port in &svc.ports {
+            let backends = running
                 .iter()
                 .filter_map(|task| {
-                    let addr = task.address_on(&sn.network)?;
-                    let link = reachable(task, &sn.network, node, links, reach)?;
+                    let addr = task.address_on(net)?;
+                    let link = reachable(task, net, node, links, reach)?;
                     Some(BackendSpec {
                         task_id: task.id.clone(),
                         addr,
-                        port: 0,
+                        port: port.target,
                         link,
                     })
                 })
                 .collect();
-            let id = FeId { addr: vip, port: 0, protocol: FeProto::Both };
+            let id = FeId {
+                addr: Ipv4Addr::UNSPECIFIED,
+                port: port.published,
+                protocol: port.protocol.into(),
+            };
             out.insert(
                 id,
                 FrontendSpec {
                     service: svc.name.clone(),
-                    addr: vip,
-                    port: 0,
-                    protocol: FeProto::Both,
-                    flags: fe_flags::VIP,
-                    net_id: net.vni,
+                    addr: Ipv4Addr::UNSPECIFIED,
+                    port: port.published,
+                    protocol: port.protocol.into(),
+                    flags: fe_flags::PUBLISHED,
+                    net_id: 0,
                     backends,
                 },
             );
         }
     }
-    out
+    // VIPs: every port of the VIP goes to the same port of a task (port 0 = keep).
+    for sn in &svc.networks {
+        let (Some(vip), Some(net)) = (sn.vip, state.networks.get(&sn.network)) else {
+            continue;
+        };
+        let backends: Vec<BackendSpec> = running
+            .iter()
+            .filter_map(|task| {
+                let addr = task.address_on(&sn.network)?;
+                let link = reachable(task, &sn.network, node, links, reach)?;
+                Some(BackendSpec {
+                    task_id: task.id.clone(),
+                    addr,
+                    port: 0,
+                    link,
+                })
+            })
+            .collect();
+        let id = FeId { addr: vip, port: 0, protocol: FeProto::Both };
+        out.insert(
+            id,
+            FrontendSpec {
+                service: svc.name.clone(),
+                addr: vip,
+                port: 0,
+                protocol: FeProto::Both,
+                flags: fe_flags::VIP,
+                net_id: net.vni,
+                backends,
+            },
+        );
+    }
 }
 
 /// Docker's ingress sandbox as this node sees it: the address Docker would DNAT published
@@ -525,157 +537,343 @@ impl Tables {
     /// Compute the operations that turn the programmed tables into `want`, and record `want`
     /// as programmed. On error nothing is recorded and no op should be applied.
     pub fn apply(&mut self, want: &BTreeMap<FeId, FrontendSpec>) -> Result<Vec<MapOp>, TablesError> {
-        let mut next = self.clone();
-        let ops = next.diff_into(want)?;
-        *self = next;
-        Ok(ops)
-    }
-
-    fn diff_into(&mut self, want: &BTreeMap<FeId, FrontendSpec>) -> Result<Vec<MapOp>, TablesError> {
-        let mut adds = Vec::new(); // backends, resets, slots, frontends
-        let mut removes = Vec::new(); // frontend deletes, slot deletes, backend clears
-        let mut freed_svc = Vec::new();
-        let mut freed_be = Vec::new();
-
-        // Frontends that go away.
-        let gone: Vec<FeId> = self
+        let mut changes: Vec<(FeId, Option<&FrontendSpec>)> = self
             .frontends
             .keys()
             .filter(|k| !want.contains_key(k))
-            .copied()
+            .map(|k| (*k, None))
             .collect();
-        for id in gone {
-            let Some(pf) = self.frontends.remove(&id) else { continue };
-            removes.extend(id.keys().map(|key| MapOp::DeleteFrontend { key }));
-            for (i, _) in pf.slots.iter().enumerate() {
-                removes.push(MapOp::DeleteSlot {
-                    svc_id: pf.svc_id,
-                    slot: i as u32 + 1,
-                });
-            }
-            for b in &pf.spec.backends {
-                if let Some(bid) = self.backends.remove(&(pf.svc_id, b.key())) {
-                    removes.push(MapOp::ClearBackend { id: bid });
-                    freed_be.push(bid);
-                }
-            }
-            freed_svc.push(pf.svc_id);
-        }
+        changes.extend(
+            want.iter()
+                .filter(|(id, spec)| self.frontends.get(id).map(|pf| &pf.spec) != Some(*spec))
+                .map(|(id, spec)| (*id, Some(spec))),
+        );
+        self.apply_changes(&changes)
+    }
 
-        // Frontends that are new or changed.
-        for (id, spec) in want {
-            let (svc_id, old_slots, old_spec) = match self.frontends.get(id) {
-                Some(pf) if pf.spec == *spec => continue,
-                Some(pf) => (pf.svc_id, pf.slots.clone(), Some(pf.spec.clone())),
-                None => {
-                    let (svc_id, used) = self.alloc_svc()?;
-                    if used {
-                        adds.push(MapOp::ResetService { svc_id });
-                    }
-                    (svc_id, Vec::new(), None)
-                }
-            };
-            // Backend ids: keep those whose spec is unchanged, allocate the rest.
-            let mut slots = Vec::with_capacity(spec.backends.len());
-            for b in &spec.backends {
-                let key = (svc_id, b.key());
-                let bid = match self.backends.get(&key) {
-                    Some(&bid) => bid,
-                    None => {
-                        let (bid, used) = self.alloc_be()?;
-                        self.backends.insert(key, bid);
-                        if used {
-                            adds.push(MapOp::ResetBackendStats { id: bid });
-                        }
-                        adds.push(MapOp::SetBackend {
-                            id: bid,
-                            value: backend_value(svc_id, b),
-                        });
-                        bid
-                    }
-                };
-                slots.push(bid);
-            }
-            for (i, bid) in slots.iter().enumerate() {
-                if old_slots.get(i) != Some(bid) {
-                    adds.push(MapOp::SetSlot {
-                        svc_id,
-                        slot: i as u32 + 1,
-                        backend_id: *bid,
-                    });
-                }
-            }
-            let value = Frontend {
-                svc_id,
-                count: slots.len() as u32,
-                flags: spec.flags,
-                net_id: spec.net_id,
-            };
-            adds.extend(id.keys().map(|key| MapOp::SetFrontend { key, value }));
-            for slot in slots.len()..old_slots.len() {
-                removes.push(MapOp::DeleteSlot {
-                    svc_id,
-                    slot: slot as u32 + 1,
-                });
-            }
-            if let Some(old) = old_spec {
-                let keep: BTreeSet<BeKey> = spec.backends.iter().map(BackendSpec::key).collect();
-                for b in &old.backends {
-                    if !keep.contains(&b.key()) {
-                        if let Some(bid) = self.backends.remove(&(svc_id, b.key())) {
-                            removes.push(MapOp::ClearBackend { id: bid });
-                            freed_be.push(bid);
-                        }
-                    }
-                }
-            }
-            self.frontends.insert(
-                *id,
-                ProgFrontend {
-                    svc_id,
-                    spec: spec.clone(),
-                    slots,
-                },
-            );
-        }
-
-        // Ports bitmap: recomputed whole, written where a word changed.
-        let mut ports: BTreeMap<u32, u32> = BTreeMap::new();
-        let published = want
-            .iter()
-            .filter(|(_, spec)| spec.flags & fe_flags::PUBLISHED != 0)
-            .map(|(id, _)| id.port);
-        let reserved = self.reserved.iter().flat_map(|(a, b)| *a..=*b);
-        for p in published.chain(reserved) {
-            *ports.entry(p as u32 >> 5).or_default() |= 1 << (p as u32 & 31);
-        }
-        let mut port_ops = Vec::new();
-        for (w, bits) in &ports {
-            if self.ports.get(w) != Some(bits) {
-                port_ops.push(MapOp::SetPortWord { word: *w, bits: *bits });
+    /// Like [`Tables::apply`] for just the frontends that changed (`None`: removed): the cost
+    /// follows the size of the change, not of the tables.
+    pub fn apply_changes(&mut self, changes: &[(FeId, Option<&FrontendSpec>)]) -> Result<Vec<MapOp>, TablesError> {
+        self.check_capacity(changes)?;
+        let mut d = Delta::default();
+        // Removals first: their ids are freed for the next diff only.
+        for (id, spec) in changes {
+            if spec.is_none() {
+                self.remove_frontend(id, &mut d);
             }
         }
-        for w in self.ports.keys() {
-            if !ports.contains_key(w) {
-                port_ops.push(MapOp::SetPortWord { word: *w, bits: 0 });
+        for (id, spec) in changes {
+            if let Some(spec) = spec {
+                self.upsert_frontend(id, spec, &mut d)?;
             }
         }
-        self.ports = ports;
-
-        // Ids freed now are reusable from the next diff on.
-        self.free_svc.extend(freed_svc);
-        self.free_be.extend(freed_be);
-
+        let port_ops = self.port_ops();
+        self.free_svc.extend(d.freed_svc);
+        self.free_be.extend(d.freed_be);
         // New ports must be wanted before their frontends exist; stale ones cleared last.
         let (port_adds, port_clears): (Vec<_>, Vec<_>) = port_ops
             .into_iter()
             .partition(|op| matches!(op, MapOp::SetPortWord { bits, .. } if *bits != 0));
         let mut ops = port_adds;
-        ops.extend(adds);
-        ops.extend(removes);
+        ops.extend(d.adds);
+        ops.extend(d.removes);
         ops.extend(port_clears);
         Ok(ops)
     }
+
+    /// Refuse a change that could run out of ids before touching anything (an upper bound:
+    /// every backend of a changed frontend counted as new).
+    fn check_capacity(&self, changes: &[(FeId, Option<&FrontendSpec>)]) -> Result<(), TablesError> {
+        let new_fe = changes
+            .iter()
+            .filter(|(id, spec)| spec.is_some() && !self.frontends.contains_key(id))
+            .count();
+        let free_svc = self.free_svc.len() + (maps::MAX_SERVICES - self.next_svc) as usize;
+        if new_fe > free_svc {
+            return Err(TablesError::FrontendsFull { max: maps::MAX_SERVICES - 1 });
+        }
+        let new_be: usize = changes.iter().filter_map(|(_, s)| s.map(|s| s.backends.len())).sum();
+        let free_be = self.free_be.len() + (maps::MAX_BACKENDS - self.next_be) as usize;
+        if new_be > free_be {
+            // Exact count before giving up: most backends of a changed frontend are kept.
+            let exact: usize = changes
+                .iter()
+                .filter_map(|(id, s)| {
+                    let s = (*s)?;
+                    let svc = self.frontends.get(id).map(|pf| pf.svc_id);
+                    Some(
+                        s.backends
+                            .iter()
+                            .filter(|b| svc.is_none_or(|svc| !self.backends.contains_key(&(svc, b.key()))))
+                            .count(),
+                    )
+                })
+                .sum();
+            if exact > free_be {
+                return Err(TablesError::BackendsFull { max: maps::MAX_BACKENDS - 1 });
+            }
+        }
+        Ok(())
+    }
+
+    fn remove_frontend(&mut self, id: &FeId, d: &mut Delta) {
+        let Some(pf) = self.frontends.remove(id) else { return };
+        d.removes.extend(id.keys().map(|key| MapOp::DeleteFrontend { key }));
+        for (i, _) in pf.slots.iter().enumerate() {
+            d.removes.push(MapOp::DeleteSlot {
+                svc_id: pf.svc_id,
+                slot: i as u32 + 1,
+            });
+        }
+        for b in &pf.spec.backends {
+            if let Some(bid) = self.backends.remove(&(pf.svc_id, b.key())) {
+                d.removes.push(MapOp::ClearBackend { id: bid });
+                d.freed_be.push(bid);
+            }
+        }
+        d.freed_svc.push(pf.svc_id);
+    }
+
+    fn upsert_frontend(&mut self, id: &FeId, spec: &FrontendSpec, d: &mut Delta) -> Result<(), TablesError> {
+        let (svc_id, old_slots, old_spec) = match self.frontends.get(id) {
+            Some(pf) if pf.spec == *spec => return Ok(()),
+            Some(pf) => (pf.svc_id, pf.slots.clone(), Some(pf.spec.clone())),
+            None => {
+                let (svc_id, used) = self.alloc_svc()?;
+                if used {
+                    d.adds.push(MapOp::ResetService { svc_id });
+                }
+                (svc_id, Vec::new(), None)
+            }
+        };
+        // Backend ids: keep those whose key is unchanged, allocate the rest.
+        let mut slots = Vec::with_capacity(spec.backends.len());
+        for b in &spec.backends {
+            let key = (svc_id, b.key());
+            let bid = match self.backends.get(&key) {
+                Some(&bid) => bid,
+                None => {
+                    let (bid, used) = self.alloc_be()?;
+                    self.backends.insert(key, bid);
+                    if used {
+                        d.adds.push(MapOp::ResetBackendStats { id: bid });
+                    }
+                    d.adds.push(MapOp::SetBackend {
+                        id: bid,
+                        value: backend_value(svc_id, b),
+                    });
+                    bid
+                }
+            };
+            slots.push(bid);
+        }
+        for (i, bid) in slots.iter().enumerate() {
+            if old_slots.get(i) != Some(bid) {
+                d.adds.push(MapOp::SetSlot {
+                    svc_id,
+                    slot: i as u32 + 1,
+                    backend_id: *bid,
+                });
+            }
+        }
+        let value = Frontend {
+            svc_id,
+            count: slots.len() as u32,
+            flags: spec.flags,
+            net_id: spec.net_id,
+        };
+        d.adds.extend(id.keys().map(|key| MapOp::SetFrontend { key, value }));
+        for slot in slots.len()..old_slots.len() {
+            d.removes.push(MapOp::DeleteSlot {
+                svc_id,
+                slot: slot as u32 + 1,
+            });
+        }
+        if let Some(old) = old_spec {
+            let keep: BTreeSet<BeKey> = spec.backends.iter().map(BackendSpec::key).collect();
+            for b in &old.backends {
+                if !keep.contains(&b.key()) {
+                    if let Some(bid) = self.backends.remove(&(svc_id, b.key())) {
+                        d.removes.push(MapOp::ClearBackend { id: bid });
+                        d.freed_be.push(bid);
+                    }
+                }
+            }
+        }
+        self.frontends.insert(
+            *id,
+            ProgFrontend {
+                svc_id,
+                spec: spec.clone(),
+                slots,
+            },
+        );
+        Ok(())
+    }
+
+    /// The ports bitmap, recomputed from the programmed frontends: ops for changed words.
+    fn port_ops(&mut self) -> Vec<MapOp> {
+        let mut ports: BTreeMap<u32, u32> = BTreeMap::new();
+        let published = self
+            .frontends
+            .iter()
+            .filter(|(_, pf)| pf.spec.flags & fe_flags::PUBLISHED != 0)
+            .map(|(id, _)| id.port);
+        let reserved = self.reserved.iter().flat_map(|(a, b)| *a..=*b);
+        for p in published.chain(reserved) {
+            *ports.entry(p as u32 >> 5).or_default() |= 1 << (p as u32 & 31);
+        }
+        let mut ops = Vec::new();
+        for (w, bits) in &ports {
+            if self.ports.get(w) != Some(bits) {
+                ops.push(MapOp::SetPortWord { word: *w, bits: *bits });
+            }
+        }
+        for w in self.ports.keys() {
+            if !ports.contains_key(w) {
+                ops.push(MapOp::SetPortWord { word: *w, bits: 0 });
+            }
+        }
+        self.ports = ports;
+        ops
+    }
+}
+
+/// Map operations of one diff, in the groups they are emitted in.
+#[derive(Default)]
+struct Delta {
+    /// Backends, resets, slots, frontends.
+    adds: Vec<MapOp>,
+    /// Frontend deletes, slot deletes, backend clears.
+    removes: Vec<MapOp>,
+    freed_svc: Vec<u32>,
+    freed_be: Vec<u32>,
+}
+
+/// The desired frontends of the last snapshot, per service, so that the next snapshot
+/// recomputes only the services it changed: a one-task change costs a comparison of the
+/// snapshots plus the work for that one service, not a recomputation of the cluster.
+#[derive(Default)]
+pub struct DesiredCache {
+    specs: BTreeMap<FeId, FrontendSpec>,
+    by_service: HashMap<String, Vec<FeId>>,
+    prev: Option<std::sync::Arc<State>>,
+    links: LocalLinks,
+    inputs: Option<(String, Reach, Option<IngressSandbox>)>,
+}
+
+impl DesiredCache {
+    /// Bring the cache to `state` and return the frontends that changed (`None`: removed),
+    /// ready for [`Tables::apply_changes`].
+    pub fn update(
+        &mut self,
+        state: &std::sync::Arc<State>,
+        node: &str,
+        links: &LocalLinks,
+        reach: Reach,
+        sbox: Option<&IngressSandbox>,
+    ) -> Vec<(FeId, Option<FrontendSpec>)> {
+        let inputs = (node.to_string(), reach, sbox.copied());
+        let services: BTreeSet<String> = match &self.prev {
+            Some(prev) if self.inputs.as_ref() == Some(&inputs) && prev.networks == state.networks => {
+                if std::sync::Arc::ptr_eq(prev, state) && self.links == *links {
+                    return Vec::new();
+                }
+                changed_services(prev, state, &self.links, links)
+            }
+            _ => self
+                .by_service
+                .keys()
+                .cloned()
+                .chain(state.services.keys().cloned())
+                .collect(),
+        };
+        let by_service = state.running_tasks_by_service();
+        let mut changes = BTreeMap::new();
+        for name in services {
+            for id in self.by_service.remove(&name).unwrap_or_default() {
+                self.specs.remove(&id);
+                changes.insert(id, None);
+            }
+            let Some(svc) = state.services.get(&name) else { continue };
+            let mut one = BTreeMap::new();
+            service_frontends(state, svc, by_service.get(name.as_str()).map(Vec::as_slice).unwrap_or(&[]), node, links, reach, &mut one);
+            if let Some(sb) = sbox {
+                one = via_ingress_sandbox(one, sb);
+            }
+            let ids: Vec<FeId> = one.keys().copied().collect();
+            for (id, spec) in one {
+                changes.insert(id, Some(spec.clone()));
+                self.specs.insert(id, spec);
+            }
+            self.by_service.insert(name, ids);
+        }
+        self.prev = Some(state.clone());
+        self.links = links.clone();
+        self.inputs = Some(inputs);
+        changes.into_iter().collect()
+    }
+
+    /// Every desired frontend (what [`desired`] would return).
+    pub fn all(&self) -> &BTreeMap<FeId, FrontendSpec> {
+        &self.specs
+    }
+}
+
+/// Services whose frontends may differ between two snapshots: their definition changed, or
+/// one of their tasks (added, removed, changed), or the link of one of their tasks.
+fn changed_services(prev: &State, next: &State, prev_links: &LocalLinks, links: &LocalLinks) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for (name, svc) in &next.services {
+        if prev.services.get(name) != Some(svc) {
+            out.insert(name.clone());
+        }
+    }
+    out.extend(prev.services.keys().filter(|n| !next.services.contains_key(*n)).cloned());
+    // Merge-join the two task maps (both ordered by id).
+    let (mut a, mut b) = (prev.tasks.iter().peekable(), next.tasks.iter().peekable());
+    loop {
+        match (a.peek(), b.peek()) {
+            (Some((ka, ta)), Some((kb, tb))) => match ka.cmp(kb) {
+                std::cmp::Ordering::Less => {
+                    out.insert(ta.service.clone());
+                    a.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    out.insert(tb.service.clone());
+                    b.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if ta != tb {
+                        out.insert(ta.service.clone());
+                        out.insert(tb.service.clone());
+                    }
+                    a.next();
+                    b.next();
+                }
+            },
+            (Some((_, ta)), None) => {
+                out.insert(ta.service.clone());
+                a.next();
+            }
+            (None, Some((_, tb))) => {
+                out.insert(tb.service.clone());
+                b.next();
+            }
+            (None, None) => break,
+        }
+    }
+    if prev_links != links {
+        let keys: BTreeSet<&(String, String)> = links.keys().chain(prev_links.keys()).collect();
+        for k in keys {
+            if links.get(k) != prev_links.get(k) {
+                for s in [prev.tasks.get(&k.0), next.tasks.get(&k.0)].into_iter().flatten() {
+                    out.insert(s.service.clone());
+                }
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -1039,6 +1237,70 @@ mod tests {
         let ops = t.apply(&d).unwrap();
         let words: BTreeSet<u32> = ops.iter().filter_map(|o| match o { MapOp::SetPortWord { word, .. } => Some(*word), _ => None }).collect();
         assert_eq!(words, BTreeSet::from([8080 >> 5]));
+    }
+
+    #[test]
+    fn desired_cache_matches_a_full_recomputation_and_reports_only_changes() {
+        use std::sync::Arc;
+        let mut s = state_vip(
+            &[
+                ("t1", 1, "n1", Running, [10, 0, 1, 11]),
+                ("t2", 2, "n2", Running, [10, 0, 1, 12]),
+                ("t3", 3, "n1", Running, [10, 0, 1, 13]),
+            ],
+            Some(Ipv4Addr::new(10, 0, 1, 2)),
+        );
+        // A second service that the changes below do not touch.
+        let mut other = s.services["web"].clone();
+        other.name = "api".into();
+        other.ports = vec![PortSpec { published: 9090, target: 90, protocol: Protocol::Tcp }];
+        other.networks[0].vip = Some(Ipv4Addr::new(10, 0, 1, 3));
+        s.services.insert("api".into(), other);
+        let l = links(&["t1", "t3"]);
+        let mut cache = DesiredCache::default();
+        let mut tables = Tables::new();
+        let first = Arc::new(s.clone());
+        let ch = cache.update(&first, "n1", &l, Reach::Cluster, None);
+        assert_eq!(cache.all(), &desired(&first, "n1", &l, Reach::Cluster));
+        let ops = tables.apply_changes(&ch.iter().map(|(id, sp)| (*id, sp.as_ref())).collect::<Vec<_>>()).unwrap();
+        assert!(!ops.is_empty());
+        // The same snapshot again: nothing.
+        assert!(cache.update(&first, "n1", &l, Reach::Cluster, None).is_empty());
+        // One task of `web` stops: only web's frontends are reported.
+        s.tasks.get_mut("t2").unwrap().state = Shutdown;
+        let next = Arc::new(s.clone());
+        let ch = cache.update(&next, "n1", &l, Reach::Cluster, None);
+        assert!(!ch.is_empty() && ch.iter().all(|(_, sp)| sp.as_ref().is_none_or(|sp| sp.service == "web")), "{ch:?}");
+        assert_eq!(cache.all(), &desired(&next, "n1", &l, Reach::Cluster));
+        let ops = tables.apply_changes(&ch.iter().map(|(id, sp)| (*id, sp.as_ref())).collect::<Vec<_>>()).unwrap();
+        check_invariants(&ops);
+        // Same result as diffing the whole desired state from scratch.
+        let mut full = Tables::new();
+        full.apply(&desired(&next, "n1", &l, Reach::Cluster)).unwrap();
+        let norm = |t: &Tables| t.frontends().map(|(id, pf)| (*id, pf.spec.clone(), pf.slots.len())).collect::<Vec<_>>();
+        assert_eq!(norm(&tables), norm(&full));
+        // A link change (task re-attached) touches its service only.
+        let mut l2 = l.clone();
+        l2.get_mut(&("t1".to_string(), "app".to_string())).unwrap().ifindex = 555;
+        let ch = cache.update(&next, "n1", &l2, Reach::Cluster, None);
+        assert!(ch.iter().all(|(_, sp)| sp.as_ref().is_none_or(|sp| sp.service == "web")));
+        assert_eq!(cache.all(), &desired(&next, "n1", &l2, Reach::Cluster));
+        // A removed service goes away entirely.
+        s.services.remove("api");
+        let last = Arc::new(s.clone());
+        let ch = cache.update(&last, "n1", &l2, Reach::Cluster, None);
+        assert!(ch.iter().any(|(id, sp)| id.port == 9090 && sp.is_none()));
+        assert_eq!(cache.all(), &desired(&last, "n1", &l2, Reach::Cluster));
+    }
+
+    #[test]
+    fn capacity_is_checked_before_anything_changes() {
+        let s = state(&[("t1", 1, "n1", Running, [10, 0, 1, 11])]);
+        let mut t = Tables::new();
+        t.next_be = maps::MAX_BACKENDS; // every backend id taken
+        let want = desired(&s, "n1", &links(&["t1"]), Reach::LocalOnly);
+        assert_eq!(t.apply(&want), Err(TablesError::BackendsFull { max: maps::MAX_BACKENDS - 1 }));
+        assert_eq!(t.frontends().count(), 0, "nothing recorded");
     }
 
     #[test]
