@@ -53,6 +53,12 @@ enum Task {
         #[arg(long)]
         rootfs_only: bool,
     },
+    /// Bring up the multi-node test bed (N node namespaces, a real agent each, a sample
+    /// cluster) and keep it up until Ctrl-C.
+    Cluster {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+    },
     /// Run the benchmarks and write bench/RESULTS.md + bench/results.json.
     Bench {
         /// The short run (< 3 minutes).
@@ -159,6 +165,16 @@ fn real_main() -> anyhow::Result<()> {
             } else {
                 xtask::image::import("docker", &tar, &format!("mesh-agent:{tag}")).map_err(|e| anyhow::anyhow!("{e}"))?;
             }
+        }
+        Task::Cluster { nodes } => {
+            require_root("the cluster test bed (namespaces, eBPF)")?;
+            let bin = build(false)?;
+            let mut c = cargo();
+            c.args(["run", "-p", "mesh-tests", "--bin", "mesh-cluster", "--"])
+                .arg("--nodes")
+                .arg(nodes.to_string())
+                .env("MESH_AGENT_BIN", &bin);
+            run(c)?;
         }
         Task::Bench { quick } => {
             require_root("the benchmarks")?;
