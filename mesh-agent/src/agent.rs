@@ -257,6 +257,11 @@ pub trait TaskService: Send {
     fn dns_stats(&self) -> Option<Box<dyn Fn() -> crate::dns::DnsStats + Send + Sync>> {
         None
     }
+    /// For the DNS server: the port it listens on at 127.0.0.11 in tasks, when that is not
+    /// 53 (the socket hooks then send 127.0.0.11:53 there).
+    fn dns_port(&self) -> Option<u16> {
+        None
+    }
 }
 
 pub struct Agent {
@@ -324,7 +329,11 @@ impl Agent {
             Some(sbox) => Some(sandbox_ingress_addr(sbox, &state).await?),
             None => (cfg.reach == Reach::Cluster).then(|| state.nodes[&cfg.node].address),
         };
-        dp.configure(snat, true)?;
+        let dns_port = match (&cfg.runtime, &dns, &cfg.cgroup) {
+            (Runtime::Mesh, Some(d), Some(_)) => d.dns_port().unwrap_or(0),
+            _ => 0,
+        };
+        dp.configure_dns(snat, true, dns_port)?;
         if snat.is_some() {
             tables.reserve_ports(mesh_common::SNAT_PORT_MIN, mesh_common::SNAT_PORT_MAX);
         }

@@ -329,8 +329,15 @@ pub struct Config {
     /// (32768–60999) so they never collide with the node's own connections.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
-    pub _pad: u32,
+    /// Port (host order) the embedded DNS server really listens on at 127.0.0.11 in tasks;
+    /// the socket hooks send 127.0.0.11:53 there, so a task's own server can bind port 53
+    /// (Docker does the same with an iptables redirect). 0 = listens on 53 itself.
+    pub dns_port: u16,
+    pub _pad: u16,
 }
+
+/// The embedded DNS server's address in every task (network order when loaded natively).
+pub const DNS_ADDR: [u8; 4] = [127, 0, 0, 11];
 
 /// Default SNAT port range (above `net.ipv4.ip_local_port_range`'s default 32768–60999).
 pub const SNAT_PORT_MIN: u16 = 61_000;

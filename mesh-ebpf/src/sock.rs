@@ -77,6 +77,11 @@ pub fn sock4_translate(ctx: &SockAddrContext, record_rev: bool) -> i32 {
         IPPROTO_UDP => mesh_common::proto::UDP,
         _ => return ALLOW,
     };
+    if let Scope::Task(_) = scope {
+        if dns4_redirect(ctx, daddr, dport, record_rev) {
+            return ALLOW;
+        }
+    }
     let fe: Frontend = match scope {
         Scope::Node => {
             if !lb::lb4_port_wanted(dport) || !(is_loopback(daddr) || lb::lb4_is_node_addr(daddr)) {
@@ -141,6 +146,25 @@ pub fn sock4_translate(ctx: &SockAddrContext, record_rev: bool) -> i32 {
         let _ = SOCK_REV.insert(key, val, 0);
     }
     ALLOW
+}
+
+/// 127.0.0.11:53 in a task → the port the embedded DNS server really listens on.
+#[inline(always)]
+fn dns4_redirect(ctx: &SockAddrContext, daddr: u32, dport: u16, record_rev: bool) -> bool {
+    let Some(cfg) = CONFIG.get(0) else { return false };
+    if cfg.dns_port == 0 || daddr != u32::from_ne_bytes(mesh_common::DNS_ADDR) || dport != 53u16.to_be() {
+        return false;
+    }
+    let port = cfg.dns_port.to_be();
+    // SAFETY: writable field for connect4/sendmsg4.
+    unsafe { (*ctx.sock_addr).user_port = port as u32 };
+    if record_rev {
+        // SAFETY: helper valid for sock_addr programs.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        let key = SockRevKey { cookie, addr: daddr, port, _pad: 0 };
+        let _ = SOCK_REV.insert(key, SockRevEntry { addr: daddr, port: dport, _pad: 0 }, 0);
+    }
+    true
 }
 
 /// recvmsg4 / getpeername4: show the application the address it talked to, not the backend.

@@ -162,6 +162,20 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Run the agent binary with `args` inside `ns` (e.g. a whoami server); killed on drop.
+    pub fn spawn_in(ns: &Netns, args: &[&str]) -> Proc {
+        let child = Command::new(agent_bin())
+            .args(args)
+            .arg("--netns")
+            .arg(ns.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the agent binary");
+        Proc { child: Some(child), name: args.join(" "), log: None }
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
     }

@@ -210,3 +210,28 @@ fn scaling_shows_up_on_the_next_query_and_hostile_queries_do_not_hurt() {
     assert_eq!(b.short(&["tasks.web"]), want);
     let _ = Ipv4Addr::LOCALHOST;
 }
+
+#[test]
+fn a_task_can_serve_on_port_53_itself() {
+    let b = bed();
+    let vip = b.c.vip_of("web", "appnet").to_string();
+    eventually("DNS answers in the task", Duration::from_secs(20), || (b.short(&["web"]) == [vip.clone()]).then_some(()));
+    // The client task runs its own UDP and TCP servers on port 53 (a DNS service in a task,
+    // say): the embedded DNS listens elsewhere and the socket hooks send 127.0.0.11:53 there.
+    let client = b.client();
+    let own = mesh_tests::Proc::spawn_in(
+        client,
+        &[
+            "whoami", "--name", "own53", "--udp", "0.0.0.0:53", "--http", "0.0.0.0:53",
+        ],
+    );
+    let addr = b.c.tasks_of("client", "running")[0].addrs[0].1;
+    eventually("the task's own port-53 server answers", Duration::from_secs(10), || {
+        udp_ask(&b.c.tasks_of("web", "running")[0].ns, std::net::SocketAddr::from((addr, 53)), b"hi")
+            .filter(|a| a == "own53 hi")
+    });
+    // ...and the embedded DNS still answers in that task, over UDP and TCP.
+    assert_eq!(b.short(&["web"]), [vip.clone()]);
+    assert_eq!(b.short(&["+tcp", "web"]), [vip]);
+    drop(own);
+}

@@ -162,11 +162,12 @@ pub async fn run(args: DemoArgs, stop: impl std::future::Future<Output = ()>) ->
 
     let dns: Option<Box<dyn crate::agent::TaskService>> = {
         let resolv = Path::new("/etc/resolv.conf");
-        let cfg = if resolv.exists() {
+        let mut cfg = if resolv.exists() {
             crate::dns::DnsConfig::from_resolv_conf(resolv).unwrap_or_default()
         } else {
             crate::dns::DnsConfig::default()
         };
+        cfg.port = super::DNS_HOOKED_PORT;
         Some(Box::new(super::DnsService(crate::dns::Dns::new(cfg))))
     };
     let agent_fut = agent::run(cfg, source, dns, stop);

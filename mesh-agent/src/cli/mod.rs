@@ -274,9 +274,18 @@ pub async fn dns_service(args: &RunArgs) -> anyhow::Result<Option<Box<dyn crate:
     if !args.dns_upstreams.is_empty() {
         cfg.upstreams = args.dns_upstreams.clone();
     }
+    // With the socket hooks (the default), the server listens on a high port and the hooks
+    // send 127.0.0.11:53 there, leaving port 53 free for the tasks' own servers.
+    if args.cgroup.as_deref() != Some("none") && args.runtime == RuntimeArg::Mesh {
+        cfg.port = DNS_HOOKED_PORT;
+    }
     tracing::info!(upstreams = ?cfg.upstreams, ttl = cfg.ttl, "embedded DNS on {}:{} in every task", cfg.listen, cfg.port);
     Ok(Some(Box::new(DnsService(crate::dns::Dns::new(cfg)))))
 }
+
+/// Where the embedded DNS server listens at 127.0.0.11 in tasks when the socket hooks
+/// redirect port 53 to it.
+pub const DNS_HOOKED_PORT: u16 = 53053;
 
 /// [`crate::dns::Dns`] as the agent's per-task service.
 pub struct DnsService(pub crate::dns::Dns);
@@ -297,5 +306,8 @@ impl crate::agent::TaskService for DnsService {
     fn dns_stats(&self) -> Option<Box<dyn Fn() -> crate::dns::DnsStats + Send + Sync>> {
         let dns = self.0.clone();
         Some(Box::new(move || dns.stats()))
+    }
+    fn dns_port(&self) -> Option<u16> {
+        Some(self.0.config().port).filter(|p| *p != 53)
     }
 }

@@ -242,6 +242,12 @@ impl Datapath {
     /// Write the agent-wide settings: this netns's cookie (for the socket hooks) and the
     /// SNAT source for flows to tasks on other nodes.
     pub fn configure(&mut self, snat_addr: Option<std::net::Ipv4Addr>, node_scope: bool) -> Result<(), DatapathError> {
+        self.configure_dns(snat_addr, node_scope, 0)
+    }
+
+    /// [`Datapath::configure`], plus the port the embedded DNS server listens on in tasks
+    /// (0: port 53 itself, no redirect).
+    pub fn configure_dns(&mut self, snat_addr: Option<std::net::Ipv4Addr>, node_scope: bool, dns_port: u16) -> Result<(), DatapathError> {
         // Without the node scope (under Docker, whose iptables steer published ports into its
         // ingress sandbox) the socket hooks act only in task namespaces.
         let cookie = if node_scope { netns_cookie()? } else { 0 };
@@ -251,6 +257,7 @@ impl Datapath {
             snat_addr: snat_addr.map(|a| u32::from_ne_bytes(a.octets())).unwrap_or(0),
             snat_port_min: mesh_common::SNAT_PORT_MIN,
             snat_port_max: mesh_common::SNAT_PORT_MAX,
+            dns_port,
             _pad: 0,
         })
     }
