@@ -146,6 +146,34 @@ fn take_pinned(path: &Path) -> Option<FdLink> {
     }
 }
 
+/// Take attachment `$id` out of program `$name` as a plain bpf_link (to pin it).
+macro_rules! take_fd_link {
+    ($self:ident, $getter:ident, $name:expr, $id:expr) => {
+        $self
+            .$getter($name)
+            .map_err(|e| e.to_string())
+            .and_then(|p| p.take_link($id).map_err(|e| e.to_string()))
+            .and_then(|l| FdLink::try_from(l).map_err(|e| e.to_string()))
+    };
+}
+
+/// `name` as a program of type `$ty`, loaded into the kernel on first use.
+macro_rules! loaded_program {
+    ($self:ident, $name:ident, $ty:ty) => {{
+        let p: &mut $ty = $self
+            .ebpf
+            .program_mut($name)
+            .ok_or(DatapathError::MissingProgram { name: $name })?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name: $name, op: "type", source })?;
+        if p.fd().is_err() {
+            p.load()
+                .map_err(|source| DatapathError::Program { name: $name, op: "load", source })?;
+        }
+        Ok(p)
+    }};
+}
+
 /// The loaded programs and their attachments. Dropping it detaches every program (links
 /// close); the pinned maps stay until [`Datapath::unpin`].
 pub struct Datapath {
@@ -196,47 +224,17 @@ impl Datapath {
         self.pin_dir.join(LINKS_DIR).join(format!("{kind}-{name}"))
     }
 
-    /// A loaded program of the object, for tests and benchmarks (BPF_PROG_TEST_RUN).
+    /// A loaded program of the object, for attaching and for BPF_PROG_TEST_RUN.
     pub fn xdp_program(&mut self, name: &'static str) -> Result<&mut Xdp, DatapathError> {
-        let p: &mut Xdp = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::MissingProgram { name })?
-            .try_into()
-            .map_err(|source| DatapathError::Program { name, op: "type", source })?;
-        if p.fd().is_err() {
-            p.load()
-                .map_err(|source| DatapathError::Program { name, op: "load", source })?;
-        }
-        Ok(p)
+        loaded_program!(self, name, Xdp)
     }
 
     pub fn tc_program(&mut self, name: &'static str) -> Result<&mut SchedClassifier, DatapathError> {
-        let p: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::MissingProgram { name })?
-            .try_into()
-            .map_err(|source| DatapathError::Program { name, op: "type", source })?;
-        if p.fd().is_err() {
-            p.load()
-                .map_err(|source| DatapathError::Program { name, op: "load", source })?;
-        }
-        Ok(p)
+        loaded_program!(self, name, SchedClassifier)
     }
 
     fn sock_program(&mut self, name: &'static str) -> Result<&mut CgroupSockAddr, DatapathError> {
-        let p: &mut CgroupSockAddr = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::MissingProgram { name })?
-            .try_into()
-            .map_err(|source| DatapathError::Program { name, op: "type", source })?;
-        if p.fd().is_err() {
-            p.load()
-                .map_err(|source| DatapathError::Program { name, op: "load", source })?;
-        }
-        Ok(p)
+        loaded_program!(self, name, CgroupSockAddr)
     }
 
     /// Write the agent-wide settings: this netns's cookie (for the socket hooks) and the
@@ -455,42 +453,22 @@ impl Datapath {
         for (iface, a) in std::mem::take(&mut self.ingress) {
             match a {
                 Attached::Xdp(id) => {
-                    let path = self.link_pin("xdp", &iface);
-                    let l = self
-                        .xdp_program(progs::XDP_INGRESS)
-                        .map_err(|e| e.to_string())
-                        .and_then(|p| p.take_link(id).map_err(|e| e.to_string()))
-                        .and_then(|l| FdLink::try_from(l).map_err(|e| e.to_string()));
-                    pin(l, path, &mut errors);
+                    let l = take_fd_link!(self, xdp_program, progs::XDP_INGRESS, id);
+                    pin(l, self.link_pin("xdp", &iface), &mut errors);
                 }
                 Attached::Tc(id) => {
-                    let path = self.link_pin("tc", &iface);
-                    let l = self
-                        .tc_program(progs::TC_INGRESS)
-                        .map_err(|e| e.to_string())
-                        .and_then(|p| p.take_link(id).map_err(|e| e.to_string()))
-                        .and_then(|l| FdLink::try_from(l).map_err(|e| e.to_string()));
-                    pin(l, path, &mut errors);
+                    let l = take_fd_link!(self, tc_program, progs::TC_INGRESS, id);
+                    pin(l, self.link_pin("tc", &iface), &mut errors);
                 }
             }
         }
         for (veth, id) in std::mem::take(&mut self.tasks) {
-            let path = self.link_pin("task", &veth);
-            let l = self
-                .tc_program(progs::TC_TASK)
-                .map_err(|e| e.to_string())
-                .and_then(|p| p.take_link(id).map_err(|e| e.to_string()))
-                .and_then(|l| FdLink::try_from(l).map_err(|e| e.to_string()));
-            pin(l, path, &mut errors);
+            let l = take_fd_link!(self, tc_program, progs::TC_TASK, id);
+            pin(l, self.link_pin("task", &veth), &mut errors);
         }
         for (name, id) in std::mem::take(&mut self.sock) {
-            let path = self.link_pin("sock", name);
-            let l = self
-                .sock_program(name)
-                .map_err(|e| e.to_string())
-                .and_then(|p| p.take_link(id).map_err(|e| e.to_string()))
-                .and_then(|l| FdLink::try_from(l).map_err(|e| e.to_string()));
-            pin(l, path, &mut errors);
+            let l = take_fd_link!(self, sock_program, name, id);
+            pin(l, self.link_pin("sock", name), &mut errors);
         }
         errors
     }
