@@ -1,7 +1,7 @@
 //! Synthetic cluster states, built directly as `mesh_agent::model::State` (no YAML): the
 //! shapes of the control-plane scale runs and the big-table XDP fixture.
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, sync::Arc};
 
 use mesh_agent::{
     model::{
@@ -54,7 +54,9 @@ pub fn node_name(n: usize) -> String {
 /// more tasks with fresh ids and addresses.
 pub struct Cluster {
     pub shape: Shape,
-    pub state: State,
+    /// Shared with the snapshot last handed to the agent's code, as the agent holds it: a
+    /// change clones it first (copy on write), outside any timing.
+    pub state: Arc<State>,
     pub links: LocalLinks,
     next_task: usize,
     next_addr: Vec<usize>,
@@ -70,7 +72,13 @@ impl Cluster {
             } else {
                 Ipv4Addr::new(198, 19, (n >> 8) as u8, (n & 255) as u8)
             };
-            s.nodes.insert(node_name(n), Node { name: node_name(n), address });
+            s.nodes.insert(
+                node_name(n),
+                Node {
+                    name: node_name(n),
+                    address,
+                },
+            );
         }
         for k in 0..shape.networks {
             let name = format!("net{k:02}");
@@ -86,7 +94,7 @@ impl Cluster {
         }
         let mut c = Cluster {
             shape,
-            state: s,
+            state: Arc::new(s),
             links: LocalLinks::new(),
             next_task: 0,
             next_addr: vec![0; shape.networks],
@@ -110,12 +118,20 @@ impl Cluster {
                 vec![]
             };
             let name = service_name(i);
-            c.state.services.insert(
+            Arc::make_mut(&mut c.state).services.insert(
                 name.clone(),
                 Service {
                     name,
-                    endpoint_mode: if dnsrr { EndpointMode::Dnsrr } else { EndpointMode::Vip },
-                    networks: vec![ServiceNetwork { network: format!("net{k:02}"), vip, aliases: vec![] }],
+                    endpoint_mode: if dnsrr {
+                        EndpointMode::Dnsrr
+                    } else {
+                        EndpointMode::Vip
+                    },
+                    networks: vec![ServiceNetwork {
+                        network: format!("net{k:02}"),
+                        vip,
+                        aliases: vec![],
+                    }],
                     ports,
                 },
             );
@@ -145,7 +161,7 @@ impl Cluster {
         let id = task_id(g);
         let net = format!("net{k:02}");
         let address = net_addr(k, a);
-        self.state.tasks.insert(
+        Arc::make_mut(&mut self.state).tasks.insert(
             id.clone(),
             Task {
                 id: id.clone(),
@@ -155,7 +171,10 @@ impl Cluster {
                 state: TaskState::Running,
                 netns: Some(format!("/run/netns/{id}").into()),
                 resolv_conf: None,
-                networks: vec![TaskNetwork { network: net.clone(), address }],
+                networks: vec![TaskNetwork {
+                    network: net.clone(),
+                    address,
+                }],
             },
         );
         if node == 0 {
@@ -174,7 +193,7 @@ impl Cluster {
     }
 
     pub fn remove_task(&mut self, id: &str) {
-        if let Some(t) = self.state.tasks.remove(id) {
+        if let Some(t) = Arc::make_mut(&mut self.state).tasks.remove(id) {
             for n in &t.networks {
                 self.links.remove(&(id.to_string(), n.network.clone()));
             }
@@ -184,9 +203,11 @@ impl Cluster {
     /// Some running task of service `svc` (the first by id).
     pub fn a_task_of(&self, svc: usize) -> Option<(String, u32, usize)> {
         let name = service_name(svc);
-        self.state.tasks.values().find(|t| t.service == name).map(|t| {
-            (t.id.clone(), t.slot, t.node[1..].parse().unwrap_or(0))
-        })
+        self.state
+            .tasks
+            .values()
+            .find(|t| t.service == name)
+            .map(|t| (t.id.clone(), t.slot, t.node[1..].parse().unwrap_or(0)))
     }
 
     pub fn local_tasks(&self) -> usize {

@@ -37,11 +37,27 @@ pub fn stat(samples: &[f64]) -> Stat {
     let mut v: Vec<f64> = samples.iter().copied().filter(|x| x.is_finite()).collect();
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     if v.is_empty() {
-        return Stat { median: f64::NAN, min: f64::NAN, max: f64::NAN, n: 0, samples: samples.to_vec() };
+        return Stat {
+            median: f64::NAN,
+            min: f64::NAN,
+            max: f64::NAN,
+            n: 0,
+            samples: samples.to_vec(),
+        };
     }
     let n = v.len();
-    let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
-    Stat { median, min: v[0], max: v[n - 1], n, samples: samples.to_vec() }
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    Stat {
+        median,
+        min: v[0],
+        max: v[n - 1],
+        n,
+        samples: samples.to_vec(),
+    }
 }
 
 impl Stat {
@@ -53,7 +69,12 @@ impl Stat {
         if self.n == 1 {
             return fmt_num(self.median, digits);
         }
-        format!("{} ({}–{})", fmt_num(self.median, digits), fmt_num(self.min, digits), fmt_num(self.max, digits))
+        format!(
+            "{} ({}–{})",
+            fmt_num(self.median, digits),
+            fmt_num(self.min, digits),
+            fmt_num(self.max, digits)
+        )
     }
 }
 
@@ -89,7 +110,11 @@ pub fn fmt_signed(x: f64, digits: usize) -> String {
     if !x.is_finite() {
         return "n/a".into();
     }
-    if x >= 0.0 { format!("+{}", fmt_num(x, digits)) } else { fmt_num(x, digits) }
+    if x >= 0.0 {
+        format!("+{}", fmt_num(x, digits))
+    } else {
+        fmt_num(x, digits)
+    }
 }
 
 pub fn fmt_dur(d: Duration) -> String {
@@ -113,7 +138,11 @@ pub fn cpu_busy_ticks() -> Vec<u64> {
     text.lines()
         .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(|b| b.is_ascii_digit()))
         .map(|l| {
-            let f: Vec<u64> = l.split_whitespace().skip(1).map(|x| x.parse().unwrap_or(0)).collect();
+            let f: Vec<u64> = l
+                .split_whitespace()
+                .skip(1)
+                .map(|x| x.parse().unwrap_or(0))
+                .collect();
             // user nice system idle iowait irq softirq steal guest guest_nice
             f.first().copied().unwrap_or(0)
                 + f.get(1).copied().unwrap_or(0)
@@ -132,7 +161,11 @@ pub fn clock_ticks_per_sec() -> f64 {
 
 /// Busy CPU seconds of all CPUs between two samples.
 pub fn cpu_busy_secs(before: &[u64], after: &[u64]) -> f64 {
-    let ticks: u64 = after.iter().zip(before).map(|(a, b)| a.saturating_sub(*b)).sum();
+    let ticks: u64 = after
+        .iter()
+        .zip(before)
+        .map(|(a, b)| a.saturating_sub(*b))
+        .sum();
     ticks as f64 / clock_ticks_per_sec()
 }
 
@@ -150,8 +183,13 @@ pub fn run_bounded(ns: Option<&str>, cmd: &str, args: &[&str], limit: Duration) 
         }
         None => Command::new(cmd),
     };
-    c.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    c.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
     // Drain the pipes on threads so a chatty command cannot block on a full pipe.
     let mut so = child.stdout.take().unwrap();
     let mut se = child.stderr.take().unwrap();
@@ -176,7 +214,11 @@ pub fn run_bounded(ns: Option<&str>, cmd: &str, args: &[&str], limit: Duration) 
         }
         thread::sleep(Duration::from_millis(5));
     };
-    Output { status, stdout: t_out.join().unwrap_or_default(), stderr: t_err.join().unwrap_or_default() }
+    Output {
+        status,
+        stdout: t_out.join().unwrap_or_default(),
+        stderr: t_err.join().unwrap_or_default(),
+    }
 }
 
 /// Like [`run_bounded`] but panics (with the output) when the command fails.
@@ -197,7 +239,11 @@ pub fn must(ns: Option<&str>, cmd: &str, args: &[&str], limit: Duration) -> Outp
 }
 
 pub fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 // ---------------------------------------------------------------------------------------
@@ -214,7 +260,11 @@ extern "C" fn on_signal(_: libc::c_int) {
 /// guard (namespaces, processes, pins) instead of dying with them in place.
 pub fn install_signal_handlers() {
     use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
-    let act = SigAction::new(SigHandler::Handler(on_signal), SaFlags::empty(), SigSet::empty());
+    let act = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
     for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
         // SAFETY: the handler only stores to an atomic.
         unsafe {
@@ -234,18 +284,12 @@ pub fn check_interrupt() {
     }
 }
 
-/// Sleep in small steps, stopping early on a signal.
-pub fn sleep(d: Duration) {
-    let end = Instant::now() + d;
-    while Instant::now() < end {
-        check_interrupt();
-        thread::sleep((end - Instant::now()).min(Duration::from_millis(50)));
-    }
-}
-
 /// Everything a guard should have removed, swept once more at exit (a guard that never ran
 /// because of a double panic or an abort path).
-static LEFTOVERS: Mutex<Leftovers> = Mutex::new(Leftovers { netns: BTreeSet::new(), pins: BTreeSet::new() });
+static LEFTOVERS: Mutex<Leftovers> = Mutex::new(Leftovers {
+    netns: BTreeSet::new(),
+    pins: BTreeSet::new(),
+});
 
 struct Leftovers {
     netns: BTreeSet<String>,
@@ -275,14 +319,20 @@ pub fn sweep_leftovers() -> Vec<String> {
     let mut swept = Vec::new();
     let l = std::mem::replace(
         &mut *LEFTOVERS.lock().unwrap_or_else(|e| e.into_inner()),
-        Leftovers { netns: BTreeSet::new(), pins: BTreeSet::new() },
+        Leftovers {
+            netns: BTreeSet::new(),
+            pins: BTreeSet::new(),
+        },
     );
     for ns in l.netns {
         if Path::new("/run/netns").join(&ns).exists() {
             if let Ok(o) = Command::new("ip").args(["netns", "pids", &ns]).output() {
                 for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
                     if let Ok(p) = pid.parse::<i32>() {
-                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(p),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
                     }
                 }
             }
@@ -312,7 +362,8 @@ impl SysctlGuard {
         let cur = fs::read_to_string(&path).map(|s| s.trim().to_string()).ok();
         let old = match &cur {
             Some(c) if c != value => {
-                fs::write(&path, value).unwrap_or_else(|e| panic!("cannot set {}: {e}", path.display()));
+                fs::write(&path, value)
+                    .unwrap_or_else(|e| panic!("cannot set {}: {e}", path.display()));
                 Some(c.clone())
             }
             _ => None,
@@ -345,7 +396,9 @@ pub fn machine() -> Value {
         .and_then(|l| l.split_once(':'))
         .map(|(_, v)| v.trim().to_string())
         .unwrap_or_else(|| "unknown".into());
-    let ncpu = thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let ncpu = thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let mem_kib: u64 = meminfo
         .lines()
@@ -353,18 +406,34 @@ pub fn machine() -> Value {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
     let virt = Command::new("systemd-detect-virt")
         .output()
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| {
-            if cpuinfo.contains(" hypervisor") { "a hypervisor (cpu flag)".into() } else { "unknown".into() }
+            if cpuinfo.contains(" hypervisor") {
+                "a hypervisor (cpu flag)".into()
+            } else {
+                "unknown".into()
+            }
         });
-    let jit = fs::read_to_string("/proc/sys/net/core/bpf_jit_enable").unwrap_or_default().trim().to_string();
+    let jit = fs::read_to_string("/proc/sys/net/core/bpf_jit_enable")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
     let git = Command::new("git")
-        .args(["-C", env!("CARGO_MANIFEST_DIR"), "describe", "--always", "--dirty"])
+        .args([
+            "-C",
+            env!("CARGO_MANIFEST_DIR"),
+            "describe",
+            "--always",
+            "--dirty",
+        ])
         .output()
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
@@ -382,7 +451,10 @@ pub fn machine() -> Value {
 
 /// Now as an RFC 3339 UTC timestamp (no external crate).
 pub fn now_utc() -> String {
-    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let (days, rem) = (secs / 86400, secs % 86400);
     // Civil from days (Howard Hinnant's algorithm).
     let z = days as i64 + 719_468;
@@ -395,7 +467,12 @@ pub fn now_utc() -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = if m <= 2 { y + 1 } else { y };
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// VmRSS and VmHWM of this process, in MiB.
@@ -435,7 +512,14 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    pub fn check(&mut self, section: &str, what: &str, result: String, target: &str, met: Option<bool>) {
+    pub fn check(
+        &mut self,
+        section: &str,
+        what: &str,
+        result: String,
+        target: &str,
+        met: Option<bool>,
+    ) {
         self.checks.push(Check {
             section: section.into(),
             what: what.into(),
@@ -461,7 +545,13 @@ pub struct Section {
 pub fn md_table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut s = String::new();
     s.push_str(&format!("| {} |\n", header.join(" | ")));
-    s.push_str(&format!("|{}\n", header.iter().map(|h| if h.is_empty() { "---|" } else { "---|" }).collect::<String>()));
+    s.push_str(&format!(
+        "|{}\n",
+        header
+            .iter()
+            .map(|h| if h.is_empty() { "---|" } else { "---|" })
+            .collect::<String>()
+    ));
     for r in rows {
         s.push_str(&format!("| {} |\n", r.join(" | ")));
     }
@@ -479,4 +569,294 @@ pub fn yes_no(m: Option<bool>) -> &'static str {
 /// Log a progress line (stderr), with the time since the start.
 pub fn log(start: Instant, msg: impl AsRef<str>) {
     eprintln!("[{:>6.1}s] {}", start.elapsed().as_secs_f64(), msg.as_ref());
+}
+
+// ---------------------------------------------------------------------------------------
+// Background processes and namespaces
+// ---------------------------------------------------------------------------------------
+
+/// A long-running process (optionally inside a netns, optionally pinned to a CPU), its output
+/// in a log file; SIGTERM then SIGKILL on drop.
+pub struct Bg {
+    child: Option<std::process::Child>,
+    pub what: String,
+    pub log: PathBuf,
+}
+
+impl Bg {
+    pub fn spawn(ns: Option<&str>, cpu: Option<u32>, cmd: &str, args: &[&str], log: &Path) -> Bg {
+        let mut argv: Vec<String> = Vec::new();
+        if let Some(n) = ns {
+            argv.extend(["ip", "netns", "exec", n].map(String::from));
+        }
+        if let Some(c) = cpu {
+            argv.extend(["taskset".to_string(), "-c".to_string(), c.to_string()]);
+        }
+        argv.push(cmd.into());
+        argv.extend(args.iter().map(|s| s.to_string()));
+        let f = fs::File::create(log).expect("log file");
+        let child = Command::new(&argv[0])
+            .args(&argv[1..])
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().expect("log"))
+            .stderr(f)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd}: {e}"));
+        Bg {
+            child: Some(child),
+            what: argv.join(" "),
+            log: log.to_path_buf(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, wait up to `grace`, then SIGKILL. True when it exited on its own.
+    pub fn stop(&mut self, grace: Duration) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return true;
+        };
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = c.try_wait() {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!(
+            "mesh-bench: `{}` did not stop on SIGTERM within {grace:?}: killed",
+            self.what
+        );
+        let _ = c.kill();
+        let _ = c.wait();
+        false
+    }
+}
+
+impl Drop for Bg {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(5));
+    }
+}
+
+/// Run `f` on a thread inside the network namespace at `path`.
+pub fn within<T: Send + 'static>(path: &Path, f: impl FnOnce() -> T + Send + 'static) -> T {
+    use std::os::fd::AsFd;
+    let file = fs::File::open(path).expect("open netns");
+    thread::spawn(move || {
+        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+    .join()
+    .expect("netns thread")
+}
+
+/// Rebuild a [`Stat`] from its JSON form.
+pub fn stat_from_json(v: &Value) -> Stat {
+    let s: Vec<f64> = v["samples"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
+        .unwrap_or_default();
+    stat(&s)
+}
+
+/// Wait (bounded) until the machine is quiet: busy time of all CPUs below `max_busy` (in
+/// CPUs) over a short window. Returns the busy level of the last window: other work on the
+/// machine shows up in every CPU-time figure, so it is recorded with each run.
+pub fn quiet_gate(max_busy: f64, limit: Duration) -> f64 {
+    let end = Instant::now() + limit;
+    loop {
+        check_interrupt();
+        let a = cpu_busy_ticks();
+        let t = Instant::now();
+        thread::sleep(Duration::from_millis(100));
+        let busy = cpu_busy_secs(&a, &cpu_busy_ticks()) / t.elapsed().as_secs_f64();
+        if busy <= max_busy || Instant::now() > end {
+            return busy;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// CPU used by other work on the machine
+// ---------------------------------------------------------------------------------------
+
+/// utime+stime and cutime+cstime (ticks), parent pid and kernel-thread flag of every
+/// process.
+fn proc_table() -> std::collections::HashMap<i32, (u64, u64, i32, bool)> {
+    proc_table_named().0
+}
+
+/// [`proc_table`] plus the pids of kernel threads other than ksoftirqd (kworkers: e.g. the
+/// asynchronous cleanup of network namespaces other work deletes).
+fn proc_table_named() -> (
+    std::collections::HashMap<i32, (u64, u64, i32, bool)>,
+    BTreeSet<i32>,
+) {
+    let mut workers = BTreeSet::new();
+    let mut m = std::collections::HashMap::new();
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return (m, workers);
+    };
+    for e in dir.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(s) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(rest) = s.rfind(')').map(|i| &s[i + 1..]) else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let n = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+        let ppid = f.get(1).and_then(|x| x.parse::<i32>().ok()).unwrap_or(0);
+        let kthread = n(6) & 0x0020_0000 != 0;
+        if kthread && !s.contains("(ksoftirqd/") {
+            workers.insert(pid);
+        }
+        m.insert(pid, (n(11) + n(12), n(13) + n(14), ppid, kthread));
+    }
+    (m, workers)
+}
+
+/// CPU time used by processes that are neither this benchmark's (itself and its
+/// descendants: load generators, servers, proxies, the agent) nor kernel threads, between
+/// [`Foreign::start`] and [`Foreign::secs`]. Children such processes reap during the window
+/// count in full (their parent's cutime), so this errs on the side of "disturbed".
+pub struct Foreign {
+    before: std::collections::HashMap<i32, (u64, u64, i32, bool)>,
+}
+
+impl Foreign {
+    pub fn start() -> Foreign {
+        Foreign {
+            before: proc_table(),
+        }
+    }
+
+    pub fn secs(&self) -> f64 {
+        self.split().0
+    }
+
+    /// (foreign processes, kernel worker threads other than ksoftirqd) CPU seconds.
+    pub fn split(&self) -> (f64, f64) {
+        let (after, workers) = proc_table_named();
+        let me = std::process::id() as i32;
+        let ours = |mut pid: i32| {
+            for _ in 0..64 {
+                if pid == me {
+                    return true;
+                }
+                match after.get(&pid).or_else(|| self.before.get(&pid)) {
+                    Some(p) if p.2 > 1 => pid = p.2,
+                    _ => return false,
+                }
+            }
+            false
+        };
+        let mut ticks = 0u64;
+        let mut kticks = 0u64;
+        for (pid, a) in &after {
+            let b = self.before.get(pid).copied().unwrap_or((0, 0, 0, false));
+            let d = a.0.saturating_sub(b.0) + a.1.saturating_sub(b.1);
+            if workers.contains(pid) {
+                kticks += d;
+            }
+            if a.3 || ours(*pid) {
+                continue;
+            }
+            ticks += d;
+        }
+        (
+            ticks as f64 / clock_ticks_per_sec(),
+            kticks as f64 / clock_ticks_per_sec(),
+        )
+    }
+}
+
+/// A cheap profile: `perf record -e cpu-clock` (software clock sampling: this VM has no
+/// hardware PMU) on `target` (e.g. `["-t", tid]` or `["-p", pid]`) for `secs`, while `work`
+/// runs (called until the recording ends, bounded). Returns the symbols with ≥ 2% of the
+/// samples, largest first.
+pub fn perf_top(target: &[&str], secs: f64, mut work: impl FnMut()) -> Option<Vec<(f64, String)>> {
+    let dir = tempfile::tempdir().ok()?;
+    let data = dir.path().join("perf.data");
+    let mut args = vec!["record", "-q", "-e", "cpu-clock", "-F", "4999"];
+    args.extend_from_slice(target);
+    let secs_s = format!("{secs}");
+    let data_s = data.to_str()?.to_string();
+    args.extend(["-o", &data_s, "--", "sleep", &secs_s]);
+    let mut perf = Command::new("perf")
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    thread::sleep(Duration::from_millis(200));
+    let deadline = Instant::now() + Duration::from_secs_f64(secs + 5.0);
+    loop {
+        work();
+        if matches!(perf.try_wait(), Ok(Some(_))) || Instant::now() > deadline || interrupted() {
+            break;
+        }
+    }
+    let _ = perf.kill();
+    let _ = perf.wait();
+    let out = run_bounded(
+        None,
+        "perf",
+        &[
+            "report",
+            "-i",
+            &data_s,
+            "--sort",
+            "sym",
+            "--stdio",
+            "--percent-limit",
+            "2",
+        ],
+        Duration::from_secs(60),
+    );
+    let rows: Vec<(f64, String)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.contains('%'))
+        .filter_map(|l| {
+            let (pct, rest) = l.trim().split_once('%')?;
+            let sym = rest
+                .trim()
+                .trim_start_matches("[k]")
+                .trim_start_matches("[.]")
+                .trim();
+            // JIT'd BPF programs: bpf_prog_<tag>_<name> → the name.
+            let sym = match sym.strip_prefix("bpf_prog_") {
+                Some(r) => r.split_once('_').map(|x| x.1).unwrap_or(r).to_string(),
+                None => sym.chars().take(80).collect(),
+            };
+            Some((pct.trim().parse().ok()?, sym))
+        })
+        .take(10)
+        .collect();
+    (!rows.is_empty()).then_some(rows)
+}
+
+pub fn show_profile(p: &[(f64, String)]) -> String {
+    p.iter()
+        .map(|(pct, s)| format!("`{s}` {pct:.0}%"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -1,0 +1,1337 @@
+//! 1. Per-packet cost of the hot path through BPF_PROG_TEST_RUN (aya `TestRun`): the
+//! kernel's own `duration` (ns per run, averaged over `repeat` runs on one buffer).
+//!
+//! With `repeat` > 1 every iteration reuses one buffer, so a rewrite persists into the next
+//! iteration. Each path is forced so that it really is taken on every iteration, and the
+//! per-reason verdict counters (`VERDICTS_V1`) prove it afterwards:
+//! - established: two conntrack entries that map the flow onto each other (A → B, B → A),
+//!   so every iteration is a conntrack hit with a full rewrite (address, port, both
+//!   checksums, MACs) and a redirect;
+//! - reply (TC `mesh_tc_task`): the same ping-pong with two REPLY entries;
+//! - pass-through: a TCP SYN to a port no frontend uses (nothing is rewritten);
+//! - new flow: (a) distinct SYNs to a published port with local backends, one run each
+//!   (repeat = 1), mean of `duration` minus the timer overhead of a repeat-1 run (measured
+//!   on the pass-through path); (b) a self-regenerating new flow at full repeat: a service
+//!   whose backends are remote (so the agent's SNAT applies) and whose addresses are node
+//!   addresses on the published port: every rewrite gives the packet a fresh random SNAT
+//!   source port, so the next iteration misses conntrack again and balances, SNATs and
+//!   inserts two entries anew.
+
+use std::{net::Ipv4Addr, path::PathBuf, time::Instant};
+
+use aya::programs::{TestRun, TestRunOptions};
+use mesh_agent::{
+    ebpf::{
+        Datapath,
+        packet::{self, Frame, TCP_ACK, TCP_SYN},
+    },
+    model::{
+        EndpointMode, Network, Node, PortSpec, Protocol, Service, ServiceNetwork, State, Task,
+        TaskNetwork, TaskState,
+    },
+    tables::{self, LocalLink, LocalLinks, Reach, Tables},
+};
+use mesh_common::{Backend, Config, CtEntry, CtKey, be_flags, ct_flags, maps as mapnames, progs};
+use serde_json::{Value, json};
+
+use crate::{
+    Ctx,
+    util::{self, Section, Stat, fmt_num, md_table, stat},
+};
+
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
+const TC_ACT_REDIRECT: u32 = 7;
+const TC_ACT_OK: u32 = 0;
+
+const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+const SNAT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 250);
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xaa];
+const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xbb];
+const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+/// Node addresses that double as remote backends of the self-regenerating new-flow service.
+const LOOP_BACKENDS: u8 = 200;
+const LOOP_PORT: u16 = 9090;
+/// A backend id outside what the tables hand out, for the established ping-pong.
+const PINGPONG_BE: u32 = mapnames::MAX_BACKENDS - 2;
+
+fn task_addr(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 200, 0, 10 + i)
+}
+fn task_mac(i: u8) -> [u8; 6] {
+    [0x02, 0x42, 10, 200, 0, 10 + i]
+}
+fn loop_addr(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 1, i)
+}
+fn ne(a: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(a.octets())
+}
+
+/// The small fixture: `web` (published 8080 → 80, three local tasks, a VIP) and `loop`
+/// (published 9090 → 9090, 200 remote tasks whose addresses are node addresses).
+fn base_state(s: &mut State) {
+    s.nodes.insert(
+        "n0".into(),
+        Node {
+            name: "n0".into(),
+            address: NODE,
+        },
+    );
+    s.nodes.insert(
+        "n2".into(),
+        Node {
+            name: "n2".into(),
+            address: Ipv4Addr::new(198, 19, 0, 2),
+        },
+    );
+    s.networks.insert(
+        "benchnet".into(),
+        Network {
+            name: "benchnet".into(),
+            subnet: "10.200.0.0/24".parse().unwrap(),
+            vni: 4200,
+            gateway: Ipv4Addr::new(10, 200, 0, 1),
+        },
+    );
+    s.services.insert(
+        "web".into(),
+        Service {
+            name: "web".into(),
+            endpoint_mode: EndpointMode::Vip,
+            networks: vec![ServiceNetwork {
+                network: "benchnet".into(),
+                vip: Some(Ipv4Addr::new(10, 200, 0, 2)),
+                aliases: vec![],
+            }],
+            ports: vec![PortSpec {
+                published: 8080,
+                target: 80,
+                protocol: Protocol::Tcp,
+            }],
+        },
+    );
+    for i in 1..=3u8 {
+        let id = format!("web{i}");
+        s.tasks.insert(
+            id.clone(),
+            Task {
+                id,
+                service: "web".into(),
+                slot: i as u32,
+                node: "n0".into(),
+                state: TaskState::Running,
+                netns: Some(format!("/run/netns/web{i}").into()),
+                resolv_conf: None,
+                networks: vec![TaskNetwork {
+                    network: "benchnet".into(),
+                    address: task_addr(i),
+                }],
+            },
+        );
+    }
+    s.services.insert(
+        "loop".into(),
+        Service {
+            name: "loop".into(),
+            endpoint_mode: EndpointMode::Dnsrr,
+            networks: vec![ServiceNetwork {
+                network: "benchnet".into(),
+                vip: None,
+                aliases: vec![],
+            }],
+            ports: vec![PortSpec {
+                published: LOOP_PORT,
+                target: LOOP_PORT,
+                protocol: Protocol::Tcp,
+            }],
+        },
+    );
+    for i in 1..=LOOP_BACKENDS {
+        let id = format!("loop{i:03}");
+        s.tasks.insert(
+            id.clone(),
+            Task {
+                id,
+                service: "loop".into(),
+                slot: i as u32,
+                node: "n2".into(),
+                state: TaskState::Running,
+                netns: None,
+                resolv_conf: None,
+                networks: vec![TaskNetwork {
+                    network: "benchnet".into(),
+                    address: loop_addr(i),
+                }],
+            },
+        );
+    }
+}
+
+fn base_links() -> LocalLinks {
+    (1..=3u8)
+        .map(|i| {
+            (
+                (format!("web{i}"), "benchnet".to_string()),
+                LocalLink {
+                    ifindex: 1,
+                    task_mac: task_mac(i),
+                    gw_mac: GW_MAC,
+                },
+            )
+        })
+        .collect()
+}
+
+/// 10k more services written straight into the maps (what `desired` + `Tables::apply` would
+/// write for them, without the control plane's cost, measured in section 3): each a published
+/// port (20000 + i) and a VIP (TCP and UDP frontends), three remote backends per frontend.
+fn big_tables(dp: &mut Datapath) -> (usize, usize, usize) {
+    use mesh_agent::tables::MapOp;
+    use mesh_common::{Frontend, FrontendKey, fe_flags};
+    const SERVICES: usize = 10_000;
+    let (first_svc, first_be) = (1_000u32, 10_000u32);
+    let mut ops = Vec::new();
+    let mut words: std::collections::BTreeMap<u32, u32> = std::collections::BTreeMap::new();
+    let (mut svc, mut be) = (first_svc, first_be);
+    let mut frontends = 0;
+    for i in 0..SERVICES {
+        let net = 100 + (i % 20) as u8;
+        let vip = Ipv4Addr::new(
+            10,
+            net,
+            250 + (i / 20 / 250) as u8,
+            (i / 20 % 250) as u8 + 2,
+        );
+        let port = 20_000 + i as u16;
+        let fes = [
+            (
+                FrontendKey {
+                    addr: 0,
+                    port: port.to_be(),
+                    proto: 6,
+                    _pad: 0,
+                },
+                fe_flags::PUBLISHED,
+                80u16,
+            ),
+            (
+                FrontendKey {
+                    addr: ne(vip),
+                    port: 0,
+                    proto: 6,
+                    _pad: 0,
+                },
+                fe_flags::VIP,
+                0,
+            ),
+            (
+                FrontendKey {
+                    addr: ne(vip),
+                    port: 0,
+                    proto: 17,
+                    _pad: 0,
+                },
+                fe_flags::VIP,
+                0,
+            ),
+        ];
+        for (key, flags, target) in fes {
+            for slot in 1..=3u32 {
+                let t = i * 3 + slot as usize;
+                let addr = Ipv4Addr::new(10, net, (t >> 8) as u8, (t & 255) as u8);
+                ops.push(MapOp::SetBackend {
+                    id: be,
+                    value: Backend {
+                        addr: ne(addr),
+                        port: target.to_be(),
+                        flags: be_flags::ACTIVE,
+                        ifindex: 0,
+                        mac: [0; 6],
+                        smac: [0; 6],
+                        svc_id: svc,
+                        _pad: 0,
+                    },
+                });
+                ops.push(MapOp::SetSlot {
+                    svc_id: svc,
+                    slot,
+                    backend_id: be,
+                });
+                be += 1;
+            }
+            ops.push(MapOp::SetFrontend {
+                key,
+                value: Frontend {
+                    svc_id: svc,
+                    count: 3,
+                    flags,
+                    net_id: 0,
+                },
+            });
+            svc += 1;
+            frontends += 1;
+        }
+        *words.entry(port as u32 >> 5).or_default() |= 1 << (port as u32 & 31);
+    }
+    for (w, bits) in words {
+        let old = dp.maps.ports.get(&w, 0).unwrap_or(0);
+        ops.push(MapOp::SetPortWord {
+            word: w,
+            bits: old | bits,
+        });
+    }
+    dp.maps.apply(&ops).expect("program 10k services");
+    (SERVICES, frontends, (be - first_be) as usize)
+}
+
+/// A loaded datapath with its own pins (removed on drop) and programmed tables.
+struct Fixture {
+    dp: Option<Datapath>,
+    pins: PathBuf,
+    label: &'static str,
+    services: usize,
+    frontends: usize,
+    backends: usize,
+    ct_filled: usize,
+    web_backend: u32,
+    web_svc: u32,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        if let Some(dp) = self.dp.take() {
+            let _ = dp.unpin();
+        }
+        util::remove_pin_dir(&self.pins);
+    }
+}
+
+impl Fixture {
+    /// `big`: add 10k services (published port + VIP, three remote tasks each) and fill
+    /// conntrack with 100k live entries.
+    fn new(big: bool) -> Fixture {
+        let pins = PathBuf::from(format!(
+            "/sys/fs/bpf/mesh-bench-{}-xdp-{}",
+            std::process::id(),
+            if big { "big" } else { "small" }
+        ));
+        util::track_pins(&pins);
+        util::remove_pin_dir(&pins);
+        let dp = Datapath::load(&pins).expect("load the embedded eBPF object (root needed)");
+        let mut f = Fixture {
+            dp: Some(dp),
+            pins,
+            label: if big {
+                "10k services, 100k conntrack entries"
+            } else {
+                "2 services, empty conntrack"
+            },
+            services: 0,
+            frontends: 0,
+            backends: 0,
+            ct_filled: 0,
+            web_backend: 0,
+            web_svc: 0,
+        };
+        let mut state = State::default();
+        let links = base_links();
+        base_state(&mut state);
+        let mut node_addrs = vec![NODE];
+        node_addrs.extend((1..=LOOP_BACKENDS).map(loop_addr));
+        let mut tables = Tables::new();
+        let want = tables::desired(&state, "n0", &links, Reach::Cluster);
+        let ops = tables.apply(&want).expect("tables fit the maps");
+        {
+            let dp = f.dp();
+            dp.maps.set_node_addrs(&node_addrs).unwrap();
+            dp.maps.apply(&ops).expect("program the maps");
+            dp.maps
+                .set_config(Config {
+                    netns_cookie: 0,
+                    flags: 0,
+                    snat_addr: ne(SNAT),
+                    snat_port_min: 1024,
+                    snat_port_max: 65_535,
+                    dns_port: 0,
+                    _pad: 0,
+                })
+                .unwrap();
+        }
+        f.services = state.services.len();
+        f.frontends = tables.frontends().count();
+        f.backends = tables.backends().count();
+        if big {
+            let (s, fe, be) = big_tables(f.dp());
+            f.services += s;
+            f.frontends += fe;
+            f.backends += be;
+        }
+        let (web_svc, web_be) = {
+            let (_, fe) = tables.frontends().find(|(id, _)| id.port == 8080).unwrap();
+            let be = tables
+                .backends()
+                .find(|(_, _, b)| b.addr == task_addr(1) && b.port == 80)
+                .unwrap()
+                .0;
+            (fe.svc_id, be)
+        };
+        f.web_svc = web_svc;
+        f.web_backend = web_be;
+        if big {
+            f.fill_conntrack(100_000);
+        }
+        f.install_pingpong();
+        f
+    }
+
+    fn dp(&mut self) -> &mut Datapath {
+        self.dp.as_mut().unwrap()
+    }
+
+    /// 100k live flows (both directions of 50k connections) from 198.20.0.0/16 clients.
+    fn fill_conntrack(&mut self, n: usize) {
+        let (svc, be) = (self.web_svc, self.web_backend);
+        let dp = self.dp();
+        for i in 0..n / 2 {
+            let c = Ipv4Addr::new(198, 20, (i >> 8) as u8, (i & 255) as u8);
+            let sport = (10_000 + (i % 50_000) as u16).to_be();
+            let fwd = CtKey {
+                saddr: ne(c),
+                daddr: ne(NODE),
+                sport,
+                dport: 8080u16.to_be(),
+                proto: 6,
+                _pad: [0; 3],
+            };
+            let rev = CtKey {
+                saddr: ne(task_addr(1)),
+                daddr: ne(c),
+                sport: 80u16.to_be(),
+                dport: sport,
+                proto: 6,
+                _pad: [0; 3],
+            };
+            let fe = CtEntry {
+                saddr: ne(c),
+                daddr: ne(task_addr(1)),
+                sport,
+                dport: 80u16.to_be(),
+                ifindex: 1,
+                smac: GW_MAC,
+                dmac: task_mac(1),
+                svc_id: svc,
+                backend_id: be,
+                flags: ct_flags::FORWARD,
+            };
+            let re = CtEntry {
+                saddr: ne(NODE),
+                daddr: ne(c),
+                sport: 8080u16.to_be(),
+                dport: sport,
+                ifindex: 1,
+                smac: NODE_MAC,
+                dmac: CLIENT_MAC,
+                svc_id: svc,
+                backend_id: be,
+                flags: ct_flags::REPLY,
+            };
+            dp.maps
+                .conntrack
+                .insert(fwd, fe, 0)
+                .expect("conntrack insert");
+            dp.maps
+                .conntrack
+                .insert(rev, re, 0)
+                .expect("conntrack insert");
+        }
+        self.ct_filled = self.dp().maps.conntrack_len();
+    }
+
+    /// The established and reply ping-pongs (see the module doc).
+    fn install_pingpong(&mut self) {
+        let (svc, be) = (self.web_svc, self.web_backend);
+        let dp = self.dp();
+        // A backend at the frontend's own address, so B → A passes the "backend alive" check.
+        dp.maps
+            .backends
+            .set(
+                PINGPONG_BE,
+                Backend {
+                    addr: ne(NODE),
+                    port: 8080u16.to_be(),
+                    flags: be_flags::ACTIVE | be_flags::LOCAL,
+                    ifindex: 1,
+                    mac: NODE_MAC,
+                    smac: CLIENT_MAC,
+                    svc_id: svc,
+                    _pad: 0,
+                },
+                0,
+            )
+            .unwrap();
+        // Port 80 must be "wanted" for B's lookup to happen.
+        let w = 80u32 >> 5;
+        let bits = dp.maps.ports.get(&w, 0).unwrap_or(0);
+        dp.maps.ports.set(w, bits | 1 << (80 & 31), 0).unwrap();
+        let sport = 40_000u16.to_be();
+        let key = |s: Ipv4Addr, sp: u16, d: Ipv4Addr, dp_: u16| CtKey {
+            saddr: ne(s),
+            daddr: ne(d),
+            sport: sp,
+            dport: dp_.to_be(),
+            proto: 6,
+            _pad: [0; 3],
+        };
+        let entry =
+            |s: Ipv4Addr, sp: u16, d: Ipv4Addr, dport: u16, smac, dmac, be_id, flags| CtEntry {
+                saddr: ne(s),
+                daddr: ne(d),
+                sport: sp,
+                dport: dport.to_be(),
+                ifindex: 1,
+                smac,
+                dmac,
+                svc_id: svc,
+                backend_id: be_id,
+                flags,
+            };
+        let ct = &mut dp.maps.conntrack;
+        // Forward: A = client → node:8080 ⇒ task1:80; B = client → task1:80 ⇒ node:8080.
+        ct.insert(
+            key(CLIENT, sport, NODE, 8080),
+            entry(
+                CLIENT,
+                sport,
+                task_addr(1),
+                80,
+                GW_MAC,
+                task_mac(1),
+                be,
+                ct_flags::FORWARD,
+            ),
+            0,
+        )
+        .unwrap();
+        ct.insert(
+            key(CLIENT, sport, task_addr(1), 80),
+            entry(
+                CLIENT,
+                sport,
+                NODE,
+                8080,
+                CLIENT_MAC,
+                NODE_MAC,
+                PINGPONG_BE,
+                ct_flags::FORWARD,
+            ),
+            0,
+        )
+        .unwrap();
+        // Reply: task1:80 → client ⇒ node:8080 → client, and back.
+        let r1 = CtKey {
+            saddr: ne(task_addr(1)),
+            daddr: ne(CLIENT),
+            sport: 80u16.to_be(),
+            dport: sport,
+            proto: 6,
+            _pad: [0; 3],
+        };
+        let r2 = CtKey {
+            saddr: ne(NODE),
+            daddr: ne(CLIENT),
+            sport: 8080u16.to_be(),
+            dport: sport,
+            proto: 6,
+            _pad: [0; 3],
+        };
+        let rep = |s: Ipv4Addr, p: u16| CtEntry {
+            saddr: ne(s),
+            daddr: ne(CLIENT),
+            sport: p.to_be(),
+            dport: sport,
+            ifindex: 1,
+            smac: NODE_MAC,
+            dmac: CLIENT_MAC,
+            svc_id: svc,
+            backend_id: be,
+            flags: ct_flags::REPLY,
+        };
+        ct.insert(r1, rep(NODE, 8080), 0).unwrap();
+        ct.insert(r2, rep(task_addr(1), 80), 0).unwrap();
+    }
+
+    fn verdicts(&mut self) -> std::collections::BTreeMap<&'static str, u64> {
+        self.dp().maps.verdicts()
+    }
+
+    /// One BPF_PROG_TEST_RUN: (return value, ns per run, output frame).
+    fn run(&mut self, prog: Prog, frame: &[u8], repeat: u32) -> (u32, f64, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut opts = TestRunOptions::default();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        opts.repeat = repeat;
+        let r = match prog {
+            Prog::Xdp => self
+                .dp()
+                .xdp_program(progs::XDP_INGRESS)
+                .unwrap()
+                .test_run(opts),
+            Prog::TcIngress => self
+                .dp()
+                .tc_program(progs::TC_INGRESS)
+                .unwrap()
+                .test_run(opts),
+            Prog::TcTask => self.dp().tc_program(progs::TC_TASK).unwrap().test_run(opts),
+        }
+        .expect("BPF_PROG_TEST_RUN");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, r.duration.as_nanos() as f64, out)
+    }
+
+    fn prog_info(&mut self, prog: Prog) -> Value {
+        let info = match prog {
+            Prog::Xdp => self.dp().xdp_program(progs::XDP_INGRESS).unwrap().info(),
+            Prog::TcIngress => self.dp().tc_program(progs::TC_INGRESS).unwrap().info(),
+            Prog::TcTask => self.dp().tc_program(progs::TC_TASK).unwrap().info(),
+        };
+        match info {
+            Ok(i) => json!({
+                "id": i.id(),
+                "jited_bytes": i.size_jitted(),
+                "xlated_bytes": i.size_translated(),
+                "verified_insns": i.verified_instruction_count(),
+            }),
+            Err(e) => json!({ "error": e.to_string() }),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Prog {
+    Xdp,
+    TcIngress,
+    TcTask,
+}
+
+impl Prog {
+    fn name(self) -> &'static str {
+        match self {
+            Prog::Xdp => progs::XDP_INGRESS,
+            Prog::TcIngress => progs::TC_INGRESS,
+            Prog::TcTask => progs::TC_TASK,
+        }
+    }
+}
+
+/// Iterations per BPF_PROG_TEST_RUN of the self-regenerating new-flow path.
+const SNAT_CHUNK: u32 = 50_000;
+
+/// The next seed packet of the self-regenerating new-flow path: a SYN from a client port not
+/// used before, to the first loop backend.
+fn snat_seed(n: &mut u32) -> Vec<u8> {
+    *n += 1;
+    let src = Ipv4Addr::new(198, 22, (*n >> 16) as u8, (*n >> 8) as u8);
+    let mut fr = Frame::tcp(
+        src,
+        1024 + (*n & 255) as u16,
+        loop_addr(1),
+        LOOP_PORT,
+        TCP_SYN,
+    );
+    fr.src_mac = CLIENT_MAC;
+    fr.dst_mac = NODE_MAC;
+    fr.build()
+}
+
+/// A path measured at full repeat: its frame, the verdict every iteration must count and
+/// the return value it must give.
+struct Path {
+    key: &'static str,
+    title: &'static str,
+    prog: Prog,
+    frame: Vec<u8>,
+    reason: &'static str,
+    rc: u32,
+    target_ns: Option<f64>,
+    how: &'static str,
+}
+
+fn paths() -> Vec<Path> {
+    let syn = |d: Ipv4Addr, p: u16| Frame::tcp(CLIENT, 40_000, d, p, TCP_SYN).build();
+    let mut est = Frame::tcp(CLIENT, 40_000, NODE, 8080, TCP_ACK);
+    est.src_mac = CLIENT_MAC;
+    est.dst_mac = NODE_MAC;
+    vec![
+        Path {
+            key: "pass",
+            title: "non-matching packet (pass-through)",
+            prog: Prog::Xdp,
+            frame: syn(NODE, 22),
+            reason: "pass_no_service",
+            rc: XDP_PASS,
+            target_ns: Some(20.0),
+            how: "TCP SYN to node:22, a port no frontend uses: parse + one PORTS bitmap read, XDP_PASS",
+        },
+        Path {
+            key: "established",
+            title: "established flow (conntrack hit)",
+            prog: Prog::Xdp,
+            frame: est.build(),
+            reason: "established",
+            rc: XDP_REDIRECT,
+            target_ns: Some(50.0),
+            how: "two FORWARD entries map client→node:8080 onto client→task:80 and back, so every \
+                  iteration is a hit + backend-alive check + counters + rewrite of daddr, dport, both \
+                  checksums, MACs + bpf_redirect",
+        },
+        Path {
+            key: "reply",
+            title: "reply reverse-NAT (TC mesh_tc_task)",
+            prog: Prog::TcTask,
+            frame: Frame::tcp(task_addr(1), 80, CLIENT, 40_000, TCP_ACK).build(),
+            reason: "reply",
+            rc: TC_ACT_REDIRECT,
+            target_ns: None,
+            how: "two REPLY entries map task:80→client onto node:8080→client and back: every \
+                  iteration is a hit + rewrite with bpf_l3/l4_csum_replace + MACs + bpf_redirect",
+        },
+        Path {
+            key: "tc_pass",
+            title: "non-matching packet, TC ingress hook",
+            prog: Prog::TcIngress,
+            frame: syn(NODE, 22),
+            reason: "pass_no_service",
+            rc: TC_ACT_OK,
+            target_ns: None,
+            how: "as pass-through, from mesh_tc_ingress (--hook tc)",
+        },
+        Path {
+            key: "tc_established",
+            title: "established flow, TC ingress hook",
+            prog: Prog::TcIngress,
+            frame: est.build(),
+            reason: "established",
+            rc: TC_ACT_REDIRECT,
+            target_ns: None,
+            how: "as established, from mesh_tc_ingress (--hook tc): kernel checksum helpers, bpf_redirect_peer",
+        },
+    ]
+}
+
+struct PathResult {
+    key: &'static str,
+    title: &'static str,
+    prog: Prog,
+    ns: Stat,
+    share: f64,
+    target_ns: Option<f64>,
+    how: String,
+}
+
+/// Check that one run of `p` takes the intended path and leaves a valid frame.
+fn verify(f: &mut Fixture, p: &Path) {
+    let before = f.verdicts()[p.reason];
+    let (rc, _, out) = f.run(p.prog, &p.frame, 1);
+    assert_eq!(rc, p.rc, "{}: return value", p.key);
+    assert_eq!(
+        f.verdicts()[p.reason],
+        before + 1,
+        "{}: counted as {}",
+        p.key,
+        p.reason
+    );
+    if p.rc != XDP_PASS && p.rc != TC_ACT_OK {
+        let q = packet::parse(&out).expect("rewritten frame parses");
+        assert!(
+            q.ip_csum_ok && q.l4_csum_ok,
+            "{}: checksums after rewrite: {q:?}",
+            p.key
+        );
+        // And the rewritten frame is the other half of the ping-pong, which leads back.
+        let (rc2, _, back) = f.run(p.prog, &out, 1);
+        assert_eq!(rc2, p.rc, "{}: second half", p.key);
+        let (a, b) = (
+            packet::parse(&back).expect("frame"),
+            packet::parse(&p.frame).expect("frame"),
+        );
+        assert!(
+            a.ip_csum_ok && a.l4_csum_ok,
+            "{}: checksums after two rewrites",
+            p.key
+        );
+        assert_eq!(
+            (a.src, a.sport, a.dst, a.dport),
+            (b.src, b.sport, b.dst, b.dport),
+            "{}: ping-pong returns",
+            p.key
+        );
+    }
+}
+
+fn measure_path(f: &mut Fixture, p: &Path, repeat: u32) -> (f64, f64) {
+    let before = f.verdicts()[p.reason];
+    let (rc, ns, _) = f.run(p.prog, &p.frame, repeat);
+    let after = f.verdicts()[p.reason];
+    assert_eq!(rc, p.rc, "{}: return value at repeat {repeat}", p.key);
+    (ns, (after - before) as f64 / repeat as f64)
+}
+
+/// New flows to local backends, one distinct SYN per run (repeat = 1). Returns the mean
+/// kernel duration, and the share of runs counted as new flows.
+fn new_flow_distinct(f: &mut Fixture, n: usize, round: usize) -> (f64, f64) {
+    let before = f.verdicts()["new_flow"];
+    let mut sum = 0.0;
+    for i in 0..n {
+        let src = Ipv4Addr::new(
+            198,
+            21 + round as u8,
+            (i >> 16) as u8 | 0x40,
+            (i >> 8) as u8,
+        );
+        let sport = 1024 + (i & 255) as u16 * 200 + (i >> 8 & 127) as u16;
+        let mut fr = Frame::tcp(src, sport, NODE, 8080, TCP_SYN);
+        fr.src_mac = CLIENT_MAC;
+        fr.dst_mac = NODE_MAC;
+        let (rc, ns, _) = f.run(Prog::Xdp, &fr.build(), 1);
+        assert_eq!(
+            rc, XDP_REDIRECT,
+            "new flow to a local backend is redirected"
+        );
+        sum += ns;
+    }
+    let share = (f.verdicts()["new_flow"] - before) as f64 / n as f64;
+    (sum / n as f64, share)
+}
+
+/// Mean duration of repeat-1 runs of the pass-through path (timer overhead calibration).
+fn pass_repeat1(f: &mut Fixture, n: usize) -> f64 {
+    let frame = Frame::tcp(CLIENT, 40_000, NODE, 22, TCP_SYN).build();
+    let mut sum = 0.0;
+    for _ in 0..n {
+        sum += f.run(Prog::Xdp, &frame, 1).1;
+    }
+    sum / n as f64
+}
+
+/// An empty XDP program (`return XDP_PASS`), loaded with raw bpf(2) calls: the floor of the
+/// harness (loop, bh disable/enable, the program call) on this machine.
+struct EmptyProg {
+    fd: i32,
+}
+
+fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> libc::c_long {
+    // SAFETY: `attr` is a zeroed, 8-byte aligned bpf_attr of 128 bytes, large enough for the
+    // PROG_LOAD and PROG_TEST_RUN layouts filled in below.
+    unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(attr),
+        )
+    }
+}
+
+impl EmptyProg {
+    fn load() -> Option<EmptyProg> {
+        // r0 = XDP_PASS; exit
+        let insns: [u64; 2] = [
+            u64::from_le_bytes([0xb7, 0, 0, 0, 2, 0, 0, 0]),
+            u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
+        ];
+        let license = b"GPL\0";
+        let mut a = [0u64; 16];
+        a[0] = 6 | (2u64 << 32); // prog_type = BPF_PROG_TYPE_XDP, insn_cnt = 2
+        a[1] = insns.as_ptr() as u64;
+        a[2] = license.as_ptr() as u64;
+        let fd = bpf(5, &mut a); // BPF_PROG_LOAD
+        (fd >= 0).then_some(EmptyProg { fd: fd as i32 })
+    }
+
+    /// ns per run at `repeat`.
+    fn run(&self, frame: &[u8], repeat: u32) -> Option<f64> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut a = [0u64; 16];
+        a[0] = self.fd as u64;
+        a[1] = frame.len() as u64 | ((out.len() as u64) << 32);
+        a[2] = frame.as_ptr() as u64;
+        a[3] = out.as_mut_ptr() as u64;
+        a[4] = repeat as u64;
+        let rc = bpf(10, &mut a); // BPF_PROG_TEST_RUN
+        (rc == 0).then(|| (a[4] >> 32) as f64)
+    }
+}
+
+impl Drop for EmptyProg {
+    fn drop(&mut self) {
+        // SAFETY: our own fd.
+        unsafe { libc::close(self.fd) };
+    }
+}
+
+/// Where the time of `path` goes: `perf record -e cpu-clock` on this thread while it runs
+/// the path at full repeat (`bpftool prog profile` needs hardware counters this VM lacks).
+fn profile(f: &mut Fixture, prog: Prog, frame: &[u8], repeat: u32) -> Option<Vec<(f64, String)>> {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() }.to_string();
+    util::perf_top(&["-t", &tid], 1.5, || {
+        f.run(prog, frame, repeat);
+    })
+}
+
+struct FixtureResult {
+    profiles: Vec<(String, Vec<(f64, String)>)>,
+    floor: Stat,
+    label: &'static str,
+    services: usize,
+    frontends: usize,
+    backends: usize,
+    ct_filled: usize,
+    paths: Vec<PathResult>,
+    calib: Value,
+    progs: Value,
+}
+
+fn run_fixture(ctx: &Ctx, big: bool) -> FixtureResult {
+    let repeat = ctx.xdp_repeat;
+    let rounds = ctx.xdp_rounds;
+    let t = Instant::now();
+    let mut f = Fixture::new(big);
+    util::log(
+        ctx.start,
+        format!(
+            "xdp: fixture '{}' ready in {}",
+            f.label,
+            util::fmt_dur(t.elapsed())
+        ),
+    );
+    let ps = paths();
+    for p in &ps {
+        verify(&mut f, p);
+    }
+    let mut samples: Vec<Vec<(f64, f64)>> = vec![Vec::new(); ps.len()];
+    // Warm-up (JIT'd code and map buckets in cache), then rounds with the paths interleaved.
+    for p in &ps {
+        measure_path(&mut f, p, repeat / 10);
+    }
+    let empty = EmptyProg::load();
+    let mut floor = Vec::new();
+    for _ in 0..rounds {
+        util::check_interrupt();
+        if let Some(ns) = empty.as_ref().and_then(|e| e.run(&ps[0].frame, repeat)) {
+            floor.push(ns);
+        }
+        for (i, p) in ps.iter().enumerate() {
+            samples[i].push(measure_path(&mut f, p, repeat));
+        }
+    }
+    drop(empty);
+    let mut results: Vec<PathResult> = ps
+        .iter()
+        .zip(&samples)
+        .map(|(p, s)| PathResult {
+            key: p.key,
+            title: p.title,
+            prog: p.prog,
+            ns: stat(&s.iter().map(|x| x.0).collect::<Vec<_>>()),
+            share: s.iter().map(|x| x.1).fold(f64::INFINITY, f64::min),
+            target_ns: p.target_ns,
+            how: p.how.to_string(),
+        })
+        .collect();
+
+    // New flow (a): distinct SYNs, repeat 1, calibrated by the pass-through's repeat-1 cost.
+    let n1 = ctx.xdp_distinct;
+    let mut nf = Vec::new();
+    let mut p1 = Vec::new();
+    let mut share_min = f64::INFINITY;
+    let pass_full = results.iter().find(|r| r.key == "pass").unwrap().ns.median;
+    for r in 0..rounds {
+        util::check_interrupt();
+        p1.push(pass_repeat1(&mut f, n1 / 2));
+        let (mean, share) = new_flow_distinct(&mut f, n1, r);
+        share_min = share_min.min(share);
+        nf.push(mean);
+    }
+    let p1s = stat(&p1);
+    let overhead = (p1s.median - pass_full).max(0.0);
+    let calibrated: Vec<f64> = nf.iter().map(|x| x - overhead).collect();
+    results.push(PathResult {
+        key: "new_flow",
+        title: "published-port SYN, new flow (local backend)",
+        prog: Prog::Xdp,
+        ns: stat(&calibrated),
+        share: share_min,
+        target_ns: Some(150.0),
+        how: format!(
+            "{} distinct SYNs per round (fresh 5-tuples), one BPF_PROG_TEST_RUN each (repeat = 1): \
+             mean kernel duration {} ns minus the timer overhead of a repeat-1 run, {} ns (pass-through \
+             at repeat 1: {} ns vs {} ns at full repeat). Cold caches per packet; conntrack evicts (LRU) once full",
+            fmt_num(n1 as f64, 0),
+            stat(&nf).show(1),
+            fmt_num(overhead, 1),
+            fmt_num(p1s.median, 1),
+            fmt_num(pass_full, 1)
+        ),
+    });
+    let calib = json!({
+        "pass_repeat1_ns": p1s,
+        "pass_full_repeat_ns": pass_full,
+        "timer_overhead_ns": overhead,
+        "new_flow_repeat1_raw_ns": stat(&nf),
+    });
+
+    // New flow (b): self-regenerating, remote backends with SNAT, at full repeat, in runs
+    // of at most 50k iterations, each from a fresh seed packet (see `snat_seed`).
+    let mut seed = 0u32;
+    {
+        let before = f.verdicts()["new_flow"];
+        let (rc, _, out) = f.run(Prog::Xdp, &snat_seed(&mut seed), 1);
+        assert_eq!(
+            rc, XDP_PASS,
+            "SNAT'd flow to a remote backend goes to the kernel"
+        );
+        assert_eq!(f.verdicts()["new_flow"], before + 1);
+        let q = packet::parse(&out).unwrap();
+        assert!(q.ip_csum_ok && q.l4_csum_ok && q.src == SNAT, "{q:?}");
+    }
+    let chunk = repeat.min(SNAT_CHUNK);
+    let calls = repeat.div_ceil(chunk);
+    let mut snat = Vec::new();
+    let mut snat_share = f64::INFINITY;
+    let mut discarded = 0;
+    for _ in 0..rounds {
+        util::check_interrupt();
+        let mut kept = Vec::new();
+        let mut tries = 0;
+        // A run that ran into its own trajectory (see `how`) is discarded: it measured
+        // established hits, not new flows. Bounded: at most twice the runs needed.
+        while kept.len() < calls as usize && tries < 2 * calls {
+            tries += 1;
+            let before = f.verdicts()["new_flow"];
+            let (rc, ns, _) = f.run(Prog::Xdp, &snat_seed(&mut seed), chunk);
+            assert_eq!(rc, XDP_PASS);
+            let share = (f.verdicts()["new_flow"] - before) as f64 / chunk as f64;
+            if share >= 0.99 {
+                kept.push((ns, share));
+            } else {
+                discarded += 1;
+            }
+        }
+        if kept.is_empty() {
+            continue;
+        }
+        snat_share = snat_share.min(kept.iter().map(|k| k.1).fold(f64::INFINITY, f64::min));
+        snat.push(kept.iter().map(|k| k.0).sum::<f64>() / kept.len() as f64);
+    }
+    if snat.is_empty() {
+        snat_share = 0.0;
+    }
+    results.push(PathResult {
+        key: "new_flow_snat",
+        title: "new flow, remote backend + SNAT (full repeat)",
+        prog: Prog::Xdp,
+        ns: stat(&snat),
+        share: snat_share,
+        target_ns: Some(150.0),
+        how: format!(
+            "service with {LOOP_BACKENDS} remote backends whose addresses are node addresses on the published \
+             port: each rewrite picks the next backend and a random SNAT source port (1024–65535), so the next \
+             iteration misses conntrack and is a new flow again (round-robin, SNAT port probe, two LRU \
+             inserts, rewrite of saddr/sport/daddr). Runs of {} iterations, each from a fresh seed packet \
+             (a run that met an entry of its own trajectory whose reply entry the LRU had already evicted \
+             would otherwise circle through established hits); conntrack stays full, so inserts evict. \
+             Runs where fewer than 99% of the iterations were new flows are discarded ({discarded} here). \
+             Share = iterations counted new_flow in the kept runs",
+            fmt_num(chunk as f64, 0)
+        ),
+    });
+
+    // Cheap profiles of the paths that miss their target (small tables only).
+    let mut profiles = Vec::new();
+    if !big {
+        for r in &results {
+            let Some(t) = r.target_ns else { continue };
+            if r.ns.median <= t {
+                continue;
+            }
+            let (prog, frame) = match r.key {
+                "new_flow" | "new_flow_snat" => {
+                    // Fresh seeds per call, as measured.
+                    let chunk = repeat.min(SNAT_CHUNK);
+                    // SAFETY: gettid has no preconditions.
+                    let tid = unsafe { libc::gettid() }.to_string();
+                    if r.key == "new_flow_snat" {
+                        if let Some(p) = util::perf_top(&["-t", &tid], 1.5, || {
+                            let fr = snat_seed(&mut seed);
+                            f.run(Prog::Xdp, &fr, chunk);
+                        }) {
+                            profiles.push((r.title.to_string(), p));
+                        }
+                    }
+                    continue;
+                }
+                k => match ps.iter().find(|p| p.key == k) {
+                    Some(p) => (p.prog, p.frame.clone()),
+                    None => continue,
+                },
+            };
+            if r.key == "new_flow" {
+                continue; // profiled through its full-repeat twin below
+            }
+            if let Some(p) = profile(&mut f, prog, &frame, repeat) {
+                profiles.push((r.title.to_string(), p));
+            }
+        }
+    }
+    let progs = json!({
+        "xdp": f.prog_info(Prog::Xdp),
+        "tc_ingress": f.prog_info(Prog::TcIngress),
+        "tc_task": f.prog_info(Prog::TcTask),
+    });
+    FixtureResult {
+        profiles,
+        floor: stat(&floor),
+        label: f.label,
+        services: f.services,
+        frontends: f.frontends,
+        backends: f.backends,
+        ct_filled: f.ct_filled,
+        paths: results,
+        calib,
+        progs,
+    }
+}
+
+/// This thread pinned to one CPU while alive (the conntrack map keeps per-CPU LRU lists:
+/// entries written from user space and by the programs then share one list), then back.
+struct Pinned(Option<nix::sched::CpuSet>);
+
+impl Pinned {
+    fn to(cpu: usize) -> Pinned {
+        let me = nix::unistd::Pid::from_raw(0);
+        let old = nix::sched::sched_getaffinity(me).ok();
+        let mut set = nix::sched::CpuSet::new();
+        let _ = set.set(cpu);
+        let _ = nix::sched::sched_setaffinity(me, &set);
+        Pinned(old)
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        if let Some(old) = self.0.take() {
+            let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &old);
+        }
+    }
+}
+
+pub fn run(ctx: &mut Ctx) -> Section {
+    let _pinned = Pinned::to(0);
+    // bpf_stats_enabled=1 adds ~75 ns per run: off while timing (restored after).
+    let stats = util::SysctlGuard::set("/proc/sys/kernel/bpf_stats_enabled", "0");
+    let jit = std::fs::read_to_string("/proc/sys/net/core/bpf_jit_enable")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let small = run_fixture(ctx, false);
+    let big = run_fixture(ctx, true);
+    let stats_was_on = stats.changed();
+    drop(stats);
+
+    let mut rows = vec![vec![
+        "empty XDP program `return XDP_PASS` (harness floor)".to_string(),
+        "raw bpf(2)".into(),
+        small.floor.show(1),
+        big.floor.show(1),
+        "0".into(),
+        "–".into(),
+        "–".into(),
+        "–".into(),
+    ]];
+    let mut jpaths = Vec::new();
+    for (i, r) in small.paths.iter().enumerate() {
+        let b = &big.paths[i];
+        let target = r
+            .target_ns
+            .map(|t| format!("≤ {t} ns"))
+            .unwrap_or_else(|| "–".into());
+        let met = r.target_ns.map(|t| r.ns.median <= t && b.ns.median <= t);
+        rows.push(vec![
+            r.title.to_string(),
+            format!("`{}`", r.prog.name()),
+            r.ns.show(1),
+            b.ns.show(1),
+            fmt_num(r.ns.median - small.floor.median, 1),
+            format!("{:.1}% / {:.1}%", r.share * 100.0, b.share * 100.0),
+            target,
+            util::yes_no(met).to_string(),
+        ]);
+        jpaths.push(json!({
+            "path": r.key, "title": r.title, "program": r.prog.name(),
+            "ns_per_packet_small": r.ns, "ns_per_packet_big": b.ns,
+            "path_share_small": r.share, "path_share_big": b.share,
+            "target_ns": r.target_ns, "met": met, "how": r.how,
+        }));
+        if let Some(t) = r.target_ns {
+            ctx.out.check(
+                "1. XDP hot path",
+                r.title,
+                format!(
+                    "{} ns (10k svc/100k ct: {} ns)",
+                    fmt_num(r.ns.median, 1),
+                    fmt_num(b.ns.median, 1)
+                ),
+                &format!("≤ {t} ns"),
+                met,
+            );
+            if met == Some(false) {
+                let prof = small
+                    .profiles
+                    .iter()
+                    .find(|(title, _)| {
+                        title == r.title || (r.key == "new_flow" && title.starts_with("new flow"))
+                    })
+                    .map(|(title, p)| {
+                        if title == r.title {
+                            format!(" Profile: {}.", util::show_profile(p))
+                        } else {
+                            format!(
+                                " Profile (of its full-repeat twin, {title}): {}.",
+                                util::show_profile(p)
+                            )
+                        }
+                    })
+                    .unwrap_or_default();
+                ctx.out.finding(format!(
+                    "XDP {}: {} ns/packet (big tables {} ns) misses the ≤ {t} ns target. An empty XDP program costs \
+                     {} ns in this harness here, so mesh's own share is ≈ {} ns.{prof}",
+                    r.title,
+                    fmt_num(r.ns.median, 1),
+                    fmt_num(b.ns.median, 1),
+                    fmt_num(small.floor.median, 0),
+                    fmt_num(r.ns.median - small.floor.median, 0),
+                ));
+            }
+        }
+        let growth = b.ns.median - r.ns.median;
+        if growth > 10.0 && growth > 0.25 * r.ns.median {
+            ctx.out.finding(format!(
+                "XDP {}: cost grows with table size: {} → {} ns/packet (10k services, 100k conntrack entries).",
+                r.title,
+                fmt_num(r.ns.median, 1),
+                fmt_num(b.ns.median, 1)
+            ));
+        }
+    }
+    rows.push(vec![
+        "VIP packet path".into(),
+        "–".into(),
+        "n/a (VIPs land with multi-node)".into(),
+        "n/a".into(),
+        "–".into(),
+        "–".into(),
+        "–".into(),
+        "–".into(),
+    ]);
+
+    let mut md = String::new();
+    md.push_str(&format!(
+        "BPF_PROG_TEST_RUN through aya `TestRun`, `repeat` = {}, {} rounds per path (paths interleaved, after a \
+         warm-up); the number is the kernel's `duration` (ns per run), median (min–max) over rounds. JIT: \
+         `net.core.bpf_jit_enable = {jit}`; `kernel.bpf_stats_enabled` = 0 while timing{}. Two table sizes: \
+         **small** ({} services, {} frontends, {} backends, conntrack empty apart from the fixtures) and **big** \
+         ({} services, {} frontends, {} backends, {} live conntrack entries written through the map API).\n\n",
+        fmt_num(ctx.xdp_repeat as f64, 0),
+        ctx.xdp_rounds,
+        if stats_was_on { " (it was 1: set to 0 for the run, restored after)" } else { "" },
+        small.services,
+        small.frontends,
+        small.backends,
+        big.services,
+        big.frontends,
+        big.backends,
+        fmt_num(big.ct_filled as f64, 0),
+    ));
+    md.push_str(&md_table(
+        &[
+            "path",
+            "program",
+            "ns/packet, small tables",
+            "ns/packet, 10k svc + 100k ct",
+            "small, net of the empty-program floor",
+            "iterations on the path (small / big)",
+            "target",
+            "met",
+        ],
+        &rows,
+    ));
+    md.push_str("\nHow each path was forced (the verdict counters confirm the share of iterations that took it):\n\n");
+    for r in &small.paths {
+        md.push_str(&format!("- **{}**: {}.\n", r.title, r.how));
+    }
+    if !small.profiles.is_empty() {
+        md.push_str(
+            "\nProfiles of the paths that miss their target (`perf record -e cpu-clock` on the thread running \
+             the path at full repeat, small tables; share of samples, symbols ≥ 2%; `bpf_prog_…` is the JIT'd \
+             program itself):\n\n",
+        );
+        for (title, p) in &small.profiles {
+            md.push_str(&format!("- {title}: {}\n", util::show_profile(p)));
+        }
+    }
+    md.push_str(&format!(
+        "\nPrograms as loaded (bytes of JIT code / translated BPF, verified instructions): {}\n",
+        program_sizes(&small.progs)
+    ));
+    let json = json!({
+        "repeat": ctx.xdp_repeat,
+        "rounds": ctx.xdp_rounds,
+        "distinct_syns": ctx.xdp_distinct,
+        "bpf_jit_enable": jit,
+        "bpf_stats_enabled_was_on": stats_was_on,
+        "tables": {
+            "small": {"label": small.label, "services": small.services, "frontends": small.frontends, "backends": small.backends, "conntrack": small.ct_filled},
+            "big": {"label": big.label, "services": big.services, "frontends": big.frontends, "backends": big.backends, "conntrack": big.ct_filled},
+        },
+        "paths": jpaths,
+        "empty_program_floor_ns": {"small": small.floor, "big": big.floor},
+        "vip_path": "n/a (VIPs land with multi-node)",
+        "new_flow_calibration": {"small": small.calib, "big": big.calib},
+        "programs": small.progs,
+        "profiles": small.profiles.iter().map(|(t, p)| json!({"path": t, "top": p.iter().map(|(pct, s)| json!({"symbol": s, "pct": pct})).collect::<Vec<_>>()})).collect::<Vec<_>>(),
+    });
+    Section {
+        key: "xdp",
+        json,
+        markdown: md,
+    }
+}
+
+fn program_sizes(p: &Value) -> String {
+    ["xdp", "tc_ingress", "tc_task"]
+        .iter()
+        .map(|k| {
+            let v = &p[k];
+            format!(
+                "`{k}` {} / {} B, {} insns",
+                v["jited_bytes"]
+                    .as_u64()
+                    .map(|x| x.to_string())
+                    .unwrap_or("?".into()),
+                v["xlated_bytes"]
+                    .as_u64()
+                    .map(|x| x.to_string())
+                    .unwrap_or("?".into()),
+                v["verified_insns"]
+                    .as_u64()
+                    .map(|x| x.to_string())
+                    .unwrap_or("?".into())
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
