@@ -115,7 +115,7 @@ enum Kind {
 }
 
 impl RequestHandler for TaskHandler {
-    // Written out as `#[async_trait]` expands it (the crate is not a dependency of ours).
+    // Written out as `#[async_trait]` expands it (its generic `T` is easier to see here).
     fn handle_request<'life0, 'life1, 'async_trait, R, T>(
         &'life0 self,
         request: &'life1 Request,

@@ -53,6 +53,7 @@ mod rng;
 mod stats;
 #[cfg(test)]
 mod tests;
+mod udp;
 
 use std::{
     collections::HashMap,
@@ -200,8 +201,14 @@ struct Inner {
 }
 
 struct Attached {
-    server: Server<TaskHandler>,
+    server: Listeners,
     resolv: Option<resolv::Written>,
+}
+
+/// One task's listeners: hickory's server for TCP, our UDP loop (`udp.rs`).
+struct Listeners {
+    tcp: Server<TaskHandler>,
+    udp: tokio::task::JoinHandle<()>,
 }
 
 impl Dns {
@@ -316,7 +323,7 @@ impl Dns {
         task: &Task,
         udp: std::net::UdpSocket,
         tcp: std::net::TcpListener,
-    ) -> Result<Server<TaskHandler>, DnsError> {
+    ) -> Result<Listeners, DnsError> {
         let reg = |source| DnsError::Register {
             task: task.id.clone(),
             source,
@@ -330,10 +337,10 @@ impl Dns {
             task: Arc::from(task.id.as_str()),
             fallback: task.networks.iter().map(|n| n.network.clone()).collect(),
         };
-        let mut server = Server::new(handler);
-        server.register_socket(udp);
+        let mut server = Server::new(handler.clone());
         server.register_listener(tcp, self.inner.shared.cfg.tcp_idle_timeout, 32);
-        Ok(server)
+        let udp = tokio::spawn(udp::serve(udp, handler));
+        Ok(Listeners { tcp: server, udp })
     }
 
     /// Stop serving `task_id` (its listeners are closed when this returns) and remove the
@@ -402,7 +409,12 @@ fn bind(
 
 /// Shut a task's server down: stop accepting, wait (bounded) for its tasks; dropping the
 /// server aborts whatever is left, closing the sockets.
-async fn stop(task_id: &str, server: &mut Server<TaskHandler>) {
+async fn stop(task_id: &str, l: &mut Listeners) {
+    // The UDP loop holds no state worth finishing: abort it and wait until its socket is
+    // closed (queries in flight are dropped; clients retry).
+    l.udp.abort();
+    let _ = (&mut l.udp).await;
+    let server = &mut l.tcp;
     match tokio::time::timeout(Duration::from_secs(2), server.shutdown_gracefully()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::debug!(task = task_id, error = %e, "DNS server ended with an error"),

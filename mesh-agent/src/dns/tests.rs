@@ -1467,3 +1467,128 @@ async fn stats_count_by_rcode_and_path() {
     assert_eq!(last, 1, "cumulative");
     assert!(st.local_latency.sum > Duration::ZERO);
 }
+
+// ---------------------------------------------------------------------------------------
+// UDP fast path (udp.rs)
+// ---------------------------------------------------------------------------------------
+
+/// Everything a client sees in an answer, names compared in their wire spelling (the
+/// general path writes lowercase owner names: the fast path must too).
+fn seen(m: &Message) -> String {
+    let mut answers: Vec<String> = m
+        .answers
+        .iter()
+        .map(|r| format!("{} {} {} {:?}", r.name.to_ascii(), r.ttl, r.dns_class, r.data))
+        .collect();
+    answers.sort();
+    format!(
+        "id {} {} q {:?} an {:?} ns {} ar {} edns {:?}",
+        m.metadata.id,
+        m.metadata.flags(),
+        m.queries.iter().map(|q| (q.name().to_ascii(), q.query_type(), q.query_class())).collect::<Vec<_>>(),
+        answers,
+        m.authorities.len(),
+        m.additionals.len(),
+        m.edns.as_ref().map(|e| (e.max_payload(), e.version(), e.flags().dnssec_ok)),
+    ) + &format!(" rcode {:?}", m.metadata.response_code)
+}
+
+#[tokio::test]
+async fn udp_fast_path_answers_exactly_as_the_general_path() {
+    let (dns, addrs, _up) = setup(&["c1"]).await;
+    let h = TaskHandler {
+        shared: dns.inner.shared.clone(),
+        task: Arc::from("c1"),
+        fallback: Arc::from(Vec::<String>::new()),
+    };
+    // (name, type, EDNS payload, answered by the fast path?)
+    let cases: &[(&str, RecordType, Option<u16>, bool)] = &[
+        ("web.", RecordType::A, None, true),
+        ("web", RecordType::A, Some(1232), true),
+        ("WeB.AppNet.", RecordType::A, None, true),
+        ("tasks.web.", RecordType::A, Some(4096), true),
+        ("TASKS.WEB.", RecordType::A, Some(300), true),
+        ("web.1.w1.", RecordType::A, None, true),
+        ("web.", RecordType::AAAA, None, true),
+        ("web.", RecordType::MX, Some(1232), true),
+        ("web-internal.", RecordType::A, None, true),
+        // General path only: PTR, ANY, names to forward, names of networks c1 is not on.
+        ("10.1.0.10.in-addr.arpa.", RecordType::PTR, None, false),
+        ("web.", RecordType::ANY, None, false),
+        ("example.org.", RecordType::A, None, false),
+        ("secret.", RecordType::A, None, false),
+    ];
+    for &(name, t, edns, fast) in cases {
+        let q = query_bytes(name, t, edns);
+        let mut out = Vec::new();
+        assert_eq!(udp::fast_answer(&h, &q, &mut out), fast, "{name} {t}: fast path taken?");
+        // The general path, through hickory's server, over TCP (same handler, no size limit).
+        let general = tcp_msg(addrs[0], &q).await;
+        if fast {
+            let m = Message::from_vec(&out).expect("fast answer decodes");
+            assert_eq!(seen(&m), seen(&general), "{name} {t}");
+            // Owner names are lowercase on the wire, as the general path writes them.
+            for r in &m.answers {
+                assert_eq!(r.name.to_ascii(), r.name.to_ascii().to_lowercase(), "{name}");
+            }
+        }
+        // What a client gets over UDP is the same either way.
+        let udp = udp_msg(addrs[0], &q).await;
+        assert_eq!(seen(&udp), seen(&general), "{name} {t} over UDP");
+    }
+}
+
+#[tokio::test]
+async fn udp_fast_path_leaves_unusual_queries_to_the_general_path() {
+    let (dns, _addrs, _up) = setup(&["c1"]).await;
+    let h = TaskHandler {
+        shared: dns.inner.shared.clone(),
+        task: Arc::from("c1"),
+        fallback: Arc::from(Vec::<String>::new()),
+    };
+    let base = query_bytes("web.", RecordType::A, None);
+    let mut out = Vec::new();
+    assert!(udp::fast_answer(&h, &base, &mut out));
+    let variant = |f: &dyn Fn(&mut Vec<u8>)| {
+        let mut q = base.clone();
+        f(&mut q);
+        q
+    };
+    let refused: Vec<(&str, Vec<u8>)> = vec![
+        ("a response", variant(&|q| q[2] |= 0x80)),
+        ("opcode STATUS", variant(&|q| q[2] |= 2 << 3)),
+        ("TC set", variant(&|q| q[2] |= 0x02)),
+        ("two questions", variant(&|q| q[5] = 2)),
+        ("an answer record", variant(&|q| q[7] = 1)),
+        ("trailing bytes", variant(&|q| q.push(0))),
+        ("truncated question", variant(&|q| q.truncate(q.len() - 2))),
+        ("class CH", variant(&|q| {
+            let n = q.len();
+            q[n - 1] = 3;
+        })),
+        ("compression pointer in the question", {
+            let mut q = base[..12].to_vec();
+            q.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]);
+            q
+        }),
+        ("header only", base[..12].to_vec()),
+    ];
+    for (what, q) in refused {
+        assert!(!udp::fast_answer(&h, &q, &mut out), "{what}: not for the fast path");
+    }
+    // EDNS version 1 gets BADVERS from the general path.
+    let mut m = Message::from_vec(&query_bytes("web.", RecordType::A, Some(1232))).unwrap();
+    m.edns.as_mut().unwrap().set_version(1);
+    assert!(!udp::fast_answer(&h, &m.to_vec().unwrap(), &mut out), "EDNS version 1");
+    // An answer over the client's UDP size needs TC: the general path truncates.
+    let mut big = fixture();
+    for i in 0..60u8 {
+        big.tasks.insert(
+            format!("x{i}"),
+            task(&format!("x{i}"), "web", 10 + i as u32, TaskState::Running, &[("appnet", &format!("10.0.1.{}", 100 + i))]),
+        );
+    }
+    dns.update(Arc::new(big));
+    assert!(!udp::fast_answer(&h, &query_bytes("tasks.web.", RecordType::A, None), &mut out));
+    assert!(udp::fast_answer(&h, &query_bytes("tasks.web.", RecordType::A, Some(4096)), &mut out));
+}
