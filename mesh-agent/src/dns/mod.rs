@@ -1,9 +1,10 @@
 //! Embedded DNS: a resolver on 127.0.0.11:53 (UDP and TCP) inside every attached task.
 //!
-//! Each task gets its own listeners, bound inside its network namespace and served by a
-//! hickory-server [`Server`] whose [`RequestHandler`](hickory_server::server::RequestHandler)
-//! knows which task it serves: the asker is identified by its listener, never by the
-//! packet's source address. Answers come from an in-memory index (`index.rs`) built from the
+//! Each task gets its own listeners, bound inside its network namespace: TCP served by a
+//! hickory-server [`Server`], UDP by our own loop (`udp.rs`) that answers plain queries for
+//! local names straight from the index and hands everything else to the same
+//! [`RequestHandler`](hickory_server::server::RequestHandler). The handler knows which task
+//! it serves: the asker is identified by its listener, never by the packet's source address. Answers come from an in-memory index (`index.rs`) built from the
 //! managers' [`State`] and swapped atomically on [`Dns::update`]; everything else is
 //! forwarded to the node's upstream resolvers (`forward.rs`).
 //!

@@ -17,6 +17,7 @@
 
 mod control;
 mod dns;
+mod docker_dns;
 mod e2e;
 mod report;
 mod states;
