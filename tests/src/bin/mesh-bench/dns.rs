@@ -1,12 +1,13 @@
-//! 4. DNS: mesh's embedded server (127.0.0.11 inside a task, served by the agent) against
-//! dnsmasq answering the same record from a hosts file (127.0.0.11 in its own namespace) and
-//! against Docker's own embedded DNS (127.0.0.11 inside a real Swarm task of a private
-//! dockerd, [`docker_dns`](crate::docker_dns)). All over loopback, load generator on CPU 0,
-//! server on CPU 1, alternated per round: dnsperf -c 4 for throughput, then sequential
-//! queries from one socket for latency percentiles. Only names the servers know are asked
-//! (nothing is forwarded upstream; the agent's upstream is an address inside the bed that
-//! does not exist), and every latency answer is checked against the address that server
-//! must give.
+//! 4. DNS.
+//!
+//! mesh's embedded server (127.0.0.11 inside a task, served by the agent) against dnsmasq
+//! answering the same record from a hosts file (127.0.0.11 in its own namespace) and against
+//! Docker's own embedded DNS (127.0.0.11 inside a real Swarm task of a private dockerd,
+//! [`docker_dns`](crate::docker_dns)). All over loopback, load generator on CPU 0, server on
+//! CPU 1, alternated per round: dnsperf -c 4 for throughput, then sequential queries from one
+//! socket for latency percentiles. Only names the servers know are asked (nothing is
+//! forwarded upstream; the agent's upstream is an address inside the bed that does not
+//! exist), and every latency answer is checked against the address that server must give.
 
 use std::{
     fs,
@@ -69,7 +70,10 @@ fn a_records(r: &[u8], id: u16) -> Option<Vec<[u8; 4]>> {
     for _ in 0..count(6) {
         i = skip_name(i)?;
         let h = r.get(i..i + 10)?;
-        let (ty, class) = (u16::from_be_bytes([h[0], h[1]]), u16::from_be_bytes([h[2], h[3]]));
+        let (ty, class) = (
+            u16::from_be_bytes([h[0], h[1]]),
+            u16::from_be_bytes([h[2], h[3]]),
+        );
         let len = u16::from_be_bytes([h[8], h[9]]) as usize;
         let data = r.get(i + 10..i + 10 + len)?;
         if ty == 1 && class == 1 && len == 4 {
@@ -143,7 +147,8 @@ fn latency(path: &Path, n: usize, expect: [u8; 4], limit: Duration) -> (Vec<f64>
         let _ = set.set(0);
         let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
         let s = UdpSocket::bind("127.0.0.1:0").expect("bind a UDP socket on 127.0.0.1");
-        s.connect("127.0.0.11:53").expect("connect to 127.0.0.11:53");
+        s.connect("127.0.0.11:53")
+            .expect("connect to 127.0.0.11:53");
         s.set_read_timeout(Some(Duration::from_millis(500)))
             .expect("set a read timeout");
         let mut rtt = Vec::with_capacity(n);
@@ -259,21 +264,41 @@ fn measure(ctx: &Ctx, s: &Server, file: &str) -> Value {
     v
 }
 
-/// The first line of a reason, short enough for a table cell.
+/// A reason on one line, short enough for a table cell: its first line, and when that only
+/// introduces what follows (`dockerd exited (…):` and a log's tail) the last line too (the
+/// daemon's final error); a command's output stops at the daemon log appended to it.
 fn short(why: &str) -> String {
-    let first = why.lines().next().unwrap_or("").trim();
-    let mut s: String = first.chars().take(140).collect();
-    if s.len() < first.len() {
+    let head = why.split("\n--- ").next().unwrap_or(why);
+    let lines: Vec<&str> = head
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let one = match lines.as_slice() {
+        [] => String::new(),
+        [first] => first.to_string(),
+        [first, .., last] if first.ends_with(':') => format!("{first} {last}"),
+        [first, ..] => format!("{first} …"),
+    };
+    let mut s: String = one.chars().take(200).collect();
+    if s.len() < one.len() {
         s.push('…');
     }
-    s.replace('|', "/")
+    s.replace('|', "/").replace('`', "'")
 }
 
 /// Docker's side: a private dockerd with a one-task service `web`, and the address its
 /// resolver answers for `web A` in that task. `Err`: why Docker is not measured.
 fn start_docker(ctx: &Ctx) -> Result<(DockerDns, [u8; 4]), String> {
-    util::log(ctx.start, "dns: starting a private dockerd with a one-task swarm service");
-    let docker = DockerDns::start(NAME, 1, Duration::from_secs(if ctx.quick { 60 } else { 120 }))?;
+    util::log(
+        ctx.start,
+        "dns: starting a private dockerd with a one-task swarm service",
+    );
+    let docker = DockerDns::start(
+        NAME,
+        1,
+        Duration::from_secs(if ctx.quick { 60 } else { 120 }),
+    )?;
     let Some(a) = wait_answer(&docker.netns, Duration::from_secs(20)) else {
         return Err(format!(
             "Docker's resolver never answered {NAME} A at 127.0.0.11 in the task within 20 s:\n{}",
@@ -375,13 +400,21 @@ pub fn run(ctx: &mut Ctx) -> Section {
             expect: *a,
         });
     }
-    // Both answer before measuring (Docker already did).
+    // mesh and dnsmasq answer the right address before measuring (Docker already did).
     for s in &servers[..2] {
-        if !wait_answer(&s.netns, Duration::from_secs(20)).is_some_and(|a| a.contains(&s.expect)) {
+        let got = wait_answer(&s.netns, Duration::from_secs(20));
+        if !got.as_ref().is_some_and(|a| a.contains(&s.expect)) {
             panic!(
-                "{} DNS never answered {NAME} A = {} at 127.0.0.11:\n{}",
+                "{} DNS did not answer {NAME} A = {} at 127.0.0.11 within 20 s ({}):\n{}",
                 s.key,
                 show_addr(s.expect),
+                match got {
+                    Some(a) => format!(
+                        "it answered {}",
+                        a.into_iter().map(show_addr).collect::<Vec<_>>().join(", ")
+                    ),
+                    None => "no answer".into(),
+                },
                 if s.key == "mesh" {
                     agent.log()
                 } else {
@@ -468,7 +501,9 @@ pub fn run(ctx: &mut Ctx) -> Section {
     let p99_vs_docker = per_round("p99_us", "docker");
     let times = |s: &Stat| format!("{}×", s.show(2));
     let docker_title = match &docker {
-        Ok((version, _, _)) => format!("Docker {version} embedded DNS (in dockerd, 127.0.0.11 in a Swarm task)"),
+        Ok((version, _, _)) => {
+            format!("Docker {version} embedded DNS (in dockerd, 127.0.0.11 in a Swarm task)")
+        }
         Err(_) => "Docker embedded DNS (127.0.0.11 in a Swarm task)".into(),
     };
     let mut rows = Vec::new();
@@ -490,7 +525,11 @@ pub fn run(ctx: &mut Ctx) -> Section {
         rows.push(vec![
             title,
             col(who, "qps").show(0),
-            if mesh { times(&vs_dnsmasq) } else { "–".into() },
+            if mesh {
+                times(&vs_dnsmasq)
+            } else {
+                "–".into()
+            },
             match (&docker, mesh) {
                 (Ok(_), true) => times(&vs_docker),
                 (Err(_), true) => "not measured".into(),
@@ -565,7 +604,12 @@ pub fn run(ctx: &mut Ctx) -> Section {
     // Findings.
     let profile_note = profile
         .as_ref()
-        .map(|p| format!(" Profile of the agent under dnsperf: {}.", util::show_profile(p)))
+        .map(|p| {
+            format!(
+                " Profile of the agent under dnsperf: {}.",
+                util::show_profile(p)
+            )
+        })
         .unwrap_or_default();
     if dnsmasq_met == Some(false) {
         ctx.out.finding(format!(

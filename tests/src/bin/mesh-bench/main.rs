@@ -8,7 +8,7 @@
 //! 2. `e2e`     end to end through a node: direct, iptables, nft, haproxy, mesh (XDP, TC)
 //! 3. `control` control plane at scale (in memory + real maps), iptables-restore, and the
 //!    time from a state-file change to the first new flow reaching a new task
-//! 4. `dns`     the embedded DNS server against dnsmasq
+//! 4. `dns`     the embedded DNS server against dnsmasq and Docker's own embedded DNS
 //!
 //! Results: `bench/RESULTS.md` (tables, targets beside results, findings) and
 //! `bench/results.json`. Nothing here asserts on a timing: a missed target is a finding.

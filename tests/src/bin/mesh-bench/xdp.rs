@@ -471,10 +471,13 @@ impl Fixture {
                 0,
             )
             .unwrap();
-        // Port 80 must be "wanted" for B's lookup to happen.
-        let w = 80u32 >> 5;
-        let bits = dp.maps.ports.get(&w, 0).unwrap_or(0);
-        dp.maps.ports.set(w, bits | 1 << (80 & 31), 0).unwrap();
+        // Port 80 must be "wanted" for B's lookup to happen, and the client's port 40000 for
+        // the reply ping-pong through XDP (as the SNAT range is for real replies).
+        for port in [80u32, 40_000] {
+            let w = port >> 5;
+            let bits = dp.maps.ports.get(&w, 0).unwrap_or(0);
+            dp.maps.ports.set(w, bits | 1 << (port & 31), 0).unwrap();
+        }
         let sport = 40_000u16.to_be();
         let key = |s: Ipv4Addr, sp: u16, d: Ipv4Addr, dp_: u16| CtKey {
             saddr: ne(s),
@@ -697,6 +700,24 @@ fn paths() -> Vec<Path> {
             target_ns: None,
             how: "two REPLY entries map task:80→client onto node:8080→client and back: every \
                   iteration is a hit + rewrite with bpf_l3/l4_csum_replace + MACs + bpf_redirect",
+        },
+        Path {
+            key: "xdp_reply",
+            title: "reply reverse-NAT (XDP, reply of a remote backend)",
+            prog: Prog::Xdp,
+            frame: {
+                let mut f = Frame::tcp(task_addr(1), 80, CLIENT, 40_000, TCP_ACK);
+                f.src_mac = GW_MAC;
+                f.dst_mac = NODE_MAC;
+                f.build()
+            },
+            reason: "reply",
+            rc: XDP_REDIRECT,
+            target_ns: Some(50.0),
+            how: "the two REPLY entries of the TC reply path, with the client's port wanted (as the SNAT \
+                  range is for replies of remote backends arriving at the node's interface): every \
+                  iteration is a REPLY hit + counters + rewrite of saddr, sport, both checksums, MACs + \
+                  bpf_redirect back out of the ingress interface",
         },
         Path {
             key: "tc_pass",
@@ -1230,7 +1251,7 @@ pub fn run(ctx: &mut Ctx) -> Section {
     rows.push(vec![
         "VIP packet path".into(),
         "–".into(),
-        "n/a (VIPs land with multi-node)".into(),
+        "n/a: VIP traffic from tasks is balanced per connection by the cgroup socket hooks (connect4/sendmsg4 rewrite the socket's destination once; its packets carry no per-packet LB work); BPF_PROG_TEST_RUN cannot run cgroup sock_addr programs".into(),
         "n/a".into(),
         "–".into(),
         "–".into(),
@@ -1299,7 +1320,7 @@ pub fn run(ctx: &mut Ctx) -> Section {
         },
         "paths": jpaths,
         "empty_program_floor_ns": {"small": small.floor, "big": big.floor},
-        "vip_path": "n/a (VIPs land with multi-node)",
+        "vip_path": "n/a: VIPs are balanced per connection by the cgroup socket hooks (no per-packet work); BPF_PROG_TEST_RUN cannot run cgroup sock_addr programs",
         "new_flow_calibration": {"small": small.calib, "big": big.calib},
         "programs": small.progs,
         "profiles": small.profiles.iter().map(|(t, p)| json!({"path": t, "top": p.iter().map(|(pct, s)| json!({"symbol": s, "pct": pct})).collect::<Vec<_>>()})).collect::<Vec<_>>(),
