@@ -750,13 +750,26 @@ struct Delta {
     freed_be: Vec<u32>,
 }
 
+/// The running tasks of one service, in (slot, id) order: the order of its backends.
+type RunningSet = BTreeSet<(u32, Box<str>)>;
+
 /// The desired frontends of the last snapshot, per service, so that the next snapshot
-/// recomputes only the services it changed: a one-task change costs a comparison of the
-/// snapshots plus the work for that one service, not a recomputation of the cluster.
+/// recomputes only the services it changed.
+///
+/// A one-task change costs one comparison of the two snapshots plus the work for the services
+/// it touched. The comparison is O(tasks) — the sources (state file, Engine API polling)
+/// deliver whole snapshots, not events, so finding what changed means comparing them — but it
+/// reads only what the tables depend on and allocates only for what differs. Everything after
+/// it follows the size of the change: the running tasks of each service are kept in an index
+/// updated from the tasks that differ, so a changed service finds its tasks without regrouping
+/// the cluster's.
 #[derive(Default)]
 pub struct DesiredCache {
     specs: BTreeMap<FeId, FrontendSpec>,
     by_service: HashMap<String, Vec<FeId>>,
+    /// Running tasks per service of `prev` (what [`State::running_tasks_by_service`] groups,
+    /// by id).
+    running: HashMap<String, RunningSet>,
     prev: Option<std::sync::Arc<State>>,
     links: LocalLinks,
     inputs: Option<(String, Reach, Option<IngressSandbox>)>,
@@ -773,31 +786,76 @@ impl DesiredCache {
         reach: Reach,
         sbox: Option<&IngressSandbox>,
     ) -> Vec<(FeId, Option<FrontendSpec>)> {
-        let inputs = (node.to_string(), reach, sbox.copied());
-        let services: BTreeSet<String> = match &self.prev {
-            Some(prev) if self.inputs.as_ref() == Some(&inputs) && prev.networks == state.networks => {
-                if std::sync::Arc::ptr_eq(prev, state) && self.links == *links {
+        let same_inputs = self
+            .inputs
+            .as_ref()
+            .is_some_and(|(n, r, s)| n == node && *r == reach && s.as_ref() == sbox);
+        let prev = self
+            .prev
+            .clone()
+            .filter(|prev| same_inputs && prev.networks == state.networks);
+        let links_changed = self.links != *links;
+        // Running tasks by service, when every service is recomputed (grouped in one pass).
+        let mut grouped: Option<BTreeMap<&str, Vec<&crate::model::Task>>> = None;
+        let services: Vec<String> = match &prev {
+            Some(prev) => {
+                let same = std::sync::Arc::ptr_eq(prev, state);
+                if same && !links_changed {
                     return Vec::new();
                 }
-                changed_services(prev, state, &self.links, links)
+                let mut changed = BTreeSet::new();
+                if !same {
+                    let diff = diff_snapshots(prev, state);
+                    for (before, after) in diff.tasks {
+                        self.reindex(before, after);
+                    }
+                    changed = diff.services;
+                }
+                if links_changed {
+                    link_changes(prev, state, &self.links, links, &mut changed);
+                }
+                changed.into_iter().map(str::to_string).collect()
             }
-            _ => self
-                .by_service
-                .keys()
-                .cloned()
-                .chain(state.services.keys().cloned())
-                .collect(),
+            None => {
+                let by_service = state.running_tasks_by_service();
+                self.running = by_service
+                    .iter()
+                    .map(|(svc, tasks)| {
+                        let set = tasks.iter().map(|t| (t.slot, Box::from(t.id.as_str()))).collect();
+                        (svc.to_string(), set)
+                    })
+                    .collect();
+                grouped = Some(by_service);
+                self.inputs = Some((node.to_string(), reach, sbox.copied()));
+                let names: BTreeSet<String> = self
+                    .by_service
+                    .keys()
+                    .cloned()
+                    .chain(state.services.keys().cloned())
+                    .collect();
+                names.into_iter().collect()
+            }
         };
-        let by_service = state.running_tasks_by_service();
         let mut changes = BTreeMap::new();
+        let mut buf: Vec<&crate::model::Task> = Vec::new();
         for name in services {
             for id in self.by_service.remove(&name).unwrap_or_default() {
                 self.specs.remove(&id);
                 changes.insert(id, None);
             }
             let Some(svc) = state.services.get(&name) else { continue };
+            let running: &[&crate::model::Task] = match &grouped {
+                Some(g) => g.get(name.as_str()).map(Vec::as_slice).unwrap_or(&[]),
+                None => {
+                    buf.clear();
+                    if let Some(set) = self.running.get(&name) {
+                        buf.extend(set.iter().filter_map(|(_, id)| state.tasks.get(&**id)));
+                    }
+                    &buf
+                }
+            };
             let mut one = BTreeMap::new();
-            service_frontends(state, svc, by_service.get(name.as_str()).map(Vec::as_slice).unwrap_or(&[]), node, links, reach, &mut one);
+            service_frontends(state, svc, running, node, links, reach, &mut one);
             if let Some(sb) = sbox {
                 one = via_ingress_sandbox(one, sb);
             }
@@ -806,11 +864,16 @@ impl DesiredCache {
                 changes.insert(id, Some(spec.clone()));
                 self.specs.insert(id, spec);
             }
-            self.by_service.insert(name, ids);
+            if !ids.is_empty() {
+                self.by_service.insert(name, ids);
+            }
         }
+        if links_changed {
+            self.links = links.clone();
+        }
+        // The previous snapshot is released here unless the caller still holds it (the
+        // agent does, until the maps are programmed).
         self.prev = Some(state.clone());
-        self.links = links.clone();
-        self.inputs = Some(inputs);
         changes.into_iter().collect()
     }
 
@@ -818,62 +881,154 @@ impl DesiredCache {
     pub fn all(&self) -> &BTreeMap<FeId, FrontendSpec> {
         &self.specs
     }
-}
 
-/// Services whose frontends may differ between two snapshots: their definition changed, or
-/// one of their tasks (added, removed, changed), or the link of one of their tasks.
-fn changed_services(prev: &State, next: &State, prev_links: &LocalLinks, links: &LocalLinks) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    for (name, svc) in &next.services {
-        if prev.services.get(name) != Some(svc) {
-            out.insert(name.clone());
+    /// Move one task in the running index: `before` and `after` are its two versions (`None`:
+    /// absent from that snapshot).
+    fn reindex(&mut self, before: Option<&crate::model::Task>, after: Option<&crate::model::Task>) {
+        if let Some(t) = before.filter(|t| t.state.is_running())
+            && let Some(set) = self.running.get_mut(t.service.as_str())
+        {
+            set.remove(&(t.slot, Box::from(t.id.as_str())));
+            if set.is_empty() {
+                self.running.remove(t.service.as_str());
+            }
+        }
+        if let Some(t) = after.filter(|t| t.state.is_running()) {
+            self.running
+                .entry(t.service.clone())
+                .or_default()
+                .insert((t.slot, Box::from(t.id.as_str())));
         }
     }
-    out.extend(prev.services.keys().filter(|n| !next.services.contains_key(*n)).cloned());
-    // Merge-join the two task maps (both ordered by id).
-    let (mut a, mut b) = (prev.tasks.iter().peekable(), next.tasks.iter().peekable());
+
+    /// The running-task index as (service, task ids in backend order), for tests.
+    #[cfg(test)]
+    fn running_index(&self) -> BTreeMap<String, Vec<String>> {
+        self.running
+            .iter()
+            .map(|(s, set)| (s.clone(), set.iter().map(|(_, id)| id.to_string()).collect()))
+            .collect()
+    }
+}
+
+/// What differs between two snapshots, as far as the tables can tell.
+#[derive(Default)]
+struct SnapshotDiff<'a> {
+    /// Services whose frontends may differ: their definition changed, or a task that is (or
+    /// was) one of their running tasks.
+    services: BTreeSet<&'a str>,
+    /// The tasks that differ, (before, after); `None`: absent on that side.
+    tasks: Vec<(Option<&'a crate::model::Task>, Option<&'a crate::model::Task>)>,
+}
+
+/// Walk two maps with the same key order side by side: `f(a, b)` for every key of either
+/// (`None`: absent on that side).
+fn merge_join<'a, V>(
+    a: &'a BTreeMap<String, V>,
+    b: &'a BTreeMap<String, V>,
+    mut f: impl FnMut(Option<&'a V>, Option<&'a V>),
+) {
+    let (mut ia, mut ib) = (a.iter(), b.iter());
+    let (mut x, mut y) = (ia.next(), ib.next());
     loop {
-        match (a.peek(), b.peek()) {
-            (Some((ka, ta)), Some((kb, tb))) => match ka.cmp(kb) {
-                std::cmp::Ordering::Less => {
-                    out.insert(ta.service.clone());
-                    a.next();
+        match (x, y) {
+            (Some((ka, va)), Some((kb, vb))) => {
+                // Equal keys are the common case: test equality (length, then bytes) before
+                // ordering.
+                if ka == kb {
+                    f(Some(va), Some(vb));
+                    x = ia.next();
+                    y = ib.next();
+                } else if ka < kb {
+                    f(Some(va), None);
+                    x = ia.next();
+                } else {
+                    f(None, Some(vb));
+                    y = ib.next();
                 }
-                std::cmp::Ordering::Greater => {
-                    out.insert(tb.service.clone());
-                    b.next();
-                }
-                std::cmp::Ordering::Equal => {
-                    if ta != tb {
-                        out.insert(ta.service.clone());
-                        out.insert(tb.service.clone());
-                    }
-                    a.next();
-                    b.next();
-                }
-            },
-            (Some((_, ta)), None) => {
-                out.insert(ta.service.clone());
-                a.next();
             }
-            (None, Some((_, tb))) => {
-                out.insert(tb.service.clone());
-                b.next();
+            (Some((_, va)), None) => {
+                f(Some(va), None);
+                x = ia.next();
+            }
+            (None, Some((_, vb))) => {
+                f(None, Some(vb));
+                y = ib.next();
             }
             (None, None) => break,
         }
     }
-    if prev_links != links {
-        let keys: BTreeSet<&(String, String)> = links.keys().chain(prev_links.keys()).collect();
-        for k in keys {
-            if links.get(k) != prev_links.get(k) {
-                for s in [prev.tasks.get(&k.0), next.tasks.get(&k.0)].into_iter().flatten() {
-                    out.insert(s.service.clone());
-                }
+}
+
+/// Are two versions of a task (same id) the same backend, or the same non-backend? Only what
+/// [`service_frontends`] reads counts (not the netns or resolv.conf paths), cheapest first;
+/// tasks that are not running are no backends whatever else they say.
+fn same_for_tables(a: &crate::model::Task, b: &crate::model::Task) -> bool {
+    let running = a.state.is_running();
+    if running != b.state.is_running() {
+        return false;
+    }
+    if !running {
+        return true;
+    }
+    // The ids are equal: they are the keys both were found under.
+    a.slot == b.slot
+        && a.networks.len() == b.networks.len()
+        && a.node.len() == b.node.len()
+        && a.service.len() == b.service.len()
+        && a.networks.iter().zip(&b.networks).all(|(x, y)| x.address == y.address)
+        && a.node == b.node
+        && a.service == b.service
+        && a.networks.iter().zip(&b.networks).all(|(x, y)| x.network == y.network)
+}
+
+/// Are two versions of a service (same name) the same? Cheapest first.
+fn same_service(a: &crate::model::Service, b: &crate::model::Service) -> bool {
+    // The names are equal: they are the keys both were found under.
+    a.endpoint_mode == b.endpoint_mode
+        && a.ports == b.ports
+        && a.networks.len() == b.networks.len()
+        && a.networks.iter().zip(&b.networks).all(|(x, y)| x.vip == y.vip)
+        && a.networks == b.networks
+}
+
+/// Services and tasks that differ between two snapshots (see [`SnapshotDiff`]). This is the
+/// part of an update that follows the size of the cluster (every task is compared), kept out
+/// of line so that profiles name it.
+#[inline(never)]
+fn diff_snapshots<'a>(prev: &'a State, next: &'a State) -> SnapshotDiff<'a> {
+    let mut d = SnapshotDiff::default();
+    merge_join(&prev.services, &next.services, |a, b| match (a, b) {
+        (Some(a), Some(b)) if same_service(a, b) => debug_assert_eq!(a.name, b.name, "services are keyed by name"),
+        (a, b) => d.services.extend(a.or(b).map(|s| s.name.as_str())),
+    });
+    merge_join(&prev.tasks, &next.tasks, |a, b| {
+        if let (Some(a), Some(b)) = (a, b) {
+            debug_assert_eq!(a.id, b.id, "tasks are keyed by id");
+            if same_for_tables(a, b) {
+                return;
+            }
+        }
+        let (a, b) = (a.filter(|t| t.state.is_running()), b.filter(|t| t.state.is_running()));
+        if a.is_none() && b.is_none() {
+            return; // added or removed, but never a backend
+        }
+        d.services.extend(a.iter().chain(b.iter()).map(|t| t.service.as_str()));
+        d.tasks.push((a, b));
+    });
+    d
+}
+
+/// Add the services of the tasks whose link changed (re-attached, detached) to `out`.
+fn link_changes<'a>(prev: &'a State, next: &'a State, prev_links: &LocalLinks, links: &LocalLinks, out: &mut BTreeSet<&'a str>) {
+    let keys: BTreeSet<&(String, String)> = links.keys().chain(prev_links.keys()).collect();
+    for k in keys {
+        if links.get(k) != prev_links.get(k) {
+            for t in [prev.tasks.get(&k.0), next.tasks.get(&k.0)].into_iter().flatten() {
+                out.insert(t.service.as_str());
             }
         }
     }
-    out
 }
 
 #[cfg(test)]
@@ -1291,6 +1446,357 @@ mod tests {
         let ch = cache.update(&last, "n1", &l2, Reach::Cluster, None);
         assert!(ch.iter().any(|(id, sp)| id.port == 9090 && sp.is_none()));
         assert_eq!(cache.all(), &desired(&last, "n1", &l2, Reach::Cluster));
+    }
+
+    /// Running task ids per service, grouped from scratch (the index must equal this).
+    fn grouped_ids(s: &State) -> BTreeMap<String, Vec<String>> {
+        s.running_tasks_by_service()
+            .into_iter()
+            .map(|(svc, ts)| (svc.to_string(), ts.iter().map(|t| t.id.clone()).collect()))
+            .collect()
+    }
+
+    /// Frontends as programmed, ids aside.
+    fn programmed(t: &Tables) -> Vec<(FeId, FrontendSpec, usize)> {
+        t.frontends().map(|(id, pf)| (*id, pf.spec.clone(), pf.slots.len())).collect()
+    }
+
+    /// One update of `cache` (and `tables` from its changes) to `s`, checked against a
+    /// from-scratch computation. Returns the services the reported changes belong to.
+    fn update_and_check(
+        cache: &mut DesiredCache,
+        tables: &mut Tables,
+        s: &std::sync::Arc<State>,
+        l: &LocalLinks,
+        reach: Reach,
+        sbox: Option<&IngressSandbox>,
+    ) -> BTreeSet<String> {
+        let ch = cache.update(s, "n1", l, reach, sbox);
+        let mut want = desired(s, "n1", l, reach);
+        if let Some(sb) = sbox {
+            want = via_ingress_sandbox(want, sb);
+        }
+        assert_eq!(cache.all(), &want, "cache = desired()");
+        assert_eq!(cache.running_index(), grouped_ids(s), "index = running_tasks_by_service()");
+        let ops = tables.apply_changes(&ch.iter().map(|(id, sp)| (*id, sp.as_ref())).collect::<Vec<_>>()).unwrap();
+        check_invariants(&ops);
+        let mut full = Tables::new();
+        full.apply(&want).unwrap();
+        assert_eq!(programmed(tables), programmed(&full), "incremental tables = tables from scratch");
+        // The services of the reported frontends ("-": a removed frontend).
+        ch.iter().map(|(_, sp)| sp.as_ref().map_or("-".to_string(), |sp| sp.service.clone())).collect()
+    }
+
+    /// `web` (8080, VIP 10.0.1.2) and `api` (9090, VIP 10.0.1.3), both on `app`; tasks t1..t4
+    /// of web, a1..a2 of api.
+    fn two_services() -> State {
+        let mut s = state_vip(
+            &[
+                ("t1", 1, "n1", Running, [10, 0, 1, 11]),
+                ("t2", 2, "n2", Running, [10, 0, 1, 12]),
+                ("t3", 3, "n1", Running, [10, 0, 1, 13]),
+                ("t4", 4, "n2", Shutdown, [10, 0, 1, 14]),
+            ],
+            Some(Ipv4Addr::new(10, 0, 1, 2)),
+        );
+        let mut api = s.services["web"].clone();
+        api.name = "api".into();
+        api.ports = vec![PortSpec { published: 9090, target: 90, protocol: Protocol::Tcp }];
+        api.networks[0].vip = Some(Ipv4Addr::new(10, 0, 1, 3));
+        s.services.insert("api".into(), api);
+        for (id, slot, a) in [("a1", 1, 21), ("a2", 2, 22)] {
+            let mut t = s.tasks["t1"].clone();
+            t.id = id.into();
+            t.service = "api".into();
+            t.slot = slot;
+            t.networks[0].address = Ipv4Addr::new(10, 0, 1, a);
+            s.tasks.insert(id.into(), t);
+        }
+        s
+    }
+
+    #[test]
+    fn desired_cache_index_follows_each_kind_of_change() {
+        use std::sync::Arc;
+        let mut s = two_services();
+        let mut l = links(&["t1", "t3", "a1"]);
+        let mut cache = DesiredCache::default();
+        let mut tables = Tables::new();
+        let r = Reach::Cluster;
+        update_and_check(&mut cache, &mut tables, &Arc::new(s.clone()), &l, r, None);
+        let web = BTreeSet::from(["web".to_string()]);
+        let api = BTreeSet::from(["api".to_string()]);
+        let web_order = |c: &DesiredCache| c.running_index()["web"].clone();
+        assert_eq!(web_order(&cache), ["t1", "t2", "t3"]);
+
+        // Add a task (slot 0 sorts first: backend order is (slot, id)).
+        let mut t = s.tasks["t2"].clone();
+        t.id = "t0".into();
+        t.slot = 0;
+        t.networks[0].address = Ipv4Addr::new(10, 0, 1, 10);
+        s.tasks.insert("t0".into(), t);
+        assert_eq!(update_and_check(&mut cache, &mut tables, &Arc::new(s.clone()), &l, r, None), web);
+        assert_eq!(web_order(&cache), ["t0", "t1", "t2", "t3"]);
+        // Same slot as another task: the id breaks the tie.
+        s.tasks.get_mut("t0").unwrap().slot = 2;
+        assert_eq!(update_and_check(&mut cache, &mut tables, &Arc::new(s.clone()), &l, r, None), web);
+        assert_eq!(web_order(&cache), ["t1", "t0", "t2", "t3"]);
+        // Remove it.
+        s.tasks.remove("t0");
+        assert_eq!(update_and_check(&mut cache, &mut tables, &Arc::new(s.clone()), &l, r, None), web);
+        assert_eq!(web_order(&cache), ["t1", "t2", "t3"]);
+        // State changes: stops, comes back, and a stopped task that changes stays unreported.
+        s.tasks.get_mut("t2").unwrap().state = Failed;
+        assert_eq!(update_and_check(&mut cache, &mut tables, &Arc::new(s.clone()), &l, r, None), web);
+        assert_eq!(web_order(&cache), ["t1", "t3"]);
+        s.tasks.get_mut("t4").unwrap().state = Running;
+        assert_eq!(update_and_check(&mut cache, &mut tables, &Arc::new(s.clone()), &l, r, None), web);
+        assert_eq!(web_order(&cache), ["t1", "t3", "t4"]);
+        s.tasks.get_mut("t2").unwrap().state = Shutdown;
+        s.tasks.get_mut("t2").unwrap().networks[0].address = Ipv4Addr::new(10, 0, 1, 99);
+        assert!(update_and_check(&mut cache, &mut tables, &Arc::new(s.clone()), &l, r, None).is_empty());
+        // A field the tables do not read (the netns path): nothing.
+        s.tasks.get_mut("t1").unwrap().netns = Some("/run/netns/elsewhere".into());
+        assert!(update_and_check(&mut cache, &mut tables, &Arc::new(s.clone()), &l, r, None).is_empty());
+        // Move: the task is rescheduled on this node (new id, new address, a link).
+        let mut t = s.tasks.remove("a2").unwrap();
+        t.id = "a9".into();
+        t.node = "n1".into();
+        t.networks[0].address = Ipv4Addr::new(10, 0, 1, 29);
+        s.tasks.insert("a9".into(), t);
+        l.extend(links(&["a9"]).into_iter().map(|(k, mut v)| {
+            v.ifindex = 909;
+            (k, v)
+        }));
+        assert_eq!(update_and_check(&mut cache, &mut tables, &Arc::new(s.clone()), &l, r, None), api);
+        assert_eq!(cache.running_index()["api"], ["a1", "a9"]);
+        // Same node, another address (same id).
+        s.tasks.get_mut("a1").unwrap().networks[0].address = Ipv4Addr::new(10, 0, 1, 31);
+        assert_eq!(update_and_check(&mut cache, &mut tables, &Arc::new(s.clone()), &l, r, None), api);
+        // A task changes service: both are recomputed.
+        s.tasks.get_mut("t4").unwrap().service = "api".into();
+        let both = update_and_check(&mut cache, &mut tables, &Arc::new(s.clone()), &l, r, None);
+        assert_eq!(both, BTreeSet::from(["api".to_string(), "web".to_string()]));
+        assert_eq!(cache.running_index()["api"], ["a1", "a9", "t4"]);
+        // Service definition change: only that service.
+        s.services.get_mut("api").unwrap().ports[0].target = 91;
+        assert_eq!(update_and_check(&mut cache, &mut tables, &Arc::new(s.clone()), &l, r, None), api);
+        // Link change only, on the same snapshot.
+        let same = Arc::new(s.clone());
+        update_and_check(&mut cache, &mut tables, &same, &l, r, None);
+        l.get_mut(&("t1".to_string(), "app".to_string())).unwrap().ifindex = 777;
+        assert_eq!(update_and_check(&mut cache, &mut tables, &same, &l, r, None), web);
+        assert!(update_and_check(&mut cache, &mut tables, &same, &l, r, None).is_empty());
+        // Service removal (its tasks with it): its frontends go, its index entry too.
+        s.services.remove("api");
+        s.tasks.retain(|_, t| t.service != "api");
+        let ch = update_and_check(&mut cache, &mut tables, &Arc::new(s.clone()), &l, r, None);
+        assert_eq!(ch, BTreeSet::from(["-".to_string()]), "only removals");
+        assert!(!cache.running_index().contains_key("api"));
+        assert!(cache.all().values().all(|sp| sp.service == "web"));
+        // Every task of the last service stops: the index empties.
+        s.tasks.values_mut().for_each(|t| t.state = Shutdown);
+        update_and_check(&mut cache, &mut tables, &Arc::new(s.clone()), &l, r, None);
+        assert!(cache.running_index().is_empty());
+    }
+
+    /// A small deterministic generator (xorshift64*).
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+        fn pick<'a>(&mut self, keys: impl Iterator<Item = &'a String>) -> Option<String> {
+            let v: Vec<&String> = keys.collect();
+            (!v.is_empty()).then(|| v[self.below(v.len())].clone())
+        }
+    }
+
+    #[test]
+    fn desired_cache_equals_a_full_recomputation_over_random_changes() {
+        use std::sync::Arc;
+        let states = [Running, Running, Running, Shutdown, Failed, Starting];
+        for (seed, reach, sbox) in [
+            (1u64, Reach::Cluster, None),
+            (2, Reach::LocalOnly, None),
+            (
+                3,
+                Reach::Routed,
+                Some(IngressSandbox {
+                    addr: Ipv4Addr::new(172, 17, 0, 2),
+                    link: LinkKey { ifindex: 11, task_mac: [2; 6], gw_mac: [3; 6] },
+                }),
+            ),
+            (4, Reach::Cluster, None),
+        ] {
+            let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ seed);
+            let mut s = two_services();
+            s.networks.insert(
+                "db".into(),
+                Network { name: "db".into(), subnet: "10.0.2.0/24".parse().unwrap(), vni: 4098, gateway: Ipv4Addr::new(10, 0, 2, 1) },
+            );
+            // `db`: dnsrr on two networks, no published port.
+            s.services.insert(
+                "db".into(),
+                Service {
+                    name: "db".into(),
+                    endpoint_mode: EndpointMode::Dnsrr,
+                    networks: vec![
+                        ServiceNetwork { network: "db".into(), vip: None, aliases: vec![] },
+                        ServiceNetwork { network: "app".into(), vip: None, aliases: vec![] },
+                    ],
+                    ports: vec![],
+                },
+            );
+            let mut removed_services: Vec<Service> = Vec::new();
+            let mut l = links(&["t1", "t3", "a1"]);
+            let mut cache = DesiredCache::default();
+            let mut tables = Tables::new();
+            let mut snap = Arc::new(s.clone());
+            let mut reach = reach;
+            let mut next_id = 0u32;
+            // Addresses are unique (as validated): 10.1.x.y, never reused.
+            let mut next_addr = 0u32;
+            let fresh = |n: &mut u32| {
+                *n += 1;
+                Ipv4Addr::from(0x0a01_0000 + *n)
+            };
+            update_and_check(&mut cache, &mut tables, &snap, &l, reach, sbox.as_ref());
+            for step in 0..400 {
+                for _ in 0..1 + rng.below(3) {
+                    let svc_names: Vec<String> = s.services.keys().cloned().collect();
+                    match rng.below(16) {
+                        // Add a task (sometimes on this node, with a link).
+                        0 | 1 if !svc_names.is_empty() => {
+                            next_id += 1;
+                            let id = format!("r{next_id:03}");
+                            let svc = svc_names[rng.below(svc_names.len())].clone();
+                            let node = if rng.below(2) == 0 { "n1" } else { "n2" };
+                            let mut networks = vec![TaskNetwork { network: "app".into(), address: fresh(&mut next_addr) }];
+                            if svc == "db" {
+                                networks.insert(0, TaskNetwork { network: "db".into(), address: fresh(&mut next_addr) });
+                            }
+                            if node == "n1" && rng.below(4) != 0 {
+                                for n in &networks {
+                                    l.insert((id.clone(), n.network.clone()), LocalLink { ifindex: 1000 + next_id, task_mac: [2, 0, 0, 0, 0, next_id as u8], gw_mac: [2; 6] });
+                                }
+                            }
+                            s.tasks.insert(
+                                id.clone(),
+                                Task {
+                                    id,
+                                    service: svc,
+                                    slot: 1 + rng.below(5) as u32,
+                                    node: node.into(),
+                                    state: states[rng.below(states.len())],
+                                    netns: None,
+                                    resolv_conf: None,
+                                    networks,
+                                },
+                            );
+                        }
+                        // Remove one (its links too, mostly).
+                        2 => {
+                            if let Some(id) = rng.pick(s.tasks.keys()) {
+                                s.tasks.remove(&id);
+                                if rng.below(4) != 0 {
+                                    l.retain(|k, _| k.0 != id);
+                                }
+                            }
+                        }
+                        // State change.
+                        3 | 4 => {
+                            if let Some(id) = rng.pick(s.tasks.keys()) {
+                                s.tasks.get_mut(&id).unwrap().state = states[rng.below(states.len())];
+                            }
+                        }
+                        // Slot, node, address, netns, service of one task.
+                        5 => {
+                            if let Some(id) = rng.pick(s.tasks.keys()) {
+                                s.tasks.get_mut(&id).unwrap().slot = 1 + rng.below(5) as u32;
+                            }
+                        }
+                        6 => {
+                            if let Some(id) = rng.pick(s.tasks.keys()) {
+                                let t = s.tasks.get_mut(&id).unwrap();
+                                t.node = if t.node == "n1" { "n2".into() } else { "n1".into() };
+                            }
+                        }
+                        7 => {
+                            if let Some(id) = rng.pick(s.tasks.keys()) {
+                                s.tasks.get_mut(&id).unwrap().networks.last_mut().unwrap().address = fresh(&mut next_addr);
+                            }
+                        }
+                        8 => {
+                            if let Some(id) = rng.pick(s.tasks.keys()) {
+                                s.tasks.get_mut(&id).unwrap().netns = Some(format!("/run/netns/x{}", rng.below(9)).into());
+                            }
+                        }
+                        9 => {
+                            if let (Some(id), false) = (rng.pick(s.tasks.keys()), svc_names.is_empty()) {
+                                s.tasks.get_mut(&id).unwrap().service = svc_names[rng.below(svc_names.len())].clone();
+                            }
+                        }
+                        // A service definition changes, goes, comes back.
+                        10 => {
+                            if let Some(name) = rng.pick(s.services.keys()) {
+                                let svc = s.services.get_mut(&name).unwrap();
+                                if svc.ports.is_empty() || rng.below(2) == 0 {
+                                    // Published ports are unique across services (as validated).
+                                    let base = match name.as_str() { "web" => 7100, "api" => 7200, _ => 7300 };
+                                    svc.ports.push(PortSpec { published: base + rng.below(50) as u16, target: 80, protocol: Protocol::Udp });
+                                    svc.ports.dedup_by_key(|p| p.published);
+                                } else {
+                                    svc.ports.pop();
+                                }
+                            }
+                        }
+                        11 => {
+                            if let Some(name) = rng.pick(s.services.keys()) {
+                                removed_services.push(s.services.remove(&name).unwrap());
+                            }
+                        }
+                        12 => {
+                            if let Some(svc) = removed_services.pop() {
+                                s.services.insert(svc.name.clone(), svc);
+                            }
+                        }
+                        // A link changes, or a running task on this node loses its link.
+                        13 => {
+                            if let Some(k) = l.keys().nth(rng.below(l.len().max(1))).cloned() {
+                                if rng.below(3) == 0 {
+                                    l.remove(&k);
+                                } else {
+                                    l.get_mut(&k).unwrap().ifindex = 2000 + rng.below(100) as u32;
+                                }
+                            }
+                        }
+                        // Inputs change: everything recomputed.
+                        14 if rng.below(8) == 0 => {
+                            if sbox.is_none() {
+                                reach = if reach == Reach::Cluster { Reach::LocalOnly } else { Reach::Cluster };
+                            } else {
+                                s.networks.get_mut("db").unwrap().vni ^= 1;
+                            }
+                        }
+                        // Nothing.
+                        _ => {}
+                    }
+                }
+                // Usually a new snapshot; sometimes the very same one again.
+                if rng.below(6) != 0 {
+                    snap = Arc::new(s.clone());
+                }
+                let svcs = update_and_check(&mut cache, &mut tables, &snap, &l, reach, sbox.as_ref());
+                assert!(svcs.iter().all(|n| n == "-" || snap.services.contains_key(n)), "step {step}: {svcs:?}");
+            }
+        }
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! 3. Control plane at scale.
 //!
-//! - In memory, no namespaces: generated `State`s run through the agent's real path,
-//!   `DesiredCache::update` (Reach::Cluster, so remote tasks are backends) →
+//! - In memory, no namespaces: generated `State`s run through the agent's real path
+//!   (`Agent::apply`), `DesiredCache::update` (Reach::Cluster, so remote tasks are backends) →
 //!   `Tables::apply` (first sync) or `Tables::apply_changes` (later ones) → `Maps::apply`
-//!   on real maps of a loaded `Datapath`. Each shape runs in a fresh
+//!   on real maps of a loaded `Datapath`, then the new snapshot replaces the previous one
+//!   (whose release is timed on its own). Each shape runs in a fresh
 //!   child process (this binary with `--child-control`), so its VmRSS/VmHWM are its own.
 //! - `iptables-restore` of an equivalent kube-proxy-style ruleset, once, in a scratch netns.
 //! - Time from a state-file change to the first new flow reaching the new task, on a real
@@ -14,12 +15,14 @@ use std::{
     net::TcpStream,
     path::PathBuf,
     process::{Command, ExitCode, Stdio},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use mesh_agent::{
     ebpf::Datapath,
-    tables::{self, Reach, Tables},
+    model::State,
+    tables::{self, LocalLinks, Reach, Tables},
 };
 use mesh_tests::Netns;
 use serde_json::{Value, json};
@@ -98,25 +101,46 @@ impl Drop for Pins {
     }
 }
 
-/// The agent's programming state: its cache of desired frontends and its tables.
+/// The agent's programming state: its cache of desired frontends, its tables, and the
+/// snapshot it last programmed.
 struct Programmer {
     cache: tables::DesiredCache,
     tables: Tables,
     synced: bool,
+    /// Held as the agent holds it (`Agent::state`, replaced once the maps are programmed): the
+    /// previous snapshot is released after the pass, not inside the cache update. The release
+    /// is timed on its own (`release_prev_s`).
+    state: Option<Arc<State>>,
 }
 
-/// One pass as the agent makes it for a new snapshot: desired (only the services the
-/// snapshot changed) → diff → maps. Returns (desired s, diff s, maps s, ops) or the error.
+/// The times of one pass (seconds) and its map operations.
+struct Pass {
+    desired: f64,
+    diff: f64,
+    maps: f64,
+    ops: usize,
+    /// Dropping the previous snapshot (its last reference), after the maps are programmed.
+    release: f64,
+}
+
+impl Pass {
+    fn total(&self) -> f64 {
+        self.desired + self.diff + self.maps
+    }
+}
+
+/// One pass as the agent makes it for a new snapshot (`Agent::apply`): desired (only the
+/// services the snapshot changed) → diff → maps, then the snapshot replaces the previous one.
 fn program(
-    c: &Cluster,
+    snap: &Arc<State>,
+    links: &LocalLinks,
     p: &mut Programmer,
     dp: &mut Datapath,
-) -> Result<(f64, f64, f64, usize), String> {
-    let snap = c.state.clone();
+) -> Result<Pass, String> {
     let t0 = Instant::now();
     let changes = p
         .cache
-        .update(&snap, crate::states::ME, &c.links, Reach::Cluster, None);
+        .update(snap, crate::states::ME, links, Reach::Cluster, None);
     let t1 = Instant::now();
     let ops = if p.synced {
         let refs: Vec<(tables::FeId, Option<&tables::FrontendSpec>)> = changes
@@ -126,32 +150,42 @@ fn program(
         p.tables.apply_changes(&refs)
     } else {
         p.tables.apply(p.cache.all())
-    }
-    .map_err(|e| {
+    };
+    let t2 = Instant::now();
+    let ops = ops.map_err(|e| {
         format!(
             "Tables::apply: {e} (after {:.2} s of desired)",
             (t1 - t0).as_secs_f64()
         )
-    })?;
-    let t2 = Instant::now();
-    dp.maps
-        .apply(&ops)
-        .map_err(|e| format!("Maps::apply: {e}"))?;
+    });
+    let mapped = ops.and_then(|ops| {
+        dp.maps
+            .apply(&ops)
+            .map(|_| ops.len())
+            .map_err(|e| format!("Maps::apply: {e}"))
+    });
     let t3 = Instant::now();
+    let old = p.state.replace(snap.clone());
+    let t4 = Instant::now();
+    drop(old);
+    let release = t4.elapsed().as_secs_f64();
+    let n = mapped?;
     p.synced = true;
-    Ok((
-        (t1 - t0).as_secs_f64(),
-        (t2 - t1).as_secs_f64(),
-        (t3 - t2).as_secs_f64(),
-        ops.len(),
-    ))
+    Ok(Pass {
+        desired: (t1 - t0).as_secs_f64(),
+        diff: (t2 - t1).as_secs_f64(),
+        maps: (t3 - t2).as_secs_f64(),
+        ops: n,
+        release,
+    })
 }
 
-fn pass_json(r: &Result<(f64, f64, f64, usize), String>) -> Value {
+fn pass_json(r: &Result<Pass, String>) -> Value {
     match r {
-        Ok((d, a, m, n)) => {
-            json!({"desired_s": d, "diff_s": a, "maps_s": m, "total_s": d + a + m, "ops": n})
-        }
+        Ok(p) => json!({
+            "desired_s": p.desired, "diff_s": p.diff, "maps_s": p.maps, "total_s": p.total(),
+            "ops": p.ops, "release_prev_s": p.release,
+        }),
         Err(e) => json!({"error": e}),
     }
 }
@@ -218,23 +252,24 @@ pub fn child_main(args: &[String]) -> ExitCode {
         cache: tables::DesiredCache::default(),
         tables: Tables::new(),
         synced: false,
+        state: None,
     };
     progress("programming from scratch", t_all, Value::Null);
-    let scratch = program(&c, &mut prog, dp);
+    let scratch = program(&c.state, &c.links, &mut prog, dp);
     out["scratch"] = pass_json(&scratch);
-    if let Ok((_, _, m, n)) = &scratch {
-        out["map_ops_per_s"] = json!(*n as f64 / m);
+    if let Ok(p) = &scratch {
+        out["map_ops_per_s"] = json!(p.ops as f64 / p.maps);
         out["frontends"] = json!(prog.tables.frontends().count());
         out["backends"] = json!(prog.tables.backends().count());
     }
     let rss_prog = util::rss_mib();
     progress("programmed", t_all, out["scratch"].clone());
     let mut changes = serde_json::Map::new();
-    if let Ok((d, a, m, _)) = &scratch {
+    if let Ok(p) = &scratch {
         let mut add = Vec::new();
         let mut remove = Vec::new();
         let mut mv = Vec::new();
-        let mut pass = d + a + m;
+        let mut pass = p.total() + p.release;
         for r in 0..reps {
             if t_all.elapsed().as_secs_f64() + 3.2 * pass > budget {
                 changes.insert(
@@ -250,14 +285,14 @@ pub fn child_main(args: &[String]) -> ExitCode {
             let node = 1 + (r * 31) % (shape.nodes - 1).max(1);
             // Add a task (on another node) ...
             let id = c.add_task(svc, 10_000 + r as u32, node);
-            let p = program(&c, &mut prog, dp);
-            if let Ok((d, a, m, _)) = &p {
-                pass = d + a + m;
+            let p = program(&c.state, &c.links, &mut prog, dp);
+            if let Ok(p) = &p {
+                pass = p.total() + p.release;
             }
             add.push(pass_json(&p));
             // ... remove it again ...
             c.remove_task(&id);
-            remove.push(pass_json(&program(&c, &mut prog, dp)));
+            remove.push(pass_json(&program(&c.state, &c.links, &mut prog, dp)));
             // ... and move one: rescheduled on another node (new id, new address), this node
             // included every other time.
             if let Some((old, slot, from)) = c.a_task_of((svc + 1) % shape.services) {
@@ -268,40 +303,31 @@ pub fn child_main(args: &[String]) -> ExitCode {
                     (from + 1) % shape.nodes
                 };
                 c.add_task((svc + 1) % shape.services, slot, to);
-                mv.push(pass_json(&program(&c, &mut prog, dp)));
+                mv.push(pass_json(&program(&c.state, &c.links, &mut prog, dp)));
             }
             progress("changes", t_all, json!(r + 1));
         }
-        // Where a one-task change spends its time, on the Swarm3k shapes when it misses 10 ms
-        // (cheap: perf on this thread for 1.5 s of add/remove changes).
-        let add_med = stat(
-            &add.iter()
-                .filter_map(|v| v["total_s"].as_f64())
-                .collect::<Vec<_>>(),
-        )
-        .median;
-        if name.starts_with("swarm3k")
-            && add_med > 0.010
-            && t_all.elapsed().as_secs_f64() + 4.0 < budget
-        {
+        // Where a one-task change spends its time, on the Swarm3k shapes (cheap: perf on this
+        // thread for 1.5 s of passes). The passes alternate between two snapshots that differ
+        // by one task, both built before perf starts: the profile holds the agent's pass only
+        // (not the bench's copy-on-write of the state, nor freeing a snapshot), and no more
+        // snapshots are alive at once than during the changes above.
+        if name.starts_with("swarm3k") && t_all.elapsed().as_secs_f64() + 4.0 < budget {
+            let extra = c.add_task(0, 20_000, 1 % shape.nodes.max(1));
+            let _ = program(&c.state, &c.links, &mut prog, dp);
+            let with = c.state.clone();
+            c.remove_task(&extra);
+            let _ = program(&c.state, &c.links, &mut prog, dp);
+            let without = c.state.clone();
             // SAFETY: gettid has no preconditions.
             let tid = unsafe { libc::gettid() }.to_string();
             let mut k = 0usize;
-            let mut extra: Option<String> = None;
             let prof = util::perf_top(&["-t", &tid], 1.5, || {
-                match extra.take() {
-                    Some(id) => c.remove_task(&id),
-                    None => {
-                        extra = Some(c.add_task(
-                            k % shape.services,
-                            20_000 + k as u32,
-                            1 + k % (shape.nodes - 1).max(1),
-                        ))
-                    }
-                }
+                let snap = if k % 2 == 0 { &with } else { &without };
                 k += 1;
-                let _ = program(&c, &mut prog, dp);
+                let _ = program(snap, &c.links, &mut prog, dp);
             });
+            changes.insert("profile_passes".into(), json!(k));
             if let Some(p) = prof {
                 changes.insert(
                     "profile".into(),
@@ -673,7 +699,10 @@ fn report(ctx: &mut Ctx, results: Vec<Value>, ipt: Value, flow: Value) -> Sectio
          remote tasks are backends) → `Tables::apply` on the first sync, `Tables::apply_changes` after (diff \
          to ordered map operations) → `Maps::apply` on the real maps of a loaded `Datapath`; \"desired\" below \
          is the cache update, \"diff\" the tables. Timing starts with the snapshot in hand (reading and \
-         validating the state file is not included). Each shape runs in a fresh process, so its RSS is its \
+         validating the state file is not included, nor the agent's other per-snapshot work: attaching local \
+         tasks, DNS). As in the agent, the previous snapshot is released once the maps are programmed (the \
+         agent holds it until then); that release is timed on its own and shown beside the one-task changes. \
+         Each shape runs in a fresh process, so its RSS is its \
          own (state + desired cache + tables + map handles; the agent would also hold the parsed YAML). Every \
          service has a VIP unless in dnsrr mode, and every 10th publishes one \
          port; tasks are spread round-robin over the nodes, so this node hosts tasks/nodes of them.\n\n",
@@ -788,6 +817,7 @@ fn report(ctx: &mut Ctx, results: Vec<Value>, ipt: Value, flow: Value) -> Sectio
                 "".into(),
                 "".into(),
                 "".into(),
+                "".into(),
             ]);
             rows.push(row);
             continue;
@@ -799,6 +829,15 @@ fn report(ctx: &mut Ctx, results: Vec<Value>, ipt: Value, flow: Value) -> Sectio
         }
         let ops = change_stat(v, "move", "ops");
         row.push(fmt_num(ops.median, 0));
+        let release: Vec<f64> = ["add", "remove", "move"]
+            .iter()
+            .flat_map(|k| change_stat(v, k, "release_prev_s").samples)
+            .collect();
+        row.push(if release.is_empty() {
+            "–".into()
+        } else {
+            ms(&stat(&release))
+        });
         rows.push(row);
     }
     md.push_str(&format!(
@@ -815,9 +854,48 @@ fn report(ctx: &mut Ctx, results: Vec<Value>, ipt: Value, flow: Value) -> Sectio
             "remove",
             "move",
             "map ops per move",
+            "then: previous snapshot released",
         ],
         &rows,
     ));
+    // What still follows the size of the cluster, with the profile where there is one.
+    let largest = results
+        .iter()
+        .rev()
+        .find(|v| change_stat(v, "add", "total_s").n > 0);
+    let profile_of = |v: &Value| {
+        v["changes"]["profile"].as_array().map(|p| {
+            let top: Vec<(f64, String)> = p
+                .iter()
+                .filter_map(|x| Some((x["pct"].as_f64()?, x["symbol"].as_str()?.to_string())))
+                .collect();
+            util::show_profile(&top)
+        })
+    };
+    md.push_str(
+        "\nA one-task change recomputes only the services it touched (their running tasks come from an index \
+         the cache keeps per service), and the diff and the map writes follow the change. What still grows with \
+         the cluster is finding the change: the sources deliver whole snapshots (the state file is re-read, the \
+         Docker Engine API is polled; Docker emits no task events), so `DesiredCache::update` compares the new \
+         snapshot with the previous one, every service and every task (O(tasks); it reads only the fields the \
+         tables use and allocates only for what differs); and, after programming, the previous snapshot is \
+         freed (O(tasks) too).",
+    );
+    if let Some(v) = largest {
+        md.push_str(&format!(
+            " On {}: desired {} ms per added task.{}",
+            v["title"].as_str().unwrap_or("?"),
+            fmt_num(change_stat(v, "add", "desired_s").median * 1e3, 1),
+            profile_of(v)
+                .map(|p| format!(
+                    " Profile (perf over {} passes alternating two snapshots one task apart; \
+                     `diff_snapshots` is the comparison): {p}.",
+                    v["changes"]["profile_passes"]
+                ))
+                .unwrap_or_default()
+        ));
+    }
+    md.push('\n');
 
     // Checks.
     let get = |k: &str| results.iter().find(|v| v["shape"] == k);
@@ -916,6 +994,7 @@ fn report(ctx: &mut Ctx, results: Vec<Value>, ipt: Value, flow: Value) -> Sectio
     // One-task change: worst median over shapes and kinds.
     let mut worst: Option<(f64, String)> = None;
     let mut series = Vec::new();
+    let mut medians = Vec::new();
     for v in &results {
         let mut m: f64 = 0.0;
         for kind in ["add", "remove", "move"] {
@@ -925,6 +1004,7 @@ fn report(ctx: &mut Ctx, results: Vec<Value>, ipt: Value, flow: Value) -> Sectio
             }
         }
         if m > 0.0 {
+            medians.push(m);
             series.push(format!(
                 "{} tasks: {} ms",
                 fmt_num(v["state"]["tasks"].as_f64().unwrap_or(0.0), 0),
@@ -946,12 +1026,16 @@ fn report(ctx: &mut Ctx, results: Vec<Value>, ipt: Value, flow: Value) -> Sectio
         );
         let first = series.first().cloned().unwrap_or_default();
         let last = series.last().cloned().unwrap_or_default();
+        let flat = match (medians.first(), medians.last()) {
+            (Some(a), Some(b)) if medians.len() > 1 => Some(*b <= 2.0 * a + 0.001),
+            _ => None,
+        };
         ctx.out.check(
             sec,
             "one-task change flat from 1k to 150k tasks",
             format!("{first} → {last}"),
-            "flat",
-            None,
+            "flat (largest ≤ 2 × smallest + 1 ms)",
+            flat,
         );
         if !met {
             // Where a change's time goes on the largest shape that measured changes.
@@ -974,23 +1058,19 @@ fn report(ctx: &mut Ctx, results: Vec<Value>, ipt: Value, flow: Value) -> Sectio
             let prof = results
                 .iter()
                 .rev()
-                .find_map(|v| v["changes"]["profile"].as_array())
-                .map(|p| {
-                    let top: Vec<(f64, String)> = p
-                        .iter()
-                        .filter_map(|x| {
-                            Some((x["pct"].as_f64()?, x["symbol"].as_str()?.to_string()))
-                        })
-                        .collect();
-                    format!(
-                        " Profile of changes on the Swarm3k state: {}.",
-                        util::show_profile(&top)
-                    )
+                .find_map(|v| {
+                    profile_of(v).map(|p| (p, v["title"].as_str().unwrap_or("?").to_string()))
                 })
+                .map(|(p, t)| format!(" Profile of one-task passes on {t}: {p}."))
                 .unwrap_or_default();
             ctx.out.finding(format!(
                 "A one-task change misses < 10 ms and grows with the cluster: {}.{split} The map operations stay \
-                 a handful; the time is spent finding what changed.{prof}",
+                 a handful and only the touched services are recomputed; what grows is finding the change: the \
+                 sources deliver whole snapshots (state file re-read, Docker Engine API polled — Docker emits no \
+                 task events), so every update compares the new snapshot with the previous one task by task \
+                 (O(tasks)); freeing the previous snapshot after programming is O(tasks) as well. Meeting the \
+                 target at this size needs sources that say what changed, or snapshots that share their unchanged \
+                 tasks.{prof}",
                 series.join(", ")
             ));
         }
