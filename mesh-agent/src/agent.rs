@@ -594,7 +594,8 @@ impl Agent {
                     self.full_sync = true;
                 }
             }
-            self.state = state;
+            let old = std::mem::replace(&mut self.state, state);
+            release_off_path(old);
             if changed && programmed {
                 match self.write_catalog() {
                     Ok(cat) => {
@@ -874,4 +875,18 @@ pub async fn run(
 pub fn read_catalog(run_dir: &Path) -> std::io::Result<Catalog> {
     let body = std::fs::read(run_dir.join(CATALOG_FILE))?;
     serde_json::from_slice(&body).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// Drop the previous snapshot off the sync path: freeing a Swarm3k-sized state (150k tasks)
+/// takes tens of milliseconds, which the next change should not wait for.
+fn release_off_path(old: Arc<State>) {
+    if Arc::strong_count(&old) > 1 {
+        return; // someone else still holds it; dropping our reference is cheap
+    }
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) => {
+            h.spawn_blocking(move || drop(old));
+        }
+        Err(_) => drop(old),
+    }
 }
