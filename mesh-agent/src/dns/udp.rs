@@ -76,15 +76,8 @@ impl Batch {
                 iov_base: self.bufs[i].as_mut_ptr().cast(),
                 iov_len: MAX_QUERY,
             };
-            let h = &mut self.hdrs[i];
-            h.msg_hdr.msg_name = (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
-            h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as u32;
-            h.msg_hdr.msg_iov = &mut self.iov[i];
-            h.msg_hdr.msg_iovlen = 1;
-            h.msg_hdr.msg_control = std::ptr::null_mut();
-            h.msg_hdr.msg_controllen = 0;
-            h.msg_hdr.msg_flags = 0;
-            h.msg_len = 0;
+            let len = std::mem::size_of::<libc::sockaddr_storage>() as u32;
+            point(&mut self.hdrs[i], &mut self.names[i], len, &mut self.iov[i]);
         }
         // SAFETY: every header points at buffers owned by `self` that outlive the call.
         let n = unsafe {
@@ -101,18 +94,12 @@ impl Batch {
                 iov_base: self.outs[i].as_mut_ptr().cast(),
                 iov_len: self.outs[i].len(),
             };
-            let h = &mut self.hdrs[k];
-            h.msg_hdr.msg_name = (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
-            h.msg_hdr.msg_namelen = if self.names[i].ss_family == libc::AF_INET6 as u16 {
+            let len = if self.names[i].ss_family == libc::AF_INET6 as u16 {
                 std::mem::size_of::<libc::sockaddr_in6>() as u32
             } else {
                 std::mem::size_of::<libc::sockaddr_in>() as u32
             };
-            h.msg_hdr.msg_iov = &mut self.iov[k];
-            h.msg_hdr.msg_iovlen = 1;
-            h.msg_hdr.msg_control = std::ptr::null_mut();
-            h.msg_hdr.msg_controllen = 0;
-            h.msg_hdr.msg_flags = 0;
+            point(&mut self.hdrs[k], &mut self.names[i], len, &mut self.iov[k]);
             k += 1;
         }
         if k == 0 {
@@ -122,6 +109,18 @@ impl Batch {
         let n = unsafe { libc::sendmmsg(fd, self.hdrs.as_mut_ptr(), k as u32, libc::MSG_DONTWAIT) };
         n.max(0) as usize
     }
+}
+
+/// Point `h` at one address and one buffer, no control data, flags and length cleared.
+fn point(h: &mut libc::mmsghdr, name: &mut libc::sockaddr_storage, namelen: u32, iov: &mut libc::iovec) {
+    h.msg_hdr.msg_name = (name as *mut libc::sockaddr_storage).cast();
+    h.msg_hdr.msg_namelen = namelen;
+    h.msg_hdr.msg_iov = iov;
+    h.msg_hdr.msg_iovlen = 1;
+    h.msg_hdr.msg_control = std::ptr::null_mut();
+    h.msg_hdr.msg_controllen = 0;
+    h.msg_hdr.msg_flags = 0;
+    h.msg_len = 0;
 }
 
 /// A socket address from what recvmmsg(2) wrote.
