@@ -562,6 +562,21 @@ fn get(addr: &str) -> Option<String> {
     t.split("\r\n\r\n").nth(1).map(|b| b.trim().to_string())
 }
 
+/// From the calling thread's namespace: one new connection to `addr` per try, `pause` apart,
+/// until the answer is `want` (any answer when `None`) or `limit` has passed since `t0`.
+/// Returns when the answer came (measured from `t0`) and the tries made.
+fn poll_answer(addr: &str, want: Option<&str>, t0: Instant, limit: Duration, pause: Duration) -> (Option<Duration>, usize) {
+    let mut n = 0;
+    while t0.elapsed() < limit {
+        n += 1;
+        match get(addr) {
+            Some(body) if want.is_none_or(|w| body == w) => return (Some(t0.elapsed()), n),
+            _ => std::thread::sleep(pause),
+        }
+    }
+    (None, n)
+}
+
 fn state_to_flow(ctx: &Ctx) -> Value {
     let mut bed = Bed::new(ctx, 3);
     let agent = bed.start_agent(ctx, "xdp", &[]);
@@ -577,20 +592,11 @@ fn state_to_flow(ctx: &Ctx) -> Value {
         bed.write_state();
         // Poll from the client namespace: one new connection per try, until the new task
         // answers (bounded).
-        let (ok, n) = util::within(&client, move || {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            let mut n = 0;
-            while Instant::now() < deadline {
-                n += 1;
-                if get("198.18.0.1:8080").as_deref() == Some(want.as_str()) {
-                    return (true, n);
-                }
-                std::thread::sleep(Duration::from_micros(500));
-            }
-            (false, n)
+        let (came, n) = util::within(&client, move || {
+            poll_answer("198.18.0.1:8080", Some(&want), t0, Duration::from_secs(10), Duration::from_micros(500))
         });
-        let took = t0.elapsed();
-        if ok {
+        let took = came.unwrap_or_else(|| t0.elapsed());
+        if came.is_some() {
             ms_samples.push(took.as_secs_f64() * 1e3);
         }
         attempts.push(n);
@@ -634,17 +640,10 @@ fn state_to_flow_cluster(ctx: &Ctx) -> Value {
     // Every node answers before measuring (bounded).
     for n in &nodes {
         let addr = format!("{n}:8080");
-        let ok = util::within(&client, move || {
-            let end = Instant::now() + Duration::from_secs(30);
-            while Instant::now() < end {
-                if get(&addr).is_some() {
-                    return true;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            false
+        let (came, _) = util::within(&client, move || {
+            poll_answer(&addr, None, Instant::now(), Duration::from_secs(30), Duration::from_millis(100))
         });
-        assert!(ok, "node {n}:8080 never answered");
+        assert!(came.is_some(), "node {n}:8080 never answered");
     }
     let mut per_node: Vec<Vec<f64>> = vec![Vec::new(); nodes.len()];
     for k in 0..ctx.ctl_flow_samples.min(5) {
@@ -660,30 +659,22 @@ fn state_to_flow_cluster(ctx: &Ctx) -> Value {
                 let (addr, want, client) = (format!("{n}:8080"), want.clone(), client.clone());
                 std::thread::spawn(move || {
                     util::within(&client, move || {
-                        let deadline = t0 + Duration::from_secs(10);
-                        while Instant::now() < deadline {
-                            if get(&addr).as_deref() == Some(want.as_str()) {
-                                return Some(t0.elapsed().as_secs_f64() * 1e3);
-                            }
-                            std::thread::sleep(Duration::from_micros(500));
-                        }
-                        None
+                        poll_answer(&addr, Some(&want), t0, Duration::from_secs(10), Duration::from_micros(500)).0
                     })
                 })
             })
             .collect();
+        let mut this_round = Vec::new();
         for (i, h) in handles.into_iter().enumerate() {
-            if let Some(ms) = h.join().ok().flatten() {
+            let ms = h.join().ok().flatten().map(|d| d.as_secs_f64() * 1e3);
+            if let Some(ms) = ms {
                 per_node[i].push(ms);
             }
+            this_round.push(ms.map(|m| format!("{m:.0} ms")).unwrap_or("-".into()));
         }
         util::log(
             ctx.start,
-            format!(
-                "control: cluster state change {k} (task on node {}): {}",
-                on + 1,
-                per_node.iter().map(|v| v.last().map(|m| format!("{m:.0} ms")).unwrap_or("-".into())).collect::<Vec<_>>().join(", ")
-            ),
+            format!("control: cluster state change {k} (task on node {}): {}", on + 1, this_round.join(", ")),
         );
     }
     drop(c);
