@@ -7,7 +7,7 @@
 use std::{
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
-    process::{Command, Output},
+    process::Command,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -25,6 +25,10 @@ use mesh_agent::{
     netns,
 };
 
+#[path = "common/cmd.rs"]
+mod cmd;
+use cmd::run_ok;
+
 const UPSTREAM_ANSWER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
 
 /// A uniquely named network namespace with `lo` up; deleted on drop, even on panic, with
@@ -33,25 +37,6 @@ struct NetnsGuard {
     name: String,
     /// /etc/netns did not exist before: remove it again if it is empty.
     etc_netns_was_missing: bool,
-}
-
-fn run(cmd: &str, args: &[&str]) -> Output {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd} {args:?}: {e}"))
-}
-
-fn run_ok(cmd: &str, args: &[&str]) -> String {
-    let out = run(cmd, args);
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 impl NetnsGuard {

@@ -28,27 +28,12 @@ use mesh_agent::{
     overlay::{Observed, Overlay, OverlayConfig, OverlayError, OverlayReport},
 };
 
+#[path = "common/cmd.rs"]
+mod cmd;
+use cmd::{run, run_ok};
+
 /// How long any single reply from a node agent may take.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(20);
-
-fn run(cmd: &str, args: &[&str]) -> Output {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd} {args:?}: {e}"))
-}
-
-fn run_ok(cmd: &str, args: &[&str]) -> String {
-    let out = run(cmd, args);
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// `ip <args>`, which must succeed.
 fn ip(args: &[&str]) -> String {
