@@ -135,11 +135,7 @@ impl Netlink {
         if let Some(l) = self.link(name).await? {
             if l.mac != mac {
                 let msg = LinkUnspec::new_with_index(l.index).address(mac.to_vec()).build();
-                self.handle.link().set(msg).execute().await.map_err(|source| NetlinkError::Op {
-                    op: "set bridge address",
-                    name: name.into(),
-                    source,
-                })?;
+                self.set_link(msg, "set bridge address", name.into()).await?;
                 return self.must_link(name).await;
             }
             return Ok(l);
@@ -195,30 +191,22 @@ impl Netlink {
     /// Enslave `index` to bridge `bridge` and bring it up.
     pub async fn set_controller_up(&self, index: u32, bridge: u32) -> Result<(), NetlinkError> {
         let msg = LinkUnspec::new_with_index(index).controller(bridge).up().build();
-        self.handle
-            .link()
-            .set(msg)
-            .execute()
-            .await
-            .map_err(|source| NetlinkError::Op {
-                op: "attach to bridge",
-                name: format!("#{index}"),
-                source,
-            })
+        self.set_link(msg, "attach to bridge", format!("#{index}")).await
     }
 
     pub async fn set_up(&self, index: u32) -> Result<(), NetlinkError> {
         let msg = LinkUnspec::new_with_index(index).up().build();
+        self.set_link(msg, "set up", format!("#{index}")).await
+    }
+
+    /// RTM_SETLINK with `msg`; an error names `op` and the link.
+    async fn set_link(&self, msg: LinkMessage, op: &'static str, name: String) -> Result<(), NetlinkError> {
         self.handle
             .link()
             .set(msg)
             .execute()
             .await
-            .map_err(|source| NetlinkError::Op {
-                op: "set up",
-                name: format!("#{index}"),
-                source,
-            })
+            .map_err(|source| NetlinkError::Op { op, name, source })
     }
 
     pub async fn delete_link(&self, name: &str) -> Result<(), NetlinkError> {
