@@ -21,7 +21,7 @@ PKGS=(
   # baselines and load generators used by `cargo xtask bench`
   dnsperf iperf3 wrk haproxy dnsmasq-base nginx-light linux-perf
   # sources of managers' state / real Swarm
-  etcd-server docker.io busybox-static
+  etcd-server docker.io busybox-static openssl
 )
 
 missing=()

@@ -45,9 +45,9 @@ pub struct AgentConfig {
     pub runtime: Runtime,
     /// Where to serve /metrics, /healthz, /readyz (`None`: nowhere).
     pub metrics_addr: Option<std::net::SocketAddr>,
-    /// Running as this Swarm service (Engine API socket, service name): on shutdown, keep the
-    /// data path while the service exists (a rolling update), remove it when it is gone.
-    pub swarm_service: Option<(PathBuf, String)>,
+    /// Running as this Swarm service (Engine API endpoint, service name): on shutdown, keep
+    /// the data path while the service exists (a rolling update), remove it when it is gone.
+    pub swarm_service: Option<(crate::source::swarm::DockerEndpoint, String)>,
 }
 
 /// Who owns the tasks' namespaces and networks.
@@ -749,8 +749,8 @@ impl Agent {
         let _ = std::fs::remove_file(self.cfg.run_dir.join(CATALOG_FILE));
         let _ = std::fs::remove_dir(&self.cfg.run_dir);
         let mut keep = self.cfg.keep_datapath;
-        if let Some((socket, name)) = &self.cfg.swarm_service {
-            keep = match crate::source::swarm::service_exists(socket, name).await {
+        if let Some((endpoint, name)) = &self.cfg.swarm_service {
+            keep = match crate::source::swarm::service_exists(endpoint, name).await {
                 Ok(exists) => {
                     info!(service = name, exists, "own Swarm service checked: kept while it exists");
                     exists

@@ -216,6 +216,52 @@ mod tests {
     }
 
     #[test]
+    fn docker_endpoint_flags() {
+        use crate::source::swarm::{DockerEndpoint, SwarmError, TlsFiles};
+        let a = run_args(&["mesh-agent", "run", "--runtime", "docker"], "");
+        assert_eq!(a.docker_host, None, "no Docker setting: the default socket");
+        assert_eq!(a.docker_endpoint().unwrap(), DockerEndpoint::default());
+        let a = run_args(&["mesh-agent", "run", "--docker-host", "unix:///run/d.sock"], "");
+        assert_eq!(a.docker_endpoint().unwrap(), DockerEndpoint::Unix("/run/d.sock".into()));
+
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().to_str().unwrap();
+        for f in ["ca.pem", "cert.pem", "key.pem", "k2.pem"] {
+            std::fs::write(d.path().join(f), "x").unwrap();
+        }
+        let tls = ["mesh-agent", "run", "--docker-host", "tcp://10.0.0.1:2376", "--docker-tls-verify"];
+        let a = run_args(&[&tls[..], &["--docker-cert-path", dir]].concat(), "");
+        let files = TlsFiles {
+            ca: d.path().join("ca.pem"),
+            cert: d.path().join("cert.pem"),
+            key: d.path().join("key.pem"),
+        };
+        let tcp = |tls| DockerEndpoint::Tcp { addr: "10.0.0.1:2376".into(), tls };
+        assert_eq!(a.docker_endpoint().unwrap(), tcp(Some(files.clone())));
+        // One file on its own beats the directory's.
+        let k2 = d.path().join("k2.pem");
+        let a = run_args(&[&tls[..], &["--docker-cert-path", dir, "--docker-tlskey", k2.to_str().unwrap()]].concat(), "");
+        assert_eq!(a.docker_endpoint().unwrap(), tcp(Some(TlsFiles { key: k2, ..files.clone() })));
+        // Plain TCP.
+        let a = run_args(&["mesh-agent", "run", "--docker-host", "tcp://10.0.0.1:2376"], "");
+        assert_eq!(a.docker_endpoint().unwrap(), tcp(None));
+        // A missing file is named, with where it was looked for.
+        std::fs::remove_file(d.path().join("cert.pem")).unwrap();
+        let a = run_args(&[&tls[..], &["--docker-cert-path", dir]].concat(), "");
+        let e = a.docker_endpoint().unwrap_err();
+        assert!(matches!(e, SwarmError::TlsFile { .. }), "{e:?}");
+        let text = e.to_string();
+        assert!(text.contains(&d.path().join("cert.pem").display().to_string()), "{text}");
+        assert!(text.contains("client certificate") && text.contains("--docker-cert-path"), "{text}");
+        // Only a TLS setting: still the Swarm source's settings (the docker CLI's
+        // tcp://localhost:2376 with verification; refused without it).
+        let a = run_args(&["mesh-agent", "run", "--docker-cert-path", dir], "");
+        assert!(a.docker_host.is_some());
+        let e = a.docker_endpoint().unwrap_err().to_string();
+        assert!(e.contains("--docker-tls-verify"), "{e}");
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_are_named() {
         let e = parse("stat = \"/x\"\n").unwrap_err();
         assert!(e.contains("unknown field `stat`"), "{e}");

@@ -10,7 +10,11 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::{ebpf::Hook, tables::Reach};
+use crate::{
+    ebpf::Hook,
+    source::swarm::{DockerEndpoint, SwarmError, TlsOptions},
+    tables::Reach,
+};
 
 #[derive(Debug, Parser)]
 #[command(name = "mesh-agent", version, about = "mesh: eBPF routing mesh and service load balancer node agent")]
@@ -142,9 +146,10 @@ pub struct RunArgs {
     /// Swarm: mesh replaces only IPVS).
     #[arg(long, env = "MESH_RUNTIME", value_enum, default_value_t = RuntimeArg::Mesh)]
     pub runtime: RuntimeArg,
-    /// Docker runtime: the managers' Engine API socket (unix path); implies the Swarm source.
-    #[arg(long, env = "MESH_DOCKER_HOST")]
-    pub docker_host: Option<String>,
+    /// Docker runtime: the managers' Engine API (host and TLS settings); `Some` as soon as
+    /// any of them is given, which implies the Swarm source.
+    #[command(flatten)]
+    pub docker_host: Option<DockerHostArgs>,
     /// Docker runtime: the ingress sandbox's netns (default: found next to the tasks'
     /// sandboxes, whose paths come from the Engine API).
     #[arg(long, env = "MESH_DOCKER_INGRESS_SBOX")]
@@ -155,6 +160,60 @@ pub struct RunArgs {
     /// (`docker service rm`).
     #[arg(long, env = "MESH_SWARM_SERVICE")]
     pub swarm_service: Option<String>,
+}
+
+/// Where the managers' Engine API is, the way the docker CLI takes it (`-H`, `--tlsverify`,
+/// `--tlscacert`, `--tlscert`, `--tlskey`, `DOCKER_CERT_PATH`), under `--docker-*` names and
+/// `MESH_DOCKER_*` variables. Docker's own `DOCKER_HOST`, `DOCKER_TLS_VERIFY` and
+/// `DOCKER_CERT_PATH` are not read: a shell's docker settings must not switch the agent's
+/// source.
+#[derive(Debug, Args, Clone, Default, PartialEq, Eq)]
+#[group(id = "docker_endpoint", multiple = true)]
+pub struct DockerHostArgs {
+    /// Docker runtime: the managers' Engine API, as docker's -H: unix:///path (or a path;
+    /// default /var/run/docker.sock) or tcp://host[:port] (with --docker-tls-verify for TLS);
+    /// implies the Swarm source.
+    #[arg(id = "docker_host", long = "docker-host", env = "MESH_DOCKER_HOST", value_name = "HOST")]
+    pub host: Option<String>,
+    /// TLS to the tcp:// host: verify the daemon against the CA, present the client
+    /// certificate (docker --tlsverify). Without --docker-host: tcp://localhost:2376, as
+    /// docker does.
+    #[arg(id = "docker_tls_verify", long = "docker-tls-verify", env = "MESH_DOCKER_TLS_VERIFY")]
+    pub tls_verify: bool,
+    /// Directory with ca.pem, cert.pem and key.pem (docker's DOCKER_CERT_PATH).
+    #[arg(id = "docker_cert_path", long = "docker-cert-path", env = "MESH_DOCKER_CERT_PATH", value_name = "DIR")]
+    pub cert_path: Option<PathBuf>,
+    /// CA certificate that the daemon's certificate must chain to (default: ca.pem in
+    /// --docker-cert-path).
+    #[arg(id = "docker_tlscacert", long = "docker-tlscacert", env = "MESH_DOCKER_TLSCACERT", value_name = "FILE")]
+    pub tlscacert: Option<PathBuf>,
+    /// Client certificate (default: cert.pem in --docker-cert-path).
+    #[arg(id = "docker_tlscert", long = "docker-tlscert", env = "MESH_DOCKER_TLSCERT", value_name = "FILE")]
+    pub tlscert: Option<PathBuf>,
+    /// Client certificate's key (default: key.pem in --docker-cert-path).
+    #[arg(id = "docker_tlskey", long = "docker-tlskey", env = "MESH_DOCKER_TLSKEY", value_name = "FILE")]
+    pub tlskey: Option<PathBuf>,
+}
+
+impl DockerHostArgs {
+    pub fn tls_options(&self) -> TlsOptions {
+        TlsOptions {
+            verify: self.tls_verify,
+            cert_path: self.cert_path.clone(),
+            ca: self.tlscacert.clone(),
+            cert: self.tlscert.clone(),
+            key: self.tlskey.clone(),
+        }
+    }
+}
+
+/// The endpoint the settings name (TLS files checked to exist); errors name the setting or
+/// file at fault.
+impl TryFrom<&DockerHostArgs> for DockerEndpoint {
+    type Error = SwarmError;
+    fn try_from(args: &DockerHostArgs) -> Result<Self, SwarmError> {
+        DockerEndpoint::resolve(args.host.as_deref(), &args.tls_options())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -179,6 +238,13 @@ impl From<ReachArg> for Reach {
 }
 
 impl RunArgs {
+    /// The Engine API the Docker settings name ([`DockerEndpoint::default`] without any).
+    pub fn docker_endpoint(&self) -> Result<DockerEndpoint, SwarmError> {
+        self.docker_host
+            .as_ref()
+            .map_or_else(|| Ok(DockerEndpoint::default()), DockerEndpoint::try_from)
+    }
+
     pub fn agent_config(&self) -> crate::agent::AgentConfig {
         let node = self.node.node();
         let mut cfg = crate::agent::AgentConfig::for_node(&node);
@@ -205,12 +271,11 @@ impl RunArgs {
             a => a.parse().ok(),
         };
         if let Some(name) = &self.swarm_service {
-            let socket = self
-                .docker_host
-                .as_deref()
-                .map(|h| PathBuf::from(h.trim_start_matches("unix://")))
-                .unwrap_or_else(|| PathBuf::from("/var/run/docker.sock"));
-            cfg.swarm_service = Some((socket, name.clone()));
+            // The source was made from the same settings, so they resolve (checked anyway).
+            match self.docker_endpoint() {
+                Ok(endpoint) => cfg.swarm_service = Some((endpoint, name.clone())),
+                Err(e) => tracing::warn!(error = %e, "--swarm-service ignored: no Docker endpoint"),
+            }
         }
         if self.runtime == RuntimeArg::Docker {
             cfg.runtime = crate::agent::Runtime::Docker {

@@ -1,8 +1,11 @@
 //! The Docker Swarm source: the managers' state, read from a manager's Engine API.
 //!
-//! [`SwarmSource`] talks to one Docker daemon that is a swarm manager, over its unix socket
-//! (default `/var/run/docker.sock`; TCP and TLS are not supported: bollard is built with its
-//! `pipe` feature only). A sync reads `GET /info` (this daemon's node id), `/nodes`,
+//! [`SwarmSource`] talks to one Docker daemon that is a swarm manager, at a
+//! [`DockerEndpoint`]: its unix socket (default `/var/run/docker.sock`), or TCP — plain
+//! (`tcp://host:2375`) or TLS (`tcp://host:2376` with the client's CA, certificate and key,
+//! given the way the docker CLI takes them: see [`endpoint`]). Over TCP the manager may be
+//! another machine; the local tasks' namespaces (`SandboxKey`) still come from the API, so the
+//! daemon should be this node's. A sync reads `GET /info` (this daemon's node id), `/nodes`,
 //! `/networks`, `/services`, `/tasks`, and `GET /containers/{id}/json` for the local node's
 //! starting and running tasks (their network namespace, `SandboxKey`); [`map`] turns that
 //! into the model's wire form, which is then validated exactly like a state file.
@@ -22,23 +25,23 @@
 //! bounded time ([`INITIAL_TIMEOUT`] by default) before giving up.
 //!
 //! Errors: [`SwarmError`] names the API call that failed. Through the [`Source`] trait, an
-//! unreachable manager is [`SourceError::Read`] (path: the socket; source: an `io::Error`
-//! wrapping the [`SwarmError`]) and a state that does not validate [`SourceError::Invalid`].
+//! unreachable manager is [`SourceError::Read`] (path: the socket, or the endpoint's text for
+//! TCP; source: an `io::Error` wrapping the [`SwarmError`]) and a state that does not validate
+//! [`SourceError::Invalid`]. A TLS file that is missing or unreadable is an error naming it
+//! and the setting it came from.
 //!
 //! `GET /tasks` does not go through bollard: its `Task` model lacks `NetworksAttachments`
-//! (see `api.rs`).
+//! (see `api.rs`). Over TCP, bollard (through its custom transport) and that request share
+//! one hyper client, with rustls (ring) for TLS: the daemon is verified against the given CA
+//! only.
 
 mod api;
+pub mod endpoint;
 pub mod map;
 #[cfg(test)]
 mod tests;
 
-use std::{
-    collections::HashMap,
-    path::{Path, PathBuf},
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
 
 use futures::{FutureExt, StreamExt, future::BoxFuture};
 use tokio::{sync::mpsc, time::Instant};
@@ -46,6 +49,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use api::Api;
 pub use api::RawError;
+pub use endpoint::{DockerEndpoint, TlsFiles, TlsOptions};
 use map::{ClusterView, Mapping};
 
 use super::{Source, SourceError, SourceEvent};
@@ -70,25 +74,43 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// Timeout of one API request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Why talking to the manager failed. Each variant names the API call.
+/// Why talking to the manager failed. Each variant names the API call, or the endpoint
+/// setting or TLS file at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum SwarmError {
     #[error("unsupported Docker endpoint `{endpoint}`: {reason}")]
     Endpoint { endpoint: String, reason: String },
-    #[error("cannot connect to {}: {}", socket.display(), chain(source))]
+    #[error("Docker TLS {what}: {reason}")]
+    Tls { what: &'static str, reason: String },
+    #[error("Docker TLS {what} {}: {reason}", path.display())]
+    TlsFile {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("cannot connect to {endpoint}: {}", chain(source))]
     Connect {
-        socket: PathBuf,
+        /// The endpoint's text (`tcp://10.0.0.1:2376 (TLS)`).
+        endpoint: String,
         source: bollard::errors::Error,
     },
-    #[error("GET /version on {} (API version negotiation): {}", socket.display(), chain(source))]
+    #[error(
+        "GET /version on {endpoint} (API version negotiation): {}",
+        chain(source)
+    )]
     Version {
-        socket: PathBuf,
+        /// The endpoint's text (`tcp://10.0.0.1:2376 (TLS)`).
+        endpoint: String,
         source: bollard::errors::Error,
     },
     #[error("GET /info: {}", chain(source))]
     Info { source: bollard::errors::Error },
-    #[error("{}: not a swarm manager ({detail})", socket.display())]
-    NotManager { socket: PathBuf, detail: String },
+    #[error("{endpoint}: not a swarm manager ({detail})")]
+    NotManager {
+        /// The endpoint's text (`tcp://10.0.0.1:2376 (TLS)`).
+        endpoint: String,
+        detail: String,
+    },
     #[error("GET /nodes: {}", chain(source))]
     Nodes { source: bollard::errors::Error },
     #[error("GET /networks: {}", chain(source))]
@@ -124,11 +146,11 @@ fn chain(e: &bollard::errors::Error) -> String {
     text
 }
 
-/// Does the Swarm service `name` exist (Engine API at `socket`)? The agent asks this on
+/// Does the Swarm service `name` exist (Engine API at `endpoint`)? The agent asks this on
 /// SIGTERM: its own service still there means a rolling update or restart (keep the data path
 /// for the next agent); gone means `docker service rm` (clean up everything).
-pub async fn service_exists(socket: &Path, name: &str) -> Result<bool, SwarmError> {
-    let api = api::Api::connect(socket, Duration::from_secs(5)).await?;
+pub async fn service_exists(endpoint: &DockerEndpoint, name: &str) -> Result<bool, SwarmError> {
+    let api = api::Api::connect(endpoint, Duration::from_secs(5)).await?;
     let services = api.services().await?;
     Ok(services
         .iter()
@@ -138,7 +160,7 @@ pub async fn service_exists(socket: &Path, name: &str) -> Result<bool, SwarmErro
 /// A swarm manager's Engine API, followed.
 #[derive(Debug)]
 pub struct SwarmSource {
-    socket: PathBuf,
+    endpoint: DockerEndpoint,
     initial_timeout: Duration,
     debounce: Duration,
     resync_interval: Duration,
@@ -168,15 +190,15 @@ enum Last {
 impl Default for SwarmSource {
     /// The daemon on [`DEFAULT_SOCKET`].
     fn default() -> Self {
-        Self::new(DEFAULT_SOCKET)
+        Self::new(DockerEndpoint::default())
     }
 }
 
 impl SwarmSource {
-    /// The daemon listening on the unix socket `socket`.
-    pub fn new(socket: impl Into<PathBuf>) -> Self {
+    /// The daemon at `endpoint` (a unix socket's path converts into one).
+    pub fn new(endpoint: impl Into<DockerEndpoint>) -> Self {
         SwarmSource {
-            socket: socket.into(),
+            endpoint: endpoint.into(),
             initial_timeout: INITIAL_TIMEOUT,
             debounce: DEBOUNCE,
             resync_interval: RESYNC_INTERVAL,
@@ -191,34 +213,26 @@ impl SwarmSource {
         }
     }
 
-    /// From a `DOCKER_HOST`-style endpoint: `unix:///path` or a plain path. `tcp://`,
-    /// `http(s)://`, `ssh://` and `npipe://` are refused: this build of bollard has neither
-    /// its HTTP nor its TLS transport.
-    pub fn from_endpoint(endpoint: &str) -> Result<Self, SwarmError> {
-        let refuse = |reason: &str| SwarmError::Endpoint {
-            endpoint: endpoint.to_string(),
-            reason: reason.to_string(),
-        };
-        if let Some(path) = endpoint.strip_prefix("unix://") {
-            if path.is_empty() {
-                return Err(refuse("no socket path"));
-            }
-            return Ok(Self::new(path));
-        }
-        if endpoint.contains("://") {
-            return Err(refuse(
-                "only unix sockets (unix:///path) are supported: mesh-agent's bollard is built \
-                 without its HTTP and TLS transports",
-            ));
-        }
-        if endpoint.is_empty() {
-            return Err(refuse("empty"));
+    /// From a `DOCKER_HOST`-style host (`unix:///path`, a plain path, `tcp://host[:port]`),
+    /// or anything else that resolves into a [`DockerEndpoint`] (the CLI's host and TLS
+    /// settings). With TLS, the files are read once here, so that a bad one fails now rather
+    /// than on every connection attempt.
+    pub fn from_endpoint<E>(endpoint: E) -> Result<Self, SwarmError>
+    where
+        E: TryInto<DockerEndpoint, Error = SwarmError>,
+    {
+        let endpoint = endpoint.try_into()?;
+        if let DockerEndpoint::Tcp {
+            tls: Some(files), ..
+        } = &endpoint
+        {
+            files.client_config()?;
         }
         Ok(Self::new(endpoint))
     }
 
-    pub fn socket(&self) -> &Path {
-        &self.socket
+    pub fn endpoint(&self) -> &DockerEndpoint {
+        &self.endpoint
     }
 
     /// The name, in the state, of the swarm node whose daemon this source talks to (known
@@ -343,14 +357,14 @@ impl SwarmSource {
 
     fn invalid(&self, source: StateError) -> SourceError {
         SourceError::Invalid {
-            path: self.socket.clone(),
+            path: self.endpoint.as_path(),
             source,
         }
     }
 
     fn unreachable(&self, e: SwarmError) -> SourceError {
         SourceError::Read {
-            path: self.socket.clone(),
+            path: self.endpoint.as_path(),
             source: std::io::Error::other(e),
         }
     }
@@ -387,7 +401,7 @@ impl SwarmSource {
         let mut logged = false;
         loop {
             let attempt = async {
-                let api = Api::connect(&self.socket, self.request_timeout).await?;
+                let api = Api::connect(&self.endpoint, self.request_timeout).await?;
                 self.sync(&api).await
             };
             let err = match attempt.await {
@@ -459,7 +473,7 @@ impl SwarmSource {
         outage: &mut Option<(Instant, String)>,
         backoff: &mut Backoff,
     ) -> Option<SwarmError> {
-        let api = match Api::connect(&self.socket, self.request_timeout).await {
+        let api = match Api::connect(&self.endpoint, self.request_timeout).await {
             Ok(api) => api,
             Err(e) => return Some(e),
         };
@@ -564,16 +578,16 @@ impl Source for SwarmSource {
     }
 
     fn describe(&self) -> String {
-        format!("swarm:unix://{}", self.socket.display())
+        format!("swarm:{}", self.endpoint)
     }
 
     fn initial(&mut self) -> BoxFuture<'_, Result<Arc<State>, SourceError>> {
-        let span = info_span!("swarm", socket = %self.socket.display());
+        let span = info_span!("swarm", endpoint = %self.endpoint);
         self.initial_inner().instrument(span).boxed()
     }
 
     fn run(self: Box<Self>, tx: mpsc::Sender<SourceEvent>) -> BoxFuture<'static, ()> {
-        let span = info_span!("swarm", socket = %self.socket.display());
+        let span = info_span!("swarm", endpoint = %self.endpoint);
         (*self).follow(tx).instrument(span).boxed()
     }
 }

@@ -18,6 +18,9 @@
 //! namespace; the host's are never touched. Its own containerd runs under the exec root; the
 //! `docker` CLI gets `DOCKER_CONFIG=<tmp>/cli`.
 //!
+//! [`Dockerd::start_with`] adds arguments of the caller's (e.g. a TLS-protected `-H
+//! tcp://127.0.0.1:2376`: the port is the private namespace's, so always free).
+//!
 //! Use it from a test crate with `#[path = "common/dockerd.rs"] mod dockerd;`.
 //!
 //! Dropping the guard (also on panic): `docker service rm` of every service, `docker swarm
@@ -65,6 +68,8 @@ pub struct Dockerd {
     /// Host paths of [`HOST_PATHS`] that did not exist before.
     created_host_paths: Vec<&'static str>,
     swarm: bool,
+    /// Arguments added to dockerd's own ([`start_with`](Self::start_with)).
+    extra_args: Vec<String>,
 }
 
 impl Dockerd {
@@ -74,6 +79,13 @@ impl Dockerd {
     /// Start a private dockerd and wait for its API (bounded). `Err` says why it cannot
     /// start (no dockerd binary, not root, the daemon failed: with its log's tail).
     pub fn start() -> Result<Dockerd, String> {
+        Self::start_with(&[])
+    }
+
+    /// [`start`](Self::start) with `extra_args` added to dockerd's command line (kept for
+    /// [`restart`](Self::restart)). The unix socket stays: the `docker` CLI and
+    /// [`ping`](Self::ping) use it.
+    pub fn start_with(extra_args: &[&str]) -> Result<Dockerd, String> {
         if !nix::unistd::geteuid().is_root() {
             return Err("not root".into());
         }
@@ -103,6 +115,7 @@ impl Dockerd {
             child: None,
             created_host_paths,
             swarm: false,
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         };
         // From here on, Drop cleans up whatever was set up.
         d.setup_netns()?;
@@ -178,6 +191,7 @@ impl Dockerd {
             "--containerd-plugins-namespace",
             &format!("mesh-{}-plugins", self.id),
         ])
+        .args(&self.extra_args)
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2);

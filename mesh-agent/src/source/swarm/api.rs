@@ -1,27 +1,37 @@
-//! The Engine API calls the Swarm source makes, on a manager's unix socket.
+//! The Engine API calls the Swarm source makes, on a manager's unix socket or over TCP
+//! (plain or TLS).
 //!
 //! Everything goes through bollard except `GET /tasks`: bollard 0.21's `Task` model (generated
 //! from the Engine API's swagger file) has no `NetworksAttachments` field, yet that is where a
-//! task's addresses are. Tasks are therefore read with a minimal HTTP/1.0 `GET` on the same
-//! socket (HTTP/1.0: the daemon closes the connection after the body and never chunks it) and
-//! decoded into [`SwarmTask`], bollard's `Task` plus the attachments.
+//! task's addresses are. Tasks are therefore read with a request of our own and decoded into
+//! [`SwarmTask`], bollard's `Task` plus the attachments: on a unix socket a minimal HTTP/1.0
+//! `GET` (HTTP/1.0: the daemon closes the connection after the body and never chunks it);
+//! over TCP through the same hyper client that bollard uses (its custom transport), so both
+//! share the connection setup and, with TLS, one rustls configuration.
 
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
 use bollard::{
-    API_DEFAULT_VERSION, Docker,
+    API_DEFAULT_VERSION, BollardRequest, Docker,
     models::{EventMessage, Network, Node, Service},
     query_parameters::{EventsOptions, ListNetworksOptions, ListNodesOptions, ListServicesOptions},
 };
-use futures::Stream;
+use futures::{Stream, future::BoxFuture};
+use http_body_util::BodyExt;
+use hyper::{Response, body::Incoming};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{SwarmError, map::SwarmTask};
+use super::{DockerEndpoint, SwarmError, chain, map::SwarmTask};
 
 /// Largest response body read by the raw client (a `GET /tasks` of a big cluster is a few MB).
 const MAX_BODY: usize = 256 << 20;
@@ -31,13 +41,88 @@ const MAX_BODY: usize = 256 << 20;
 pub(super) const EVENT_TYPES: [&str; 4] = ["service", "node", "network", "container"];
 
 /// A connection to one daemon, with the API version agreed on.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(super) struct Api {
     docker: Docker,
-    socket: PathBuf,
+    endpoint: DockerEndpoint,
+    /// How the raw requests go.
+    raw: Raw,
     /// `v1.41`: the path prefix of the raw requests.
     version: String,
     timeout: Duration,
+}
+
+/// The transport of the raw requests.
+#[derive(Clone)]
+enum Raw {
+    Unix(PathBuf),
+    /// `base`: `http://host:port` or `https://host:port`.
+    Http {
+        base: String,
+        send: HttpSend,
+    },
+}
+
+/// bollard's request body type (not exported by name).
+type Body = <BollardRequest as HasBody>::Body;
+trait HasBody {
+    type Body;
+}
+impl<B> HasBody for hyper::Request<B> {
+    type Body = B;
+}
+
+/// One hyper client (plain or TLS) behind a function, shared by bollard's custom transport
+/// and the raw requests.
+type HttpSend = Arc<
+    dyn Fn(BollardRequest) -> BoxFuture<'static, Result<Response<Incoming>, bollard::errors::Error>>
+        + Send
+        + Sync,
+>;
+
+fn http_send<C>(client: Client<C, Body>) -> HttpSend
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
+    Arc::new(move |req| {
+        let response = client.request(req);
+        Box::pin(async move { Ok(response.await?) })
+    })
+}
+
+/// The client for a TCP endpoint: `(base URL, sender)`. With TLS the files are read now.
+fn tcp_client(
+    addr: &str,
+    tls: Option<&super::TlsFiles>,
+    timeout: Duration,
+) -> Result<(String, HttpSend), SwarmError> {
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(timeout));
+    http.set_nodelay(true);
+    let builder = Client::builder(TokioExecutor::new());
+    Ok(match tls {
+        None => (format!("http://{addr}"), http_send(builder.build(http))),
+        Some(files) => {
+            let config = files.client_config()?;
+            http.enforce_http(false);
+            let https = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(config)
+                .https_only()
+                .enable_http1()
+                .wrap_connector(http);
+            (format!("https://{addr}"), http_send(builder.build(https)))
+        }
+    })
+}
+
+impl std::fmt::Debug for Api {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Api")
+            .field("endpoint", &self.endpoint)
+            .field("version", &self.version)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What `GET /info` says about the daemon's place in the swarm.
@@ -48,32 +133,50 @@ pub(super) struct SwarmRole {
 }
 
 impl Api {
-    /// Connect to `socket` and negotiate the API version (the daemon may be older than
-    /// bollard's default, e.g. 20.10 speaks 1.41).
-    pub async fn connect(socket: &Path, timeout: Duration) -> Result<Api, SwarmError> {
-        let path = socket.to_str().ok_or_else(|| SwarmError::Endpoint {
-            endpoint: socket.display().to_string(),
-            reason: "the socket path is not UTF-8".into(),
-        })?;
+    /// Connect to `endpoint` and negotiate the API version (the daemon may be older than
+    /// bollard's default, e.g. 20.10 speaks 1.41). With TLS, the files are read again here
+    /// (renewed certificates apply from the next connection on).
+    pub async fn connect(endpoint: &DockerEndpoint, timeout: Duration) -> Result<Api, SwarmError> {
         let secs = timeout.as_secs().max(1);
-        let docker =
-            Docker::connect_with_unix(path, secs, API_DEFAULT_VERSION).map_err(|source| {
-                SwarmError::Connect {
-                    socket: socket.to_path_buf(),
-                    source,
-                }
-            })?;
+        let connect_err = |source| SwarmError::Connect {
+            endpoint: endpoint.to_string(),
+            source,
+        };
+        let (docker, raw) = match endpoint {
+            DockerEndpoint::Unix(socket) => {
+                let path = socket.to_str().ok_or_else(|| SwarmError::Endpoint {
+                    endpoint: socket.display().to_string(),
+                    reason: "the socket path is not UTF-8".into(),
+                })?;
+                let docker = Docker::connect_with_unix(path, secs, API_DEFAULT_VERSION)
+                    .map_err(connect_err)?;
+                (docker, Raw::Unix(socket.clone()))
+            }
+            DockerEndpoint::Tcp { addr, tls } => {
+                let (base, send) = tcp_client(addr, tls.as_ref(), timeout)?;
+                let transport = send.clone();
+                let docker = Docker::connect_with_custom_transport(
+                    move |req: BollardRequest| transport(req),
+                    Some(base.as_str()),
+                    secs,
+                    API_DEFAULT_VERSION,
+                )
+                .map_err(connect_err)?;
+                (docker, Raw::Http { base, send })
+            }
+        };
         let docker = docker
             .negotiate_version()
             .await
             .map_err(|source| SwarmError::Version {
-                socket: socket.to_path_buf(),
+                endpoint: endpoint.to_string(),
                 source,
             })?;
         let v = docker.client_version();
         Ok(Api {
             docker,
-            socket: socket.to_path_buf(),
+            endpoint: endpoint.clone(),
+            raw,
             version: format!("v{}.{}", v.major_version, v.minor_version),
             timeout,
         })
@@ -105,7 +208,7 @@ impl Api {
         match (swarm.control_available, node_id) {
             (Some(true), Some(node_id)) => Ok(SwarmRole { node_id }),
             (_, node_id) => Err(SwarmError::NotManager {
-                socket: self.socket.clone(),
+                endpoint: self.endpoint.to_string(),
                 detail: match node_id {
                     None => format!("swarm state `{state}`: not part of a swarm"),
                     Some(id) => format!("swarm node {id} (state `{state}`) is not a manager"),
@@ -138,9 +241,13 @@ impl Api {
     /// `GET /tasks`, with their network attachments (raw request, see the module doc).
     pub async fn tasks(&self) -> Result<Vec<SwarmTask>, SwarmError> {
         let path = format!("/{}/tasks", self.version);
-        let body = raw_get(&self.socket, &path, self.timeout)
-            .await
-            .map_err(|source| SwarmError::Tasks { source })?;
+        let body = match &self.raw {
+            Raw::Unix(socket) => raw_get(socket, &path, self.timeout).await,
+            Raw::Http { base, send } => {
+                http_get(send, &format!("{base}{path}"), self.timeout).await
+            }
+        }
+        .map_err(|source| SwarmError::Tasks { source })?;
         serde_json::from_slice(&body).map_err(|e| SwarmError::Tasks {
             source: RawError::Decode(e),
         })
@@ -204,6 +311,36 @@ pub enum RawError {
     Status { status: u16, message: String },
     #[error("cannot decode the response: {0}")]
     Decode(serde_json::Error),
+    #[error("{}", chain(.0))]
+    Http(bollard::errors::Error),
+}
+
+/// `GET url` through the TCP endpoint's client; the body of a 2xx response.
+async fn http_get(send: &HttpSend, url: &str, timeout: Duration) -> Result<Vec<u8>, RawError> {
+    let request = hyper::Request::get(url)
+        .header("User-Agent", "mesh-agent")
+        .header("Accept", "application/json")
+        .body(bollard::body_full(bytes::Bytes::new()))
+        .map_err(|e| RawError::Malformed(format!("cannot build the request: {e}")))?;
+    let exchange = async {
+        let response = send(request).await.map_err(RawError::Http)?;
+        let status = response.status().as_u16();
+        let body = http_body_util::Limited::new(response.into_body(), MAX_BODY)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    RawError::TooLarge
+                } else {
+                    RawError::Io(std::io::Error::other(e))
+                }
+            })?
+            .to_bytes();
+        status_body(status, body.to_vec())
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| RawError::Timeout(timeout))?
 }
 
 /// `GET path` over the unix socket with HTTP/1.0; the body of a 2xx response.
@@ -280,6 +417,11 @@ pub(super) fn parse_response(response: &[u8]) -> Result<Vec<u8>, RawError> {
     if body.len() > MAX_BODY {
         return Err(RawError::TooLarge);
     }
+    status_body(status, body)
+}
+
+/// The body of a 2xx response, an error carrying the daemon's `message` otherwise.
+fn status_body(status: u16, body: Vec<u8>) -> Result<Vec<u8>, RawError> {
     if (200..300).contains(&status) {
         return Ok(body);
     }

@@ -12,7 +12,7 @@ use bollard::models::{
 };
 
 use super::{
-    Last, SwarmError, SwarmSource,
+    DockerEndpoint, Last, SwarmError, SwarmSource,
     map::{
         AttachedNetwork, AttachedNetworkSpec, ClusterView, NetworkAttachment, SwarmTask,
         VXLANID_OPTION, addr, label, local_containers, map, task_state,
@@ -869,7 +869,7 @@ fn real_docker_20_10_json() {
 
 #[test]
 fn only_changed_outcomes_are_sent() {
-    let mut src = SwarmSource::new("/nonexistent/docker.sock");
+    let mut src = SwarmSource::new(std::path::Path::new("/nonexistent/docker.sock"));
     let s1 = state(&base());
     assert!(matches!(
         src.judge(Ok(s1.clone())),
@@ -900,17 +900,26 @@ fn only_changed_outcomes_are_sent() {
 #[test]
 fn endpoints() {
     let s = SwarmSource::from_endpoint("unix:///run/docker.sock").unwrap();
-    assert_eq!(s.socket(), std::path::Path::new("/run/docker.sock"));
+    assert_eq!(
+        s.endpoint().socket(),
+        Some(std::path::Path::new("/run/docker.sock"))
+    );
     assert_eq!(s.describe(), "swarm:unix:///run/docker.sock");
     let s = SwarmSource::from_endpoint("/tmp/d.sock").unwrap();
-    assert_eq!(s.socket(), std::path::Path::new("/tmp/d.sock"));
-    for bad in [
-        "tcp://10.0.0.1:2376",
-        "https://m:2376",
-        "ssh://m",
-        "unix://",
-        "",
-    ] {
+    assert_eq!(
+        s.endpoint().socket(),
+        Some(std::path::Path::new("/tmp/d.sock"))
+    );
+    let s = SwarmSource::from_endpoint("tcp://10.0.0.1:2375").unwrap();
+    assert_eq!(
+        s.endpoint(),
+        &DockerEndpoint::Tcp {
+            addr: "10.0.0.1:2375".into(),
+            tls: None
+        }
+    );
+    assert_eq!(s.describe(), "swarm:tcp://10.0.0.1:2375");
+    for bad in ["https://m:2376", "ssh://m", "unix://", "tcp://", ""] {
         match SwarmSource::from_endpoint(bad) {
             Err(e @ SwarmError::Endpoint { .. }) => assert!(e.to_string().contains(bad), "{e}"),
             other => panic!("{bad}: expected an endpoint error, got {other:?}"),
