@@ -677,7 +677,7 @@ async fn the_next_query_after_an_update_sees_the_new_state() {
     // Service gone: forwarded.
     let mut st = fixture();
     st.services.remove("db");
-    st.tasks.retain(|_, t| t.service != "db");
+    st.tasks = st.tasks.into_iter().filter(|(_, t)| t.service != "db").collect();
     dns.update(Arc::new(st));
     assert_eq!(a(s[0], "db").await, vec![FORWARDED]);
 }

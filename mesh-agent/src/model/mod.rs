@@ -9,6 +9,8 @@ pub mod validate;
 
 use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
 
+pub use imbl::OrdMap;
+
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
@@ -194,13 +196,20 @@ pub struct TaskNetworkSpec {
 
 /// A validated snapshot of the managers' state. Names are unique; every reference resolves;
 /// addresses are inside their subnets and collide with nothing.
+///
+/// Services and tasks, the parts that grow with the cluster, are persistent ordered maps
+/// ([`imbl::OrdMap`]): a snapshot made from the previous one by a few inserts and removals
+/// shares all the rest of its structure with it, so cloning is O(1) and comparing the two
+/// (`OrdMap::diff`, used by the tables' snapshot diff) skips the shared subtrees: the agent's
+/// work for a one-task change does not follow the size of the cluster. Sources build each
+/// new snapshot on top of the previous one ([`State::rebase`]).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct State {
     pub nodes: BTreeMap<String, Node>,
     pub networks: BTreeMap<String, Network>,
-    pub services: BTreeMap<String, Service>,
+    pub services: OrdMap<String, Service>,
     /// By task id.
-    pub tasks: BTreeMap<String, Task>,
+    pub tasks: OrdMap<String, Task>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -287,6 +296,17 @@ impl Service {
 impl State {
     /// Running tasks of every service, each list in (slot, id) order: one pass over the tasks
     /// (what code visiting every service should use, not [`State::running_tasks`] per service).
+    /// This snapshot built on top of `prev`: equal services and tasks are `prev`'s own (shared
+    /// structure), only the differences are inserted or removed. The result compares equal to
+    /// `self`. Sources call this on every new snapshot, so that the agent's comparison of
+    /// consecutive snapshots (and cloning one) costs what changed, not the cluster's size;
+    /// the O(n) walk here is the source's, beside the O(n) read it just did.
+    pub fn rebase(mut self, prev: &State) -> State {
+        self.services = rebase_map(&prev.services, self.services);
+        self.tasks = rebase_map(&prev.tasks, self.tasks);
+        self
+    }
+
     pub fn running_tasks_by_service(&self) -> BTreeMap<&str, Vec<&Task>> {
         let mut m: BTreeMap<&str, Vec<&Task>> = BTreeMap::new();
         for t in self.tasks.values().filter(|t| t.state.is_running()) {
@@ -315,4 +335,20 @@ impl State {
             .values()
             .filter(move |t| t.node == node && t.state.is_attached())
     }
+}
+
+/// `next` as `prev` plus the differences (see [`State::rebase`]).
+fn rebase_map<V: Clone + PartialEq>(prev: &OrdMap<String, V>, next: OrdMap<String, V>) -> OrdMap<String, V> {
+    let mut out = prev.clone();
+    for d in prev.diff(&next) {
+        match d {
+            imbl::ordmap::DiffItem::Add(k, v) | imbl::ordmap::DiffItem::Update { new: (k, v), .. } => {
+                out.insert(k.clone(), v.clone());
+            }
+            imbl::ordmap::DiffItem::Remove(k, _) => {
+                out.remove(k);
+            }
+        }
+    }
+    out
 }

@@ -7,7 +7,7 @@
 //! of the offending field (`services[1].ports[0].published`), never just the first one.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{HashMap, HashSet},
     fmt,
     net::Ipv4Addr,
     path::Path,
@@ -16,8 +16,8 @@ use std::{
 use ipnet::Ipv4Net;
 
 use super::{
-    EndpointMode, Network, Node, Protocol, STATE_VERSION, Service, ServiceNetwork, State,
-    StateFile, Task, TaskNetwork,
+    EndpointMode, Network, Node, OrdMap, Protocol, STATE_VERSION, Service, ServiceNetwork,
+    State, StateFile, Task, TaskNetwork,
 };
 
 /// Path used for errors that concern the whole document (YAML syntax, empty input).
@@ -809,7 +809,7 @@ fn build(file: &StateFile, ctx: &Context) -> State {
                 },
             )
         })
-        .collect::<BTreeMap<_, _>>();
+        .collect::<OrdMap<_, _>>();
     State {
         nodes,
         networks,
@@ -823,6 +823,7 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
+    use std::collections::BTreeMap;
     use crate::model::{
         NetworkSpec, NodeSpec, PortSpec, ServiceNetworkSpec, ServiceSpec, TaskNetworkSpec,
         TaskSpec, TaskState,
@@ -1779,7 +1780,7 @@ tasks:
                     gateway: ip("10.1.0.1"),
                 },
             )]),
-            services: BTreeMap::from([(
+            services: OrdMap::from(vec![(
                 "web".to_string(),
                 Service {
                     name: "web".into(),
@@ -1796,7 +1797,7 @@ tasks:
                     }],
                 },
             )]),
-            tasks: BTreeMap::from([(
+            tasks: OrdMap::from(vec![(
                 "t1".to_string(),
                 Task {
                     id: "t1".into(),
@@ -1864,5 +1865,40 @@ tasks:
                 Some(Ipv4Addr::new(10, 200, 0, 11 + i as u8))
             );
         }
+    }
+
+    /// A snapshot rebased on the previous one equals itself and shares what did not change:
+    /// identical maps are the previous ones (pointer-equal), a one-task change differs from
+    /// the previous snapshot by exactly that task.
+    #[test]
+    fn rebase_shares_unchanged_structure() {
+        let yaml = |tasks: usize| {
+            let mut y = String::from(
+                "version: 1\nnodes: [{name: n1, address: 198.18.0.1}]\nnetworks: [{name: app, subnet: 10.0.0.0/16, vni: 4097}]\n\
+                 services: [{name: web, networks: [{network: app, vip: 10.0.0.2}]}]\ntasks:\n",
+            );
+            for i in 0..tasks {
+                y.push_str(&format!(
+                    "- {{id: t{i}, service: web, slot: {}, node: n1, state: running, networks: [{{network: app, address: 10.0.{}.{}}}]}}\n",
+                    i + 1,
+                    1 + i / 200,
+                    1 + i % 200
+                ));
+            }
+            parse_yaml(&y).unwrap()
+        };
+        let prev = yaml(500);
+        let same = yaml(500).rebase(&prev);
+        assert_eq!(same, prev);
+        assert!(same.tasks.ptr_eq(&prev.tasks) && same.services.ptr_eq(&prev.services));
+        let next = yaml(501);
+        let rebased = next.clone().rebase(&prev);
+        assert_eq!(rebased, next);
+        assert!(!rebased.tasks.ptr_eq(&prev.tasks) && rebased.services.ptr_eq(&prev.services));
+        let diff: Vec<_> = prev.tasks.diff(&rebased.tasks).collect();
+        assert_eq!(diff.len(), 1);
+        assert!(matches!(diff[0], imbl::ordmap::DiffItem::Add(k, _) if k == "t500"));
+        let shrunk = yaml(499).rebase(&rebased);
+        assert_eq!(shrunk, yaml(499));
     }
 }

@@ -43,6 +43,8 @@ pub struct FileSource {
     poll_interval: Duration,
     /// The last outcome seen, to send nothing when it did not change.
     last: Last,
+    /// The last snapshot sent: the next one is built on top of it ([`State::rebase`]).
+    prev: Option<Arc<State>>,
 }
 
 #[derive(Debug, Default, PartialEq)]
@@ -62,6 +64,7 @@ impl FileSource {
             debounce: DEBOUNCE,
             poll_interval: POLL_INTERVAL,
             last: Last::Nothing,
+            prev: None,
         }
     }
 
@@ -90,6 +93,16 @@ impl FileSource {
         (dir, self.path.file_name().map(|n| n.to_os_string()))
     }
 
+    /// `state` built on top of the last snapshot sent, which it replaces.
+    fn shared(&mut self, state: State) -> Arc<State> {
+        let state = Arc::new(match &self.prev {
+            Some(prev) => state.rebase(prev),
+            None => state,
+        });
+        self.prev = Some(state.clone());
+        state
+    }
+
     /// Re-read the file; the event to send, if its outcome changed.
     async fn reread(&mut self) -> Option<SourceEvent> {
         match tokio::fs::read(&self.path).await {
@@ -100,7 +113,7 @@ impl FileSource {
                 let result = parse_bytes(&bytes);
                 self.last = Last::Bytes(bytes);
                 Some(match result {
-                    Ok(state) => SourceEvent::Snapshot(Arc::new(state)),
+                    Ok(state) => SourceEvent::Snapshot(self.shared(state)),
                     Err(source) => SourceEvent::Rejected(
                         SourceError::Invalid {
                             path: self.path.clone(),
@@ -262,7 +275,7 @@ impl Source for FileSource {
                 path: self.path.clone(),
                 source,
             })?;
-            Ok(Arc::new(state))
+            Ok(self.shared(state))
         }
         .boxed()
     }

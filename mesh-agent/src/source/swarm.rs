@@ -337,9 +337,11 @@ impl SwarmSource {
     fn judge(&mut self, outcome: Result<State, StateError>) -> Option<SourceEvent> {
         match outcome {
             Ok(state) => {
-                if matches!(&self.last, Last::State(s) if **s == state) {
-                    return None;
-                }
+                let state = match &self.last {
+                    Last::State(s) if **s == state => return None,
+                    Last::State(s) => state.rebase(s),
+                    _ => state,
+                };
                 let state = Arc::new(state);
                 self.last = Last::State(state.clone());
                 Some(SourceEvent::Snapshot(state))

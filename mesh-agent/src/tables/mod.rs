@@ -921,41 +921,20 @@ struct SnapshotDiff<'a> {
     tasks: Vec<(Option<&'a crate::model::Task>, Option<&'a crate::model::Task>)>,
 }
 
-/// Walk two maps with the same key order side by side: `f(a, b)` for every key of either
-/// (`None`: absent on that side).
-fn merge_join<'a, V>(
-    a: &'a BTreeMap<String, V>,
-    b: &'a BTreeMap<String, V>,
+/// `f(a, b)` for every key whose value differs between two snapshots' maps (`None`: absent
+/// on that side). `OrdMap::diff` skips the subtrees the two share, so on snapshots built on
+/// top of each other ([`State::rebase`]) this costs what changed, not the map's size.
+fn merge_join<'a, V: PartialEq + Clone>(
+    a: &'a crate::model::OrdMap<String, V>,
+    b: &'a crate::model::OrdMap<String, V>,
     mut f: impl FnMut(Option<&'a V>, Option<&'a V>),
 ) {
-    let (mut ia, mut ib) = (a.iter(), b.iter());
-    let (mut x, mut y) = (ia.next(), ib.next());
-    loop {
-        match (x, y) {
-            (Some((ka, va)), Some((kb, vb))) => {
-                // Equal keys are the common case: test equality (length, then bytes) before
-                // ordering.
-                if ka == kb {
-                    f(Some(va), Some(vb));
-                    x = ia.next();
-                    y = ib.next();
-                } else if ka < kb {
-                    f(Some(va), None);
-                    x = ia.next();
-                } else {
-                    f(None, Some(vb));
-                    y = ib.next();
-                }
-            }
-            (Some((_, va)), None) => {
-                f(Some(va), None);
-                x = ia.next();
-            }
-            (None, Some((_, vb))) => {
-                f(None, Some(vb));
-                y = ib.next();
-            }
-            (None, None) => break,
+    use imbl::ordmap::DiffItem;
+    for d in a.diff(b) {
+        match d {
+            DiffItem::Add(_, v) => f(None, Some(v)),
+            DiffItem::Remove(_, v) => f(Some(v), None),
+            DiffItem::Update { old, new } => f(Some(old.1), Some(new.1)),
         }
     }
 }
@@ -1589,13 +1568,13 @@ mod tests {
         assert!(update_and_check(&mut cache, &mut tables, &same, &l, r, None).is_empty());
         // Service removal (its tasks with it): its frontends go, its index entry too.
         s.services.remove("api");
-        s.tasks.retain(|_, t| t.service != "api");
+        s.tasks = s.tasks.into_iter().filter(|(_, t)| t.service != "api").collect();
         let ch = update_and_check(&mut cache, &mut tables, &Arc::new(s.clone()), &l, r, None);
         assert_eq!(ch, BTreeSet::from(["-".to_string()]), "only removals");
         assert!(!cache.running_index().contains_key("api"));
         assert!(cache.all().values().all(|sp| sp.service == "web"));
         // Every task of the last service stops: the index empties.
-        s.tasks.values_mut().for_each(|t| t.state = Shutdown);
+        s.tasks = s.tasks.into_iter().map(|(k, t)| (k, Task { state: Shutdown, ..t })).collect();
         update_and_check(&mut cache, &mut tables, &Arc::new(s.clone()), &l, r, None);
         assert!(cache.running_index().is_empty());
     }
