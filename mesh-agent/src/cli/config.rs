@@ -18,6 +18,11 @@
 //! resync_ms = 2000
 //! metrics_addr = "127.0.0.1:9464"  # or "none"
 //! log = "info"              # a tracing filter; reloaded on SIGHUP
+//! # under a real Docker Swarm:
+//! runtime = "docker"        # mesh | docker
+//! docker_host = "tcp://10.0.0.1:2376"
+//! docker_tls_verify = true
+//! docker_cert_path = "/etc/mesh/docker-certs"   # ca.pem, cert.pem, key.pem
 //! ```
 
 use std::{net::SocketAddr, path::{Path, PathBuf}};
@@ -25,7 +30,7 @@ use std::{net::SocketAddr, path::{Path, PathBuf}};
 use clap::{ArgMatches, parser::ValueSource};
 use serde::Deserialize;
 
-use super::{ReachArg, RunArgs};
+use super::{DockerHostArgs, ReachArg, RunArgs, RuntimeArg};
 use crate::ebpf::Hook;
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -47,6 +52,22 @@ pub struct FileConfig {
     pub metrics_addr: Option<String>,
     pub log: Option<String>,
     pub log_format: Option<String>,
+    pub runtime: Option<RuntimeName>,
+    pub docker_host: Option<String>,
+    pub docker_tls_verify: Option<bool>,
+    pub docker_cert_path: Option<PathBuf>,
+    pub docker_tlscacert: Option<PathBuf>,
+    pub docker_tlscert: Option<PathBuf>,
+    pub docker_tlskey: Option<PathBuf>,
+    pub docker_ingress_sbox: Option<PathBuf>,
+    pub swarm_service: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeName {
+    Mesh,
+    Docker,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -153,6 +174,34 @@ pub fn merge(args: &mut RunArgs, m: &ArgMatches, file: &FileConfig) {
     take!("resync_ms", args.resync_ms, file.resync_ms);
     take!("metrics_addr", args.metrics_addr, file.metrics_addr.clone());
     take!("log", args.log, file.log.clone().map(Some));
+    take!(
+        "runtime",
+        args.runtime,
+        file.runtime.map(|r| match r {
+            RuntimeName::Mesh => RuntimeArg::Mesh,
+            RuntimeName::Docker => RuntimeArg::Docker,
+        })
+    );
+    take!("docker_ingress_sbox", args.docker_ingress_sbox, file.docker_ingress_sbox.clone().map(Some));
+    take!("swarm_service", args.swarm_service, file.swarm_service.clone().map(Some));
+    // The Engine API settings form one group: any of them set (anywhere) selects the Swarm
+    // source, as on the command line.
+    let file_docker = file.docker_host.is_some()
+        || file.docker_tls_verify.is_some()
+        || file.docker_cert_path.is_some()
+        || file.docker_tlscacert.is_some()
+        || file.docker_tlscert.is_some()
+        || file.docker_tlskey.is_some();
+    if file_docker {
+        let mut d = args.docker_host.take().unwrap_or_default();
+        take!("docker_host", d.host, file.docker_host.clone().map(Some));
+        take!("docker_tls_verify", d.tls_verify, file.docker_tls_verify);
+        take!("docker_cert_path", d.cert_path, file.docker_cert_path.clone().map(Some));
+        take!("docker_tlscacert", d.tlscacert, file.docker_tlscacert.clone().map(Some));
+        take!("docker_tlscert", d.tlscert, file.docker_tlscert.clone().map(Some));
+        take!("docker_tlskey", d.tlskey, file.docker_tlskey.clone().map(Some));
+        args.docker_host = Some(d);
+    }
 }
 
 /// Keys of a reloaded file whose new value differs from the running one and only takes
@@ -177,6 +226,19 @@ pub fn restart_needed(running: &RunArgs, file: &FileConfig) -> Vec<&'static str>
     check("dns_upstreams", file.dns_upstreams.as_ref().is_some_and(|u| *u != running.dns_upstreams));
     check("resync_ms", file.resync_ms.is_some_and(|r| r != running.resync_ms));
     check("metrics_addr", file.metrics_addr.as_ref().is_some_and(|m| *m != running.metrics_addr));
+    check(
+        "runtime",
+        file.runtime.is_some_and(|r| {
+            matches!((r, running.runtime), (RuntimeName::Mesh, RuntimeArg::Docker) | (RuntimeName::Docker, RuntimeArg::Mesh))
+        }),
+    );
+    let docker = running.docker_host.clone().unwrap_or_default();
+    check("docker_host", file.docker_host.is_some() && file.docker_host != docker.host);
+    check("docker_tls_verify", file.docker_tls_verify.is_some_and(|v| v != docker.tls_verify));
+    check("docker_cert_path", file.docker_cert_path.is_some() && file.docker_cert_path != docker.cert_path);
+    check("docker_tlscacert", file.docker_tlscacert.is_some() && file.docker_tlscacert != docker.tlscacert);
+    check("docker_tlscert", file.docker_tlscert.is_some() && file.docker_tlscert != docker.tlscert);
+    check("docker_tlskey", file.docker_tlskey.is_some() && file.docker_tlskey != docker.tlskey);
     out
 }
 
@@ -213,6 +275,31 @@ mod tests {
         let a = run_args(&["mesh-agent", "run"], "resync_ms = 700\n");
         unsafe { std::env::remove_var("MESH_RESYNC_MS") };
         assert_eq!(a.resync_ms, 1234);
+    }
+
+    #[test]
+    fn docker_settings_from_the_file() {
+        use crate::source::swarm::DockerEndpoint;
+        let file = "runtime = \"docker\"\ndocker_host = \"unix:///run/file.sock\"\nswarm_service = \"mesh_agent\"\n";
+        let a = run_args(&["mesh-agent", "run"], file);
+        assert_eq!(a.runtime, RuntimeArg::Docker);
+        assert_eq!(a.swarm_service.as_deref(), Some("mesh_agent"));
+        assert_eq!(a.docker_endpoint().unwrap(), DockerEndpoint::Unix("/run/file.sock".into()));
+        // A flag of the group wins over the file's value of the same key only.
+        let a = run_args(&["mesh-agent", "run", "--docker-host", "unix:///run/flag.sock"], file);
+        assert_eq!(a.docker_endpoint().unwrap(), DockerEndpoint::Unix("/run/flag.sock".into()));
+        // TLS files without verification are refused, naming the setting, as with flags.
+        let a = run_args(
+            &["mesh-agent", "run"],
+            "docker_host = \"tcp://10.0.0.1:2376\"\ndocker_cert_path = \"/nowhere\"\n",
+        );
+        let e = a.docker_endpoint().unwrap_err().to_string();
+        assert!(e.contains("docker-tls-verify") || e.contains("tls"), "{e}");
+        assert!(parse("docker_tls_verify = \"yes\"\n").unwrap_err().contains("docker_tls_verify"));
+        assert!(parse("runtime = \"k8s\"\n").unwrap_err().contains("runtime"));
+        let running = run_args(&["mesh-agent", "run"], file);
+        let changed = parse("runtime = \"mesh\"\ndocker_host = \"unix:///run/other.sock\"\n").unwrap();
+        assert_eq!(restart_needed(&running, &changed), ["runtime", "docker_host"]);
     }
 
     #[test]
