@@ -21,6 +21,12 @@
 //! [`Dockerd::start_with`] adds arguments of the caller's (e.g. a TLS-protected `-H
 //! tcp://127.0.0.1:2376`: the port is the private namespace's, so always free).
 //!
+//! [`Dockerd::start_in`] runs it in a namespace of the caller's instead (addressed by the
+//! caller, left in place on drop) and in its own UTS namespace with a given host name, so
+//! that several daemons on one machine make distinct swarm nodes
+//! ([`swarm_init_on`](Dockerd::swarm_init_on) an address of the caller's,
+//! [`swarm_join`](Dockerd::swarm_join)).
+//!
 //! Use it from a test crate with `#[path = "common/dockerd.rs"] mod dockerd;`.
 //!
 //! Dropping the guard (also on panic): `docker service rm` of every service, `docker swarm
@@ -70,6 +76,12 @@ pub struct Dockerd {
     swarm: bool,
     /// Arguments added to dockerd's own ([`start_with`](Self::start_with)).
     extra_args: Vec<String>,
+    /// Whether the namespace is this guard's (made and deleted by it) or the caller's
+    /// ([`start_in`](Self::start_in)).
+    own_netns: bool,
+    /// Host name of dockerd's own UTS namespace ([`start_in`](Self::start_in)): the swarm
+    /// node's name.
+    hostname: Option<String>,
 }
 
 impl Dockerd {
@@ -86,6 +98,23 @@ impl Dockerd {
     /// [`restart`](Self::restart)). The unix socket stays: the `docker` CLI and
     /// [`ping`](Self::ping) use it.
     pub fn start_with(extra_args: &[&str]) -> Result<Dockerd, String> {
+        Self::start_inner(None, None, extra_args)
+    }
+
+    /// A dockerd in the caller's network namespace `netns` (made, addressed and deleted by
+    /// the caller; this guard leaves it in place), with its own UTS namespace named
+    /// `hostname` (the swarm node's name: several daemons on one machine would otherwise all
+    /// be the machine's host name). For several daemons joined into one swarm
+    /// ([`swarm_init_on`](Self::swarm_init_on), [`swarm_join`](Self::swarm_join)).
+    pub fn start_in(netns: &str, hostname: &str, extra_args: &[&str]) -> Result<Dockerd, String> {
+        Self::start_inner(Some(netns), Some(hostname), extra_args)
+    }
+
+    fn start_inner(
+        netns: Option<&str>,
+        hostname: Option<&str>,
+        extra_args: &[&str],
+    ) -> Result<Dockerd, String> {
         if !nix::unistd::geteuid().is_root() {
             return Err("not root".into());
         }
@@ -109,16 +138,20 @@ impl Dockerd {
             .collect();
         let mut d = Dockerd {
             socket: root.join("docker.sock"),
-            netns: format!("meshdk-{id}"),
+            netns: netns.map_or_else(|| format!("meshdk-{id}"), str::to_string),
             root,
             id,
             child: None,
             created_host_paths,
             swarm: false,
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            own_netns: netns.is_none(),
+            hostname: hostname.map(str::to_string),
         };
         // From here on, Drop cleans up whatever was set up.
-        d.setup_netns()?;
+        if d.own_netns {
+            d.setup_netns()?;
+        }
         let config = format!(
             "{{\"deprecated-key-path\": \"{}\"}}\n",
             d.root.join("key.json").display()
@@ -170,6 +203,11 @@ impl Dockerd {
         let ns = fs::File::open(format!("/run/netns/{}", self.netns))
             .map_err(|e| format!("cannot open netns {}: {e}", self.netns))?;
         let ns_fd = ns.as_raw_fd();
+        let hostname = self
+            .hostname
+            .as_ref()
+            .map(|h| std::ffi::CString::new(h.as_str()).map_err(|e| format!("hostname: {e}")))
+            .transpose()?;
         let r = |p: &str| self.root.join(p).display().to_string();
         let mut cmd = Command::new("dockerd");
         cmd.args([
@@ -199,6 +237,12 @@ impl Dockerd {
         unsafe {
             cmd.pre_exec(move || {
                 if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if let Some(h) = &hostname
+                    && (libc::unshare(libc::CLONE_NEWUTS) != 0
+                        || libc::sethostname(h.as_ptr(), h.as_bytes().len()) != 0)
+                {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
@@ -319,6 +363,30 @@ impl Dockerd {
             "init",
             "--advertise-addr",
             &Self::ADDRESS.to_string(),
+        ]);
+    }
+
+    /// `docker swarm init --advertise-addr addr` (a daemon of [`start_in`](Self::start_in),
+    /// whose namespace has `addr`); returns the worker join token.
+    pub fn swarm_init_on(&mut self, addr: Ipv4Addr) -> String {
+        self.swarm = true;
+        self.docker_ok(&["swarm", "init", "--advertise-addr", &addr.to_string()]);
+        self.docker_ok(&["swarm", "join-token", "-q", "worker"])
+            .trim()
+            .to_string()
+    }
+
+    /// `docker swarm join --advertise-addr addr --token token manager:2377`.
+    pub fn swarm_join(&mut self, token: &str, manager: Ipv4Addr, addr: Ipv4Addr) {
+        self.swarm = true;
+        self.docker_ok(&[
+            "swarm",
+            "join",
+            "--advertise-addr",
+            &addr.to_string(),
+            "--token",
+            token,
+            &format!("{manager}:2377"),
         ]);
     }
 
@@ -528,9 +596,11 @@ impl Dockerd {
                 eprintln!("cannot unmount {}: {e}", m.display());
             }
         }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.netns])
-            .output();
+        if self.own_netns {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.netns])
+                .output();
+        }
         if let Err(e) = fs::remove_dir_all(&self.root)
             && e.kind() != std::io::ErrorKind::NotFound
         {
