@@ -154,7 +154,16 @@ async fn sandbox_interfaces(sbox: &Path) -> Result<Vec<String>, AgentError> {
 
 /// The sandbox's interface on Docker's gateway bridge (the one not on the ingress network):
 /// its address and MAC, and the host-side veth leading to it (and that bridge's MAC).
-async fn ingress_sandbox_link(nl: &Netlink, sbox: &Path, state: &State) -> Result<(tables::IngressSandbox, String), AgentError> {
+/// The ingress sandbox's veth on Docker's gateway bridge, as the data path sees it, and its
+/// host-side name. XDP redirects published-port traffic into that veth, and a veth drops
+/// XDP-redirected frames unless its peer (the sandbox's side) has GRO on or an XDP program:
+/// Docker leaves GRO off there, so it is turned on; the returned `SandboxGro` says whether to
+/// turn it off again when the agent cleans up.
+async fn ingress_sandbox_link(
+    nl: &Netlink,
+    sbox: &Path,
+    state: &State,
+) -> Result<(tables::IngressSandbox, String, SandboxGro), AgentError> {
     let err = |message: String| AgentError::Sandbox { path: sbox.to_path_buf(), message };
     let net = state
         .networks
@@ -163,7 +172,7 @@ async fn ingress_sandbox_link(nl: &Netlink, sbox: &Path, state: &State) -> Resul
     let subnet = net.subnet;
     let path = sbox.to_path_buf();
     let inside = tokio::task::spawn_blocking(move || {
-        crate::netns::run_in(&path, move || -> Result<(Ipv4Addr, [u8; 6], u32), String> {
+        crate::netns::run_in(&path, move || -> Result<(Ipv4Addr, [u8; 6], u32, Option<String>), String> {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
             rt.block_on(async {
                 let nl = Netlink::open().map_err(|e| e.to_string())?;
@@ -174,7 +183,11 @@ async fn ingress_sandbox_link(nl: &Netlink, sbox: &Path, state: &State) -> Resul
                     }
                     if let Some(l) = links.iter().find(|l| l.index == i) {
                         if let Some(peer) = l.peer {
-                            return Ok((a, l.mac, peer));
+                            let was_on = crate::attach::gro(&l.name).map_err(|e| format!("{}: read GRO: {e}", l.name))?;
+                            if !was_on {
+                                crate::attach::set_gro(&l.name, true).map_err(|e| format!("{}: enable GRO: {e}", l.name))?;
+                            }
+                            return Ok((a, l.mac, peer, (!was_on).then(|| l.name.clone())));
                         }
                     }
                 }
@@ -186,7 +199,7 @@ async fn ingress_sandbox_link(nl: &Netlink, sbox: &Path, state: &State) -> Resul
     .map_err(|e| err(e.to_string()))?
     .map_err(|e| err(e.to_string()))?
     .map_err(err)?;
-    let (addr, mac, peer) = inside;
+    let (addr, mac, peer, gro_enabled) = inside;
     let host = nl
         .link_by_index(peer)
         .await?
@@ -199,7 +212,27 @@ async fn ingress_sandbox_link(nl: &Netlink, sbox: &Path, state: &State) -> Resul
         addr,
         link: tables::LinkKey { ifindex: host.index, task_mac: mac, gw_mac: bridge_mac },
     };
-    Ok((sb, host.name))
+    Ok((sb, host.name, SandboxGro { sbox: sbox.to_path_buf(), iface: gro_enabled }))
+}
+
+/// GRO the agent turned on in the ingress sandbox (see [`ingress_sandbox_link`]).
+#[derive(Debug, Default)]
+struct SandboxGro {
+    sbox: PathBuf,
+    /// The sandbox-side interface whose GRO was off before the agent.
+    iface: Option<String>,
+}
+
+impl SandboxGro {
+    /// Put GRO back as Docker left it.
+    async fn restore(&self) {
+        let Some(name) = self.iface.clone() else { return };
+        let path = self.sbox.clone();
+        let r = tokio::task::spawn_blocking(move || crate::netns::run_in(&path, move || crate::attach::set_gro(&name, false))).await;
+        if !matches!(r, Ok(Ok(Ok(())))) {
+            warn!(sandbox = %self.sbox.display(), "cannot turn GRO back off in the ingress sandbox");
+        }
+    }
 }
 
 /// The ingress sandbox's address on the `ingress` network (Swarm SNATs to it).
@@ -287,6 +320,8 @@ pub struct Agent {
     docker_sbox: Option<PathBuf>,
     /// Docker runtime: how the node reaches that sandbox.
     ingress_sbox: Option<tables::IngressSandbox>,
+    /// GRO turned on in Docker's ingress sandbox, undone on cleanup.
+    sandbox_gro: SandboxGro,
     /// VXLAN overlays (mesh runtime, cluster reach).
     overlay: Option<crate::overlay::Overlay>,
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
@@ -357,6 +392,7 @@ impl Agent {
             service_errors: Default::default(),
             docker_sbox: None,
             ingress_sbox: None,
+            sandbox_gro: SandboxGro::default(),
             overlay: None,
             metrics: None,
             overlay_errors: Vec::new(),
@@ -377,7 +413,8 @@ impl Agent {
         }
         agent.docker_sbox = docker_sbox.clone();
         if let Some(sbox) = &docker_sbox {
-            let (sb, host_veth) = ingress_sandbox_link(&agent.nl, sbox, &state).await?;
+            let (sb, host_veth, gro) = ingress_sandbox_link(&agent.nl, sbox, &state).await?;
+            agent.sandbox_gro = gro;
             // Reverse NAT for what comes back out of the sandbox (the TC program tasks get).
             agent.dp.attach_task(&host_veth)?;
             info!(sandbox_addr = %sb.addr, host_veth, "published ports reach Docker's ingress sandbox");
@@ -776,6 +813,7 @@ impl Agent {
             dns.shutdown().await;
         }
         self.dp.detach_all();
+        self.sandbox_gro.restore().await;
         if let Some(ov) = &mut self.overlay {
             for e in ov.teardown().await {
                 warn!(error = %e, "overlay teardown");

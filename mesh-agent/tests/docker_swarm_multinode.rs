@@ -19,7 +19,7 @@ mod dockerd;
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
 };
@@ -297,13 +297,13 @@ fn published_port_of_every_node_reaches_tasks_of_every_node() {
     }
 
     // One agent per node, in its namespace. Workers: the manager's API, their node and
-    // ingress sandbox named. TC hook on the nodes' interface: with XDP (the default) an
-    // external client's SYN is redirected into the sandbox's gateway veth (`eth1`) and
-    // dropped, as XDP redirect into a veth needs GRO (NAPI) on the peer and Docker leaves it
-    // off there (the agent enables it on task veths only); `ethtool -K eth1 gro on` in the
-    // sandbox makes XDP work too.
+    // ingress sandbox named. Both hooks: XDP (the default) on nodes 1 and 3, TC on node 2.
+    // With XDP, an external client's SYN is redirected into the sandbox's gateway veth,
+    // which drops XDP-redirected frames unless its peer has GRO on: Docker leaves it off, the
+    // agent turns it on (and back off when it cleans up).
     let tmp = tempfile::tempdir().unwrap();
     let mut agents = Vec::new();
+    let mut offloads_before = Vec::new();
     for (i, d) in nodes.iter().enumerate() {
         let sbox = d.exec_root().join("netns/ingress_sbox");
         eventually(
@@ -311,6 +311,7 @@ fn published_port_of_every_node_reaches_tasks_of_every_node() {
             Duration::from_secs(30),
             || sbox.exists().then_some(()),
         );
+        offloads_before.push(sandbox_gro(&sbox));
         let log = tmp.path().join(format!("agent{i}.log"));
         let pins = PathBuf::from(format!("/sys/fs/bpf/meshmn-{}-{i}", std::process::id()));
         let f = std::fs::File::create(&log).unwrap();
@@ -325,7 +326,7 @@ fn published_port_of_every_node_reaches_tasks_of_every_node() {
             "--resync-ms",
             "500",
         ])
-        .args(["--hook", "tc", "--iface", "eth0"])
+        .args(["--hook", if i == 1 { "tc" } else { "xdp" }, "--iface", "eth0"])
         .arg("--docker-host")
         .arg(&manager.socket)
         .arg("--netns")
@@ -442,4 +443,31 @@ fn published_port_of_every_node_reaches_tasks_of_every_node() {
         assert!(a.stop(), "agent {} exits cleanly:\n{}", i + 1, a.log());
         assert!(!a.pins.exists(), "pins removed");
     }
+    for (i, d) in nodes.iter().enumerate() {
+        let sbox = d.exec_root().join("netns/ingress_sbox");
+        assert_eq!(sandbox_gro(&sbox), offloads_before[i], "node {}: the ingress sandbox's GRO as Docker left it", i + 1);
+    }
+}
+
+/// `interface: generic-receive-offload` of every interface in the sandbox (ethtool, entered
+/// with nsenter: the sandbox is a bind-mounted netns, not a named one).
+fn sandbox_gro(sbox: &Path) -> Vec<String> {
+    let net = format!("--net={}", sbox.display());
+    let links = Command::new("nsenter").args([&net, "ip", "-o", "link"]).output().expect("nsenter ip link");
+    let mut out = Vec::new();
+    for l in String::from_utf8_lossy(&links.stdout).lines() {
+        let name = l.split(": ").nth(1).unwrap_or("").split('@').next().unwrap_or("").to_string();
+        if name.is_empty() || name == "lo" {
+            continue;
+        }
+        let k = Command::new("nsenter").args([&net, "ethtool", "-k", &name]).output().expect("nsenter ethtool");
+        let gro = String::from_utf8_lossy(&k.stdout)
+            .lines()
+            .find(|l| l.starts_with("generic-receive-offload:"))
+            .unwrap_or("?")
+            .to_string();
+        out.push(format!("{name}: {gro}"));
+    }
+    assert!(!out.is_empty(), "no interfaces in {}", sbox.display());
+    out
 }

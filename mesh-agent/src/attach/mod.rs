@@ -397,17 +397,27 @@ fn configure_inside(path: &Path, ifaces: Vec<(String, Ipv4Addr, u8, Ipv4Addr)>) 
 
 /// `ethtool -K IFACE gro on|off` through the legacy ioctl (no ethtool binary needed).
 pub fn set_gro(ifname: &str, on: bool) -> std::io::Result<()> {
+    ethtool_value(ifname, ETHTOOL_SGRO, on as u32).map(|_| ())
+}
+
+/// Is GRO on (`ethtool -k IFACE`)?
+pub fn gro(ifname: &str) -> std::io::Result<bool> {
+    ethtool_value(ifname, ETHTOOL_GGRO, 0).map(|v| v != 0)
+}
+
+const ETHTOOL_GGRO: u32 = 0x0000_002b;
+const ETHTOOL_SGRO: u32 = 0x0000_002c;
+
+/// One `SIOCETHTOOL` call with a `struct ethtool_value` (in this thread's namespace); the
+/// value the kernel left in it.
+fn ethtool_value(ifname: &str, cmd: u32, data: u32) -> std::io::Result<u32> {
     const SIOCETHTOOL: libc::c_ulong = 0x8946;
-    const ETHTOOL_SGRO: u32 = 0x0000_002c;
     #[repr(C)]
     struct EthtoolValue {
         cmd: u32,
         data: u32,
     }
-    let mut v = EthtoolValue {
-        cmd: ETHTOOL_SGRO,
-        data: on as u32,
-    };
+    let mut v = EthtoolValue { cmd, data };
     // SAFETY: a zeroed ifreq is valid; we fill the name and the data pointer.
     let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
     let bytes = ifname.as_bytes();
@@ -428,7 +438,7 @@ pub fn set_gro(ifname: &str, on: bool) -> std::io::Result<()> {
     let err = std::io::Error::last_os_error();
     // SAFETY: closing our own fd.
     unsafe { libc::close(fd) };
-    if rc < 0 { Err(err) } else { Ok(()) }
+    if rc < 0 { Err(err) } else { Ok(v.data) }
 }
 
 #[cfg(test)]

@@ -30,7 +30,7 @@ use std::{net::SocketAddr, path::{Path, PathBuf}};
 use clap::{ArgMatches, parser::ValueSource};
 use serde::Deserialize;
 
-use super::{DockerHostArgs, ReachArg, RunArgs, RuntimeArg};
+use super::{ReachArg, RunArgs, RuntimeArg};
 use crate::ebpf::Hook;
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
