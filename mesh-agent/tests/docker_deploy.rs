@@ -13,25 +13,14 @@ use std::{
     path::{Path, PathBuf},
     process::Command,
     sync::mpsc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use dockerd::Dockerd;
+use dockerd::{Dockerd, eventually as eventually_every};
 
-fn eventually<T>(why: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out: {why}");
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
 
-fn curl(d: &Dockerd, url: &str) -> Option<String> {
-    let o = Command::new("ip").args(["netns", "exec", &d.netns, "curl", "-s", "--max-time", "5", url]).output().unwrap();
-    (o.status.success() && !o.stdout.is_empty()).then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+fn eventually<T>(why: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
+    eventually_every(why, timeout, Duration::from_millis(500), f)
 }
 
 /// mesh's programs still loaded anywhere. (Debian's bpftool 7.1 does not list tcx
@@ -130,7 +119,7 @@ fn mesh_as_a_swarm_global_service_with_a_hitless_rolling_update() {
             .collect::<String>()
     };
     if (0..15).all(|_| {
-        let r = curl(&d, "http://127.0.0.1:8080/").is_none();
+        let r = d.curl("http://127.0.0.1:8080/").is_none();
         if r {
             std::thread::sleep(Duration::from_millis(1000));
         }
@@ -140,7 +129,7 @@ fn mesh_as_a_swarm_global_service_with_a_hitless_rolling_update() {
     }
     let mut t: BTreeMap<String, usize> = BTreeMap::new();
     for _ in 0..30 {
-        *t.entry(curl(&d, "http://127.0.0.1:8080/").unwrap_or_default()).or_default() += 1;
+        *t.entry(d.curl("http://127.0.0.1:8080/").unwrap_or_default()).or_default() += 1;
     }
     assert!(t.len() == 3 && t.values().all(|&n| n == 10), "10 per task: {t:?}\n{}", logs(&d));
     assert!(!mesh_programs().is_empty());
@@ -193,7 +182,7 @@ fn mesh_as_a_swarm_global_service_with_a_hitless_rolling_update() {
             logs(&d)
         );
     }
-    let got: std::collections::BTreeSet<String> = (0..9).filter_map(|_| curl(&d, "http://127.0.0.1:8080/")).collect();
+    let got: std::collections::BTreeSet<String> = (0..9).filter_map(|_| d.curl("http://127.0.0.1:8080/")).collect();
     assert_eq!(got.len(), 3, "new connections after the update: {got:?}");
 
     // Removing the service (SIGTERM) removes every attachment.

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dockerd::Dockerd;
+use dockerd::{Dockerd, eventually as eventually_every};
 
 const IMAGE: &str = "mesh-busybox:test";
 
@@ -49,13 +49,9 @@ impl Drop for AgentProc {
     }
 }
 
-fn in_ns(d: &Dockerd, cmd: &str, args: &[&str]) -> std::process::Output {
-    Command::new("ip").args(["netns", "exec", &d.netns, cmd]).args(args).output().expect("ip netns exec")
-}
 
-fn curl(d: &Dockerd, url: &str) -> Option<String> {
-    let o = in_ns(d, "curl", &["-s", "--max-time", "5", url]);
-    (o.status.success() && !o.stdout.is_empty()).then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+fn eventually<T>(why: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
+    eventually_every(why, timeout, Duration::from_millis(300), f)
 }
 
 fn tally(v: &[String]) -> BTreeMap<String, usize> {
@@ -66,31 +62,14 @@ fn tally(v: &[String]) -> BTreeMap<String, usize> {
     m
 }
 
-fn eventually<T>(why: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out: {why}");
-        std::thread::sleep(Duration::from_millis(300));
-    }
-}
-
-/// Hostnames (container ids) of the running tasks of `web`.
-fn task_hosts(d: &Dockerd) -> BTreeSet<String> {
-    let out = d.docker_ok(&["ps", "-q", "--filter", "label=com.docker.swarm.service.name=web"]);
-    out.lines().map(|l| l.trim().chars().take(12).collect()).filter(|s: &String| !s.is_empty()).collect()
-}
-
 /// What state Docker's networking is in, to compare before and after the agent.
 fn docker_net_fingerprint(d: &Dockerd) -> String {
-    let links = String::from_utf8_lossy(&in_ns(d, "ip", &["-o", "link"]).stdout)
+    let links = String::from_utf8_lossy(&d.in_ns("ip", &["-o", "link"]).stdout)
         .lines()
         .map(|l| l.split(": ").nth(1).unwrap_or("").split('@').next().unwrap_or("").to_string())
         .collect::<Vec<_>>()
         .join(",");
-    let ipt = String::from_utf8_lossy(&in_ns(d, "iptables-save", &[]).stdout)
+    let ipt = String::from_utf8_lossy(&d.in_ns("iptables-save", &[]).stdout)
         .lines()
         .filter(|l| !l.starts_with('#') && !l.starts_with(':'))
         .map(String::from)
@@ -118,7 +97,7 @@ fn mesh_replaces_ipvs_under_a_real_swarm() {
     ]);
     d.wait_running("web", 3, Duration::from_secs(90));
     // Without mesh the routing mesh is dead here (no IPVS): nothing answers.
-    assert!(curl(&d, "http://127.0.0.1:8080/").is_none(), "Swarm alone cannot forward on this kernel");
+    assert!(d.curl("http://127.0.0.1:8080/").is_none(), "Swarm alone cannot forward on this kernel");
     let before = docker_net_fingerprint(&d);
 
     // The agent, in the Docker host's namespace, pointed at the manager.
@@ -145,10 +124,10 @@ fn mesh_replaces_ipvs_under_a_real_swarm() {
     eventually("agent ready", Duration::from_secs(60), || agent.log().contains("agent ready").then_some(()));
 
     // 30 requests to the published port from the node: all 3 tasks, evenly.
-    let hosts = task_hosts(&d);
+    let hosts = d.task_hosts("web");
     assert_eq!(hosts.len(), 3, "{hosts:?}");
     let answered = (0..60).find_map(|_| {
-        let r = curl(&d, "http://127.0.0.1:8080/");
+        let r = d.curl("http://127.0.0.1:8080/");
         if r.is_none() {
             std::thread::sleep(Duration::from_millis(500));
         }
@@ -169,10 +148,10 @@ fn mesh_replaces_ipvs_under_a_real_swarm() {
             ns(&["ip", "-br", "addr"]),
             ns(&["bpftool", "net", "show"]),
             ns(&["ip", "route"]),
-            String::from_utf8_lossy(&in_ns(&d, "iptables-save", &["-t", "nat"]).stdout),
+            String::from_utf8_lossy(&d.in_ns("iptables-save", &["-t", "nat"]).stdout),
         );
     }
-    let answers: Vec<String> = (0..30).map(|_| curl(&d, "http://127.0.0.1:8080/").unwrap_or_default()).collect();
+    let answers: Vec<String> = (0..30).map(|_| d.curl("http://127.0.0.1:8080/").unwrap_or_default()).collect();
     let t = tally(&answers);
     assert_eq!(t.keys().cloned().collect::<BTreeSet<_>>(), hosts, "{t:?}\n{}", agent.log());
     assert!(t.values().all(|&n| n == 10), "10 each: {t:?}");
@@ -191,16 +170,16 @@ fn mesh_replaces_ipvs_under_a_real_swarm() {
     // Scaling is followed.
     d.docker_ok(&["service", "scale", "-d", "web=5"]);
     d.wait_running("web", 5, Duration::from_secs(90));
-    let hosts5 = task_hosts(&d);
+    let hosts5 = d.task_hosts("web");
     eventually("5 tasks behind the published port", Duration::from_secs(40), || {
-        let got: BTreeSet<String> = (0..15).filter_map(|_| curl(&d, "http://127.0.0.1:8080/")).collect();
+        let got: BTreeSet<String> = (0..15).filter_map(|_| d.curl("http://127.0.0.1:8080/")).collect();
         (got == hosts5).then_some(())
     });
     d.docker_ok(&["service", "scale", "-d", "web=1"]);
     d.wait_running("web", 1, Duration::from_secs(90));
     eventually("1 task behind the published port", Duration::from_secs(40), || {
-        let hosts1 = task_hosts(&d);
-        let got: BTreeSet<String> = (0..6).filter_map(|_| curl(&d, "http://127.0.0.1:8080/")).collect();
+        let hosts1 = d.task_hosts("web");
+        let got: BTreeSet<String> = (0..6).filter_map(|_| d.curl("http://127.0.0.1:8080/")).collect();
         (hosts1.len() == 1 && got == hosts1).then_some(())
     });
 

@@ -28,7 +28,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dockerd::Dockerd;
+use dockerd::{Dockerd, eventually as eventually_every};
 use mesh_agent::source::{
     Source,
     swarm::{self, DockerEndpoint, SwarmSource, TlsOptions},
@@ -230,29 +230,11 @@ impl Drop for AgentProc {
     }
 }
 
+fn eventually<T>(why: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
+    eventually_every(why, timeout, Duration::from_millis(300), f)
+}
+
 // ---- helpers -----------------------------------------------------------------------------
-
-fn curl(d: &Dockerd, url: &str) -> Option<String> {
-    let o = cmd::run("ip", &["netns", "exec", &d.netns, "curl", "-s", "--max-time", "5", url]);
-    (o.status.success() && !o.stdout.is_empty()).then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
-}
-
-fn eventually<T>(why: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out: {why}");
-        std::thread::sleep(Duration::from_millis(300));
-    }
-}
-
-/// Hostnames (container ids) of the running tasks of `web`.
-fn task_hosts(d: &Dockerd) -> BTreeSet<String> {
-    let out = d.docker_ok(&["ps", "-q", "--filter", "label=com.docker.swarm.service.name=web"]);
-    out.lines().map(|l| l.trim().chars().take(12).collect()).filter(|s: &String| !s.is_empty()).collect()
-}
 
 /// The TLS endpoint with the cert directory `certs`.
 fn tls_endpoint(certs: &Path) -> Result<DockerEndpoint, swarm::SwarmError> {
@@ -366,10 +348,10 @@ fn mesh_reaches_the_manager_over_tls() {
         log.contains("agent ready").then_some(())
     });
     assert!(agent.log().contains(&format!("swarm:{host} (TLS)")), "{}", agent.log());
-    let hosts = task_hosts(&d);
+    let hosts = d.task_hosts("web");
     assert_eq!(hosts.len(), 3, "{hosts:?}");
-    eventually("the published port answers", Duration::from_secs(30), || curl(&d, "http://127.0.0.1:8080/"));
-    let answers: Vec<String> = (0..30).map(|_| curl(&d, "http://127.0.0.1:8080/").unwrap_or_default()).collect();
+    eventually("the published port answers", Duration::from_secs(30), || d.curl("http://127.0.0.1:8080/"));
+    let answers: Vec<String> = (0..30).map(|_| d.curl("http://127.0.0.1:8080/").unwrap_or_default()).collect();
     let mut tally = BTreeMap::new();
     for a in &answers {
         *tally.entry(a.clone()).or_insert(0) += 1;
@@ -380,9 +362,9 @@ fn mesh_reaches_the_manager_over_tls() {
     // Events and syncs over TLS: a scale-up is followed.
     d.docker_ok(&["service", "scale", "-d", "web=4"]);
     d.wait_running("web", 4, Duration::from_secs(90));
-    let hosts4 = task_hosts(&d);
+    let hosts4 = d.task_hosts("web");
     eventually("4 tasks behind the published port", Duration::from_secs(40), || {
-        let got: BTreeSet<String> = (0..12).filter_map(|_| curl(&d, "http://127.0.0.1:8080/")).collect();
+        let got: BTreeSet<String> = (0..12).filter_map(|_| d.curl("http://127.0.0.1:8080/")).collect();
         (got == hosts4).then_some(())
     });
     assert!(agent.stop(), "clean exit:\n{}", agent.log());

@@ -341,6 +341,29 @@ impl Dockerd {
         run_timeout(cmd, timeout).unwrap_or_else(|e| panic!("docker {args:?}: {e}"))
     }
 
+    /// `cmd args…` run in the daemon's network namespace (`ip netns exec`).
+    pub fn in_ns(&self, cmd: &str, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.netns, cmd])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("ip netns exec {} {cmd}: {e}", self.netns))
+    }
+
+    /// `curl -s --max-time 5 url` from the daemon's namespace: the body, if any.
+    pub fn curl(&self, url: &str) -> Option<String> {
+        let o = self.in_ns("curl", &["-s", "--max-time", "5", url]);
+        (o.status.success() && !o.stdout.is_empty()).then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    }
+
+    /// Host names (12-digit container ids) of the running tasks of Swarm service `service`
+    /// on this daemon's node.
+    pub fn task_hosts(&self, service: &str) -> std::collections::BTreeSet<String> {
+        let filter = format!("label=com.docker.swarm.service.name={service}");
+        let out = self.docker_ok(&["ps", "-q", "--filter", &filter]);
+        out.lines().map(|l| l.trim().chars().take(12).collect()).filter(|s: &String| !s.is_empty()).collect()
+    }
+
     /// `docker args…`, which must succeed; its stdout.
     pub fn docker_ok(&self, args: &[&str]) -> String {
         let out = self.docker(args);
@@ -671,5 +694,18 @@ fn run_timeout(mut cmd: Command, timeout: Duration) -> Result<Output, String> {
             );
             Err(format!("no answer within {timeout:?} (killed)"))
         }
+    }
+}
+
+/// `f()` until it gives a value, every `pause`, for at most `timeout` (then the test fails
+/// naming `why`).
+pub fn eventually<T>(why: &str, timeout: Duration, pause: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out: {why}");
+        std::thread::sleep(pause);
     }
 }
