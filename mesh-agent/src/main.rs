@@ -117,7 +117,15 @@ fn real_main() -> anyhow::Result<()> {
             // The managers' state: a Swarm manager's Engine API under the docker runtime (or
             // with --docker-host), else the state file.
             let source: Box<dyn mesh_agent::source::Source> = match (&args.docker_host, args.runtime) {
-                (Some(h), _) => Box::new(SwarmSource::from_endpoint(h)?),
+                (Some(h), _) => {
+                    // With --docker-manager: cluster state from the manager, this node's
+                    // id and sandboxes from --docker-host (which may be a worker's daemon).
+                    let source = SwarmSource::from_endpoint(h)?;
+                    match h.manager_endpoint()? {
+                        Some(m) => Box::new(source.with_manager(m)?),
+                        None => Box::new(source),
+                    }
+                }
                 (None, RuntimeArg::Docker) => Box::new(SwarmSource::default()),
                 (None, RuntimeArg::Mesh) => Box::new(FileSource::new(args.state.clone().context(
                     "no state file: pass --state, MESH_STATE or `state` in the config file",

@@ -6,12 +6,12 @@
 //! address, the tasks of every node in turn (the node's `ingress_sbox` → Docker's ingress
 //! overlay → the task's node).
 //!
-//! Only managers serve `/nodes`, `/services`, `/tasks`: the agents of the workers read the
-//! manager's API (here its unix socket, over TCP+TLS on real machines) and are told their node
-//! (`--node`) and their own ingress sandbox (`--docker-ingress-sbox`), since the manager's
-//! `/containers` knows only its own node's sandboxes. (So VIPs inside the workers' tasks,
-//! which need those sandboxes, are not covered here: that needs the local daemon for
-//! `/info` and sandboxes next to the manager for cluster state.)
+//! Only managers serve `/nodes`, `/services`, `/tasks`, and only a node's own daemon knows its
+//! tasks' sandboxes (`/containers/{id}/json`): the agents of the workers run with
+//! `--docker-host` their own daemon (node id, sandboxes, container events) and
+//! `--docker-manager` the manager's (here its unix socket, over TCP+TLS on real machines), and
+//! need neither `--node` nor `--docker-ingress-sbox`. A VIP (`wget http://web`) from a task
+//! of the manager's node and from one of a worker's reaches the tasks of every node.
 
 #[path = "common/dockerd.rs"]
 mod dockerd;
@@ -296,8 +296,8 @@ fn published_port_of_every_node_reaches_tasks_of_every_node() {
         );
     }
 
-    // One agent per node, in its namespace. Workers: the manager's API, their node and
-    // ingress sandbox named. Both hooks: XDP (the default) on nodes 1 and 3, TC on node 2.
+    // One agent per node, in its namespace. Workers: their own daemon and the manager's
+    // (--docker-manager). Both hooks: XDP (the default) on nodes 1 and 3, TC on node 2.
     // With XDP, an external client's SYN is redirected into the sandbox's gateway veth,
     // which drops XDP-redirected frames unless its peer has GRO on: Docker leaves it off, the
     // agent turns it on (and back off when it cleans up).
@@ -328,7 +328,7 @@ fn published_port_of_every_node_reaches_tasks_of_every_node() {
         ])
         .args(["--hook", if i == 1 { "tc" } else { "xdp" }, "--iface", "eth0"])
         .arg("--docker-host")
-        .arg(&manager.socket)
+        .arg(&d.socket)
         .arg("--netns")
         .arg(format!("/run/netns/{}", d.netns))
         .arg("--pin-dir")
@@ -336,9 +336,7 @@ fn published_port_of_every_node_reaches_tasks_of_every_node() {
         .arg("--run-dir")
         .arg(tmp.path().join(format!("run{i}")));
         if i > 0 {
-            cmd.args(["--node", &format!("meshmn-node{}", i + 1)])
-                .arg("--docker-ingress-sbox")
-                .arg(&sbox);
+            cmd.arg("--docker-manager").arg(&manager.socket);
         }
         let child = cmd
             .stdout(f.try_clone().unwrap())
@@ -409,13 +407,15 @@ fn published_port_of_every_node_reaches_tasks_of_every_node() {
         assert!(t.values().all(|&n| n == 5), "node {}: 5 each: {t:?}", i + 1);
     }
 
-    // A VIP from a task of the manager's node (whose sandboxes the manager's API gives):
-    // `wget http://web` reaches the tasks of every node over the overlay.
-    let ctr = per_node[0].iter().next().unwrap().clone();
-    let seen: BTreeSet<String> = (0..REPLICAS * 3)
-        .filter_map(|_| {
+    // A VIP from a task of the manager's node and from one of a worker's node (whose
+    // sandboxes its own daemon gives): `wget http://web` reaches the tasks of every node over
+    // the overlay.
+    for (i, what) in [(0, "a manager's task"), (1, "a worker's task")] {
+        let d = &nodes[i];
+        let ctr = per_node[i].iter().next().unwrap().clone();
+        let seen: BTreeSet<String> = eventually_seen(&all, Duration::from_secs(30), || {
             // busybox 1.35's wget segfaults with -T: bound it with busybox's timeout instead.
-            let o = manager.docker(&[
+            let o = d.docker(&[
                 "exec",
                 &ctr,
                 "busybox",
@@ -430,14 +430,15 @@ fn published_port_of_every_node_reaches_tasks_of_every_node() {
             o.status
                 .success()
                 .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        })
-        .collect();
-    assert_eq!(
-        seen,
-        all,
-        "`wget http://web` in a manager's task: every task of every node\n{}",
-        logs()
-    );
+        });
+        assert_eq!(
+            seen,
+            all,
+            "`wget http://web` in {what} (node {}): every task of every node\n{}",
+            i + 1,
+            logs()
+        );
+    }
 
     for (i, a) in agents.iter_mut().enumerate() {
         assert!(a.stop(), "agent {} exits cleanly:\n{}", i + 1, a.log());
@@ -447,6 +448,28 @@ fn published_port_of_every_node_reaches_tasks_of_every_node() {
         let sbox = d.exec_root().join("netns/ingress_sbox");
         assert_eq!(sandbox_gro(&sbox), offloads_before[i], "node {}: the ingress sandbox's GRO as Docker left it", i + 1);
     }
+}
+
+/// Answers of `get` until every one of `want` was seen, at least `want.len() * 3` tries
+/// and then until `timeout` (the worker's agent may still be attaching its tasks).
+fn eventually_seen(
+    want: &BTreeSet<String>,
+    timeout: Duration,
+    mut get: impl FnMut() -> Option<String>,
+) -> BTreeSet<String> {
+    let deadline = Instant::now() + timeout;
+    let mut seen = BTreeSet::new();
+    let mut tries = 0;
+    loop {
+        if let Some(a) = get() {
+            seen.insert(a);
+        }
+        tries += 1;
+        if tries >= want.len() * 3 && (seen == *want || Instant::now() > deadline) {
+            break;
+        }
+    }
+    seen
 }
 
 /// `interface: generic-receive-offload` of every interface in the sandbox (ethtool, entered

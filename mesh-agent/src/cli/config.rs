@@ -54,6 +54,7 @@ pub struct FileConfig {
     pub log_format: Option<String>,
     pub runtime: Option<RuntimeName>,
     pub docker_host: Option<String>,
+    pub docker_manager: Option<String>,
     pub docker_tls_verify: Option<bool>,
     pub docker_cert_path: Option<PathBuf>,
     pub docker_tlscacert: Option<PathBuf>,
@@ -187,6 +188,7 @@ pub fn merge(args: &mut RunArgs, m: &ArgMatches, file: &FileConfig) {
     // The Engine API settings form one group: any of them set (anywhere) selects the Swarm
     // source, as on the command line.
     let file_docker = file.docker_host.is_some()
+        || file.docker_manager.is_some()
         || file.docker_tls_verify.is_some()
         || file.docker_cert_path.is_some()
         || file.docker_tlscacert.is_some()
@@ -195,6 +197,7 @@ pub fn merge(args: &mut RunArgs, m: &ArgMatches, file: &FileConfig) {
     if file_docker {
         let mut d = args.docker_host.take().unwrap_or_default();
         take!("docker_host", d.host, file.docker_host.clone().map(Some));
+        take!("docker_manager", d.manager, file.docker_manager.clone().map(Some));
         take!("docker_tls_verify", d.tls_verify, file.docker_tls_verify);
         take!("docker_cert_path", d.cert_path, file.docker_cert_path.clone().map(Some));
         take!("docker_tlscacert", d.tlscacert, file.docker_tlscacert.clone().map(Some));
@@ -234,6 +237,7 @@ pub fn restart_needed(running: &RunArgs, file: &FileConfig) -> Vec<&'static str>
     );
     let docker = running.docker_host.clone().unwrap_or_default();
     check("docker_host", file.docker_host.is_some() && file.docker_host != docker.host);
+    check("docker_manager", file.docker_manager.is_some() && file.docker_manager != docker.manager);
     check("docker_tls_verify", file.docker_tls_verify.is_some_and(|v| v != docker.tls_verify));
     check("docker_cert_path", file.docker_cert_path.is_some() && file.docker_cert_path != docker.cert_path);
     check("docker_tlscacert", file.docker_tlscacert.is_some() && file.docker_tlscacert != docker.tlscacert);
@@ -346,6 +350,83 @@ mod tests {
         assert!(a.docker_host.is_some());
         let e = a.docker_endpoint().unwrap_err().to_string();
         assert!(e.contains("--docker-tls-verify"), "{e}");
+    }
+
+    #[test]
+    fn docker_manager_flag_env_and_file() {
+        use crate::source::swarm::DockerEndpoint;
+        let unix = |p: &str| DockerEndpoint::Unix(p.into());
+        // Flag: the manager apart, this node's daemon from --docker-host.
+        let a = run_args(
+            &["mesh-agent", "run", "--docker-host", "unix:///run/local.sock", "--docker-manager", "/run/mgr.sock"],
+            "",
+        );
+        assert_eq!(a.docker_endpoint().unwrap(), unix("/run/local.sock"));
+        assert_eq!(a.docker_manager().unwrap(), Some(unix("/run/mgr.sock")));
+        // Only --docker-manager: the Swarm source, this node's daemon on the default socket.
+        let a = run_args(&["mesh-agent", "run", "--docker-manager", "unix:///run/mgr.sock"], "");
+        assert_eq!(a.docker_endpoint().unwrap(), DockerEndpoint::default());
+        assert_eq!(a.docker_manager().unwrap(), Some(unix("/run/mgr.sock")));
+        // None: the one endpoint.
+        let a = run_args(&["mesh-agent", "run", "--docker-host", "unix:///run/d.sock"], "");
+        assert_eq!(a.docker_manager().unwrap(), None);
+        // The file's key, beaten by the flag; a change needs a restart.
+        let file = "docker_manager = \"unix:///run/file-mgr.sock\"\n";
+        let a = run_args(&["mesh-agent", "run"], file);
+        assert_eq!(a.docker_manager().unwrap(), Some(unix("/run/file-mgr.sock")));
+        let a = run_args(&["mesh-agent", "run", "--docker-manager", "/run/flag-mgr.sock"], file);
+        assert_eq!(a.docker_manager().unwrap(), Some(unix("/run/flag-mgr.sock")));
+        let changed = parse("docker_manager = \"/run/other.sock\"\n").unwrap();
+        assert_eq!(restart_needed(&a, &changed), ["docker_manager"]);
+        assert!(restart_needed(&a, &parse("docker_manager = \"/run/flag-mgr.sock\"\n").unwrap()).is_empty());
+        assert!(parse("docker_manager = 1\n").unwrap_err().contains("docker_manager"));
+        // The environment (one test: the process environment is shared).
+        // SAFETY: no other test reads or writes this variable.
+        unsafe { std::env::set_var("MESH_DOCKER_MANAGER", "unix:///run/env-mgr.sock") };
+        let a = run_args(&["mesh-agent", "run"], file);
+        unsafe { std::env::remove_var("MESH_DOCKER_MANAGER") };
+        assert_eq!(a.docker_manager().unwrap(), Some(unix("/run/env-mgr.sock")));
+        // A bad host is named.
+        let a = run_args(&["mesh-agent", "run", "--docker-manager", "ssh://mgr"], "");
+        assert!(a.docker_manager().unwrap_err().to_string().contains("ssh://mgr"));
+    }
+
+    #[test]
+    fn docker_manager_tls_applies_to_the_tcp_endpoints() {
+        use crate::source::swarm::{DockerEndpoint, TlsFiles};
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().to_str().unwrap();
+        for f in ["ca.pem", "cert.pem", "key.pem"] {
+            std::fs::write(d.path().join(f), "x").unwrap();
+        }
+        let files = TlsFiles {
+            ca: d.path().join("ca.pem"),
+            cert: d.path().join("cert.pem"),
+            key: d.path().join("key.pem"),
+        };
+        let tls = ["--docker-tls-verify", "--docker-cert-path", dir];
+        // A worker: its own socket (default), the manager over TLS.
+        let a = run_args(&[&["mesh-agent", "run", "--docker-manager", "tcp://10.0.0.1"][..], &tls].concat(), "");
+        assert_eq!(a.docker_endpoint().unwrap(), DockerEndpoint::default());
+        assert_eq!(
+            a.docker_manager().unwrap(),
+            Some(DockerEndpoint::Tcp { addr: "10.0.0.1:2376".into(), tls: Some(files.clone()) })
+        );
+        // Both over TLS, with the same files.
+        let a = run_args(
+            &[&["mesh-agent", "run", "--docker-host", "tcp://10.0.0.2", "--docker-manager", "tcp://10.0.0.1:2376"][..], &tls]
+                .concat(),
+            "",
+        );
+        assert_eq!(
+            a.docker_endpoint().unwrap(),
+            DockerEndpoint::Tcp { addr: "10.0.0.2:2376".into(), tls: Some(files.clone()) }
+        );
+        assert!(matches!(a.docker_manager().unwrap(), Some(DockerEndpoint::Tcp { tls: Some(_), .. })));
+        // TLS settings with two unix sockets: refused, as without a manager.
+        let a = run_args(&[&["mesh-agent", "run", "--docker-manager", "/run/mgr.sock"][..], &tls].concat(), "");
+        assert!(a.docker_manager().unwrap_err().to_string().contains("tcp://"));
+        assert!(a.docker_endpoint().is_err());
     }
 
     #[test]

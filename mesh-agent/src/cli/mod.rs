@@ -175,6 +175,13 @@ pub struct DockerHostArgs {
     /// implies the Swarm source.
     #[arg(id = "docker_host", long = "docker-host", env = "MESH_DOCKER_HOST", value_name = "HOST")]
     pub host: Option<String>,
+    /// Docker runtime on a worker node: a manager's Engine API (same syntax as
+    /// --docker-host), read for the cluster state (nodes, networks, services, tasks), while
+    /// --docker-host is this node's own daemon (its swarm node id, its tasks' sandboxes,
+    /// container events), which may then be a worker's. The TLS settings below apply to
+    /// both (to whichever of them is tcp://). Without it, --docker-host must be a manager.
+    #[arg(id = "docker_manager", long = "docker-manager", env = "MESH_DOCKER_MANAGER", value_name = "HOST")]
+    pub manager: Option<String>,
     /// TLS to the tcp:// host: verify the daemon against the CA, present the client
     /// certificate (docker --tlsverify). Without --docker-host: tcp://localhost:2376, as
     /// docker does.
@@ -207,12 +214,38 @@ impl DockerHostArgs {
     }
 }
 
-/// The endpoint the settings name (TLS files checked to exist); errors name the setting or
-/// file at fault.
+/// This node's daemon, as the settings name it (TLS files checked to exist); errors name the
+/// setting or file at fault.
 impl TryFrom<&DockerHostArgs> for DockerEndpoint {
     type Error = SwarmError;
     fn try_from(args: &DockerHostArgs) -> Result<Self, SwarmError> {
-        DockerEndpoint::resolve(args.host.as_deref(), &args.tls_options())
+        if args.manager.is_none() {
+            return DockerEndpoint::resolve(args.host.as_deref(), &args.tls_options());
+        }
+        args.resolve_with_manager(args.host.as_deref().unwrap_or(crate::source::swarm::DEFAULT_SOCKET))
+    }
+}
+
+impl DockerHostArgs {
+    /// The manager named by --docker-manager, if any.
+    ///
+    /// With a manager, the TLS settings apply to whichever of the two endpoints is tcp://
+    /// (both, if both are), and --docker-host defaults to the local socket
+    /// ([`crate::source::swarm::DEFAULT_SOCKET`]) even with --docker-tls-verify. TLS
+    /// settings while neither is tcp:// are refused, as without a manager.
+    pub fn manager_endpoint(&self) -> Result<Option<DockerEndpoint>, SwarmError> {
+        self.manager.as_deref().map(|m| self.resolve_with_manager(m)).transpose()
+    }
+
+    fn resolve_with_manager(&self, host: &str) -> Result<DockerEndpoint, SwarmError> {
+        let tcp = |h: &str| h.starts_with("tcp://");
+        let local = self.host.as_deref().unwrap_or(crate::source::swarm::DEFAULT_SOCKET);
+        let any_tcp = tcp(local) || self.manager.as_deref().is_some_and(tcp);
+        if tcp(host) || !any_tcp {
+            DockerEndpoint::resolve(Some(host), &self.tls_options())
+        } else {
+            DockerEndpoint::resolve(Some(host), &TlsOptions::default())
+        }
     }
 }
 
@@ -238,11 +271,17 @@ impl From<ReachArg> for Reach {
 }
 
 impl RunArgs {
-    /// The Engine API the Docker settings name ([`DockerEndpoint::default`] without any).
+    /// The Engine API the Docker settings name ([`DockerEndpoint::default`] without any):
+    /// this node's daemon.
     pub fn docker_endpoint(&self) -> Result<DockerEndpoint, SwarmError> {
         self.docker_host
             .as_ref()
             .map_or_else(|| Ok(DockerEndpoint::default()), DockerEndpoint::try_from)
+    }
+
+    /// The manager's Engine API (--docker-manager), if one is named apart from this node's.
+    pub fn docker_manager(&self) -> Result<Option<DockerEndpoint>, SwarmError> {
+        self.docker_host.as_ref().map_or(Ok(None), DockerHostArgs::manager_endpoint)
     }
 
     pub fn agent_config(&self) -> crate::agent::AgentConfig {
@@ -272,7 +311,13 @@ impl RunArgs {
         };
         if let Some(name) = &self.swarm_service {
             // The source was made from the same settings, so they resolve (checked anyway).
-            match self.docker_endpoint() {
+            // Services are listed by a manager: --docker-manager if given.
+            let endpoint = match self.docker_manager() {
+                Ok(Some(m)) => Ok(m),
+                Ok(None) => self.docker_endpoint(),
+                Err(e) => Err(e),
+            };
+            match endpoint {
                 Ok(endpoint) => cfg.swarm_service = Some((endpoint, name.clone())),
                 Err(e) => tracing::warn!(error = %e, "--swarm-service ignored: no Docker endpoint"),
             }

@@ -1,16 +1,27 @@
 //! The Docker Swarm source: the managers' state, read from a manager's Engine API.
 //!
-//! [`SwarmSource`] talks to one Docker daemon that is a swarm manager, at a
-//! [`DockerEndpoint`]: its unix socket (default `/var/run/docker.sock`), or TCP — plain
-//! (`tcp://host:2375`) or TLS (`tcp://host:2376` with the client's CA, certificate and key,
-//! given the way the docker CLI takes them: see [`endpoint`]). Over TCP the manager may be
-//! another machine; the local tasks' namespaces (`SandboxKey`) still come from the API, so the
-//! daemon should be this node's. A sync reads `GET /info` (this daemon's node id), `/nodes`,
+//! [`SwarmSource`] talks to the Docker daemon of this node at a [`DockerEndpoint`]: its unix
+//! socket (default `/var/run/docker.sock`), or TCP — plain (`tcp://host:2375`) or TLS
+//! (`tcp://host:2376` with the client's CA, certificate and key, given the way the docker CLI
+//! takes them: see [`endpoint`]). A sync reads `GET /info` (this daemon's node id), `/nodes`,
 //! `/networks`, `/services`, `/tasks`, and `GET /containers/{id}/json` for the local node's
 //! starting and running tasks (their network namespace, `SandboxKey`); [`map`] turns that
 //! into the model's wire form, which is then validated exactly like a state file.
 //!
-//! Following ([`Source::run`]): `GET /events` (types service, node, network, container)
+//! Only managers answer `/nodes`, `/services` and `/tasks`, and only a node's own daemon
+//! knows its containers' sandboxes. Alone, the endpoint must therefore be a manager, and the
+//! node's own (over TCP it may be another machine, but the sandboxes must be this node's). On a
+//! worker, [`SwarmSource::with_manager`] (`--docker-manager`) names a manager's daemon as well:
+//! the cluster state (`/nodes`, `/networks`, `/services`, `/tasks`, and service, node and
+//! network events) comes from it, while `/info` (whose node may then be a worker: active in
+//! the swarm is enough), the sandboxes and container events come from this node's daemon. The
+//! node's name follows from its daemon, and the ingress sandbox is found next to the local
+//! tasks' sandboxes, as on a manager. The CLI applies the `--docker-*` TLS settings to
+//! whichever of the two endpoints is TCP (one set of client files for both). Either endpoint
+//! failing is an outage, handled as below.
+//!
+//! Following ([`Source::run`]): `GET /events` (types service, node, network, container;
+//! with a separate manager, the first three from it and container from this node's daemon)
 //! triggers a sync ~200 ms after the last event of a burst. The Engine API has no task
 //! events (a task starting on another node changes nothing an event reports), so after any
 //! event or change the source keeps re-syncing every second for a while ([`SETTLE_WINDOW`]),
@@ -18,7 +29,7 @@
 //! outcome is sent: a new valid [`State`] as [`SourceEvent::Snapshot`], a new validation
 //! failure as [`SourceEvent::Rejected`].
 //!
-//! When the daemon is unreachable (stopped, restarting, not a manager any more) the source
+//! When a daemon is unreachable (stopped, restarting, not a manager any more) the source
 //! sends nothing, so the agent keeps serving the last snapshot; it reconnects with
 //! exponential backoff (capped at [`MAX_BACKOFF`]), logs the outage once and the recovery
 //! once, and syncs right after reconnecting. [`Source::initial`] retries the same way for a
@@ -111,6 +122,12 @@ pub enum SwarmError {
         endpoint: String,
         detail: String,
     },
+    #[error("{endpoint}: not an active swarm node ({detail})")]
+    NotInSwarm {
+        /// The endpoint's text (the local daemon's, with a separate manager).
+        endpoint: String,
+        detail: String,
+    },
     #[error("GET /nodes: {}", chain(source))]
     Nodes { source: bollard::errors::Error },
     #[error("GET /networks: {}", chain(source))]
@@ -160,7 +177,12 @@ pub async fn service_exists(endpoint: &DockerEndpoint, name: &str) -> Result<boo
 /// A swarm manager's Engine API, followed.
 #[derive(Debug)]
 pub struct SwarmSource {
+    /// The daemon of this node: `/info`, sandboxes, container events (and, without
+    /// `manager`, everything).
     endpoint: DockerEndpoint,
+    /// A manager's daemon elsewhere, for the cluster state (`/nodes`, `/networks`,
+    /// `/services`, `/tasks` and their events), when this node's daemon is a worker's.
+    manager: Option<DockerEndpoint>,
     initial_timeout: Duration,
     debounce: Duration,
     resync_interval: Duration,
@@ -199,6 +221,7 @@ impl SwarmSource {
     pub fn new(endpoint: impl Into<DockerEndpoint>) -> Self {
         SwarmSource {
             endpoint: endpoint.into(),
+            manager: None,
             initial_timeout: INITIAL_TIMEOUT,
             debounce: DEBOUNCE,
             resync_interval: RESYNC_INTERVAL,
@@ -222,17 +245,39 @@ impl SwarmSource {
         E: TryInto<DockerEndpoint, Error = SwarmError>,
     {
         let endpoint = endpoint.try_into()?;
-        if let DockerEndpoint::Tcp {
-            tls: Some(files), ..
-        } = &endpoint
-        {
-            files.client_config()?;
-        }
+        check_tls(&endpoint)?;
         Ok(Self::new(endpoint))
+    }
+
+    /// Read the cluster state (`/nodes`, `/networks`, `/services`, `/tasks`, and the
+    /// service, node and network events) from the manager at `manager`, keeping this
+    /// source's endpoint for this node's daemon (`/info`, which may then be a worker's,
+    /// `/containers/{id}/json` and container events). TLS files are checked as in
+    /// [`SwarmSource::from_endpoint`].
+    pub fn with_manager(mut self, manager: impl Into<DockerEndpoint>) -> Result<Self, SwarmError> {
+        let manager = manager.into();
+        check_tls(&manager)?;
+        self.manager = Some(manager);
+        Ok(self)
     }
 
     pub fn endpoint(&self) -> &DockerEndpoint {
         &self.endpoint
+    }
+
+    /// The manager read for the cluster state, if it is not [`SwarmSource::endpoint`].
+    pub fn manager(&self) -> Option<&DockerEndpoint> {
+        self.manager.as_ref()
+    }
+
+    /// Connect to this node's daemon and, if separate, the manager.
+    async fn connect(&self) -> Result<Apis, SwarmError> {
+        let local = Api::connect(&self.endpoint, self.request_timeout).await?;
+        let manager = match &self.manager {
+            Some(m) => Some(Api::connect(m, self.request_timeout).await?),
+            None => None,
+        };
+        Ok(Apis { local, manager })
     }
 
     /// The name, in the state, of the swarm node whose daemon this source talks to (known
@@ -283,10 +328,16 @@ impl SwarmSource {
     /// Read the whole swarm and map it; `Err` if the manager could not be read, `Ok(Err)` if
     /// it was read but its state does not validate.
     #[tracing::instrument(name = "swarm_sync", level = "debug", skip_all)]
-    async fn sync(&mut self, api: &Api) -> Result<Result<State, StateError>, SwarmError> {
-        let role = api.role().await?;
-        let (nodes, networks, services, tasks) =
-            futures::try_join!(api.nodes(), api.networks(), api.services(), api.tasks())?;
+    async fn sync(&mut self, apis: &Apis) -> Result<Result<State, StateError>, SwarmError> {
+        let api = &apis.local;
+        let cluster = apis.cluster();
+        let role = api.role(apis.manager.is_none()).await?;
+        let (nodes, networks, services, tasks) = futures::try_join!(
+            cluster.nodes(),
+            cluster.networks(),
+            cluster.services(),
+            cluster.tasks()
+        )?;
         let wanted = map::local_containers(&tasks, Some(&role.node_id));
         self.sandboxes.retain(|id, _| wanted.contains(id));
         let missing: Vec<String> = wanted
@@ -371,6 +422,13 @@ impl SwarmSource {
         }
     }
 
+    fn span(&self) -> tracing::Span {
+        match &self.manager {
+            None => info_span!("swarm", endpoint = %self.endpoint),
+            Some(m) => info_span!("swarm", endpoint = %self.endpoint, manager = %m),
+        }
+    }
+
     /// A container's events: forget its sandbox (it stopped, or its id is reused).
     fn on_event(&mut self, ev: &bollard::models::EventMessage) -> bool {
         use bollard::models::EventMessageTypeEnum as T;
@@ -403,8 +461,8 @@ impl SwarmSource {
         let mut logged = false;
         loop {
             let attempt = async {
-                let api = Api::connect(&self.endpoint, self.request_timeout).await?;
-                self.sync(&api).await
+                let apis = self.connect().await?;
+                self.sync(&apis).await
             };
             let err = match attempt.await {
                 Ok(Ok(state)) => {
@@ -475,11 +533,11 @@ impl SwarmSource {
         outage: &mut Option<(Instant, String)>,
         backoff: &mut Backoff,
     ) -> Option<SwarmError> {
-        let api = match Api::connect(&self.endpoint, self.request_timeout).await {
-            Ok(api) => api,
+        let apis = match self.connect().await {
+            Ok(apis) => apis,
             Err(e) => return Some(e),
         };
-        let mut events = Box::pin(api.events());
+        let mut events = apis.events();
         let mut next_sync = Instant::now();
         let mut debounce_at: Option<Instant> = None;
         // Settling right after (re)connecting: events may have been missed.
@@ -489,7 +547,7 @@ impl SwarmSource {
             tokio::select! {
                 biased;
                 _ = tx.closed() => return None,
-                ev = events.next() => match ev {
+                ev = events.next() => match ev.flatten() {
                     Some(Ok(msg)) => {
                         if self.on_event(&msg) {
                             let now = Instant::now();
@@ -509,7 +567,7 @@ impl SwarmSource {
                 },
                 _ = tokio::time::sleep_until(wake) => {
                     debounce_at = None;
-                    let outcome = match self.sync(&api).await {
+                    let outcome = match self.sync(&apis).await {
                         Ok(o) => o,
                         Err(e) => return Some(e),
                     };
@@ -550,6 +608,60 @@ impl SwarmSource {
     }
 }
 
+/// With TLS, read the files now, so that a bad one fails at once rather than on every
+/// connection attempt.
+fn check_tls(endpoint: &DockerEndpoint) -> Result<(), SwarmError> {
+    if let DockerEndpoint::Tcp {
+        tls: Some(files), ..
+    } = endpoint
+    {
+        files.client_config()?;
+    }
+    Ok(())
+}
+
+/// The connections of one session: this node's daemon and, if separate, the manager.
+struct Apis {
+    local: Api,
+    manager: Option<Api>,
+}
+
+/// One stream of both daemons' events; `None` as soon as either stream ends.
+type Events = std::pin::Pin<
+    Box<dyn futures::Stream<Item = Option<Result<bollard::models::EventMessage, bollard::errors::Error>>> + Send>,
+>;
+
+impl Apis {
+    /// Where the cluster state is read.
+    fn cluster(&self) -> &Api {
+        self.manager.as_ref().unwrap_or(&self.local)
+    }
+
+    /// The events that can change the state: all of [`api::EVENT_TYPES`] from the one
+    /// daemon; with a separate manager, container events from this node's daemon and the
+    /// others from the manager. An item `None` means a stream ended.
+    fn events(&self) -> Events {
+        let ended = || futures::stream::once(async { None });
+        match &self.manager {
+            None => Box::pin(
+                self.local
+                    .events(&api::EVENT_TYPES)
+                    .map(Some)
+                    .chain(ended()),
+            ),
+            Some(manager) => {
+                let (local, cluster): (Vec<&str>, Vec<&str>) = api::EVENT_TYPES
+                    .iter()
+                    .partition(|t| **t == "container");
+                Box::pin(futures::stream::select(
+                    self.local.events(&local).map(Some).chain(ended()),
+                    manager.events(&cluster).map(Some).chain(ended()),
+                ))
+            }
+        }
+    }
+}
+
 /// Exponential backoff from [`MIN_BACKOFF`] to a cap.
 #[derive(Debug)]
 struct Backoff {
@@ -580,16 +692,19 @@ impl Source for SwarmSource {
     }
 
     fn describe(&self) -> String {
-        format!("swarm:{}", self.endpoint)
+        match &self.manager {
+            None => format!("swarm:{}", self.endpoint),
+            Some(m) => format!("swarm:{} (manager {m})", self.endpoint),
+        }
     }
 
     fn initial(&mut self) -> BoxFuture<'_, Result<Arc<State>, SourceError>> {
-        let span = info_span!("swarm", endpoint = %self.endpoint);
+        let span = self.span();
         self.initial_inner().instrument(span).boxed()
     }
 
     fn run(self: Box<Self>, tx: mpsc::Sender<SourceEvent>) -> BoxFuture<'static, ()> {
-        let span = info_span!("swarm", endpoint = %self.endpoint);
+        let span = self.span();
         (*self).follow(tx).instrument(span).boxed()
     }
 }

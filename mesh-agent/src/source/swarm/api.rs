@@ -193,28 +193,19 @@ impl Api {
             .unwrap_or(Err(bollard::errors::Error::RequestTimeoutError))
     }
 
-    /// `GET /info`: this daemon's swarm node id; an error unless it is an active manager.
-    pub async fn role(&self) -> Result<SwarmRole, SwarmError> {
+    /// `GET /info`: this daemon's swarm node id; an error unless it is an active manager
+    /// (`manager`) or an active swarm node of any role (a worker's own daemon, whose cluster
+    /// state is read from a manager elsewhere).
+    pub async fn role(&self, manager: bool) -> Result<SwarmRole, SwarmError> {
         let info = self
             .bounded(self.docker.info())
             .await
             .map_err(|source| SwarmError::Info { source })?;
-        let swarm = info.swarm.unwrap_or_default();
-        let state = swarm
-            .local_node_state
-            .map(|s| s.to_string())
-            .unwrap_or_default();
-        let node_id = swarm.node_id.filter(|id| !id.is_empty());
-        match (swarm.control_available, node_id) {
-            (Some(true), Some(node_id)) => Ok(SwarmRole { node_id }),
-            (_, node_id) => Err(SwarmError::NotManager {
-                endpoint: self.endpoint.to_string(),
-                detail: match node_id {
-                    None => format!("swarm state `{state}`: not part of a swarm"),
-                    Some(id) => format!("swarm node {id} (state `{state}`) is not a manager"),
-                },
-            }),
-        }
+        check_role(
+            &self.endpoint,
+            info.swarm.unwrap_or_default(),
+            manager,
+        )
     }
 
     /// `GET /nodes`.
@@ -278,21 +269,50 @@ impl Api {
         }
     }
 
-    /// `GET /events` for the types that can change the state, from now on.
+    /// `GET /events` of the given types (from [`EVENT_TYPES`]), from now on.
     pub fn events(
         &self,
+        types: &[&str],
     ) -> impl Stream<Item = Result<EventMessage, bollard::errors::Error>> + use<> {
         let filters = HashMap::from([(
             "type".to_string(),
-            EVENT_TYPES
-                .iter()
-                .map(|t| t.to_string())
-                .collect::<Vec<_>>(),
+            types.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
         )]);
         self.docker.events(Some(EventsOptions {
             filters: Some(filters),
             ..Default::default()
         }))
+    }
+}
+
+/// The daemon's place in the swarm, from `/info`'s `Swarm`: its node id if it is in a swarm
+/// (local node state `active`) and, when `manager` is asked for, a manager (`ControlAvailable`).
+pub(super) fn check_role(
+    endpoint: &DockerEndpoint,
+    swarm: bollard::models::SwarmInfo,
+    manager: bool,
+) -> Result<SwarmRole, SwarmError> {
+    let state = swarm
+        .local_node_state
+        .map(|s| s.to_string())
+        .unwrap_or_default();
+    let node_id = swarm.node_id.filter(|id| !id.is_empty());
+    match (swarm.control_available, node_id) {
+        (Some(true), Some(node_id)) => Ok(SwarmRole { node_id }),
+        (_, Some(node_id)) if !manager && state == "active" => Ok(SwarmRole { node_id }),
+        (_, node_id) => {
+            let detail = match node_id {
+                None => format!("swarm state `{state}`: not part of a swarm"),
+                Some(id) if manager => format!("swarm node {id} (state `{state}`) is not a manager"),
+                Some(id) => format!("swarm node {id} is not active (state `{state}`)"),
+            };
+            let endpoint = endpoint.to_string();
+            Err(if manager {
+                SwarmError::NotManager { endpoint, detail }
+            } else {
+                SwarmError::NotInSwarm { endpoint, detail }
+            })
+        }
     }
 }
 

@@ -977,3 +977,48 @@ async fn run_survives_a_missing_daemon_and_stops_with_its_receiver() {
         .expect("run() ends when the receiver goes")
         .unwrap();
 }
+
+#[test]
+fn local_daemon_may_be_a_worker_the_manager_may_not() {
+    use super::api::check_role;
+    use bollard::models::{LocalNodeState, SwarmInfo};
+    let ep = DockerEndpoint::default();
+    let info = |id: &str, state, control| SwarmInfo {
+        node_id: Some(id.to_string()),
+        local_node_state: Some(state),
+        control_available: Some(control),
+        ..Default::default()
+    };
+    let worker = info("w1", LocalNodeState::ACTIVE, false);
+    assert_eq!(check_role(&ep, worker.clone(), false).unwrap().node_id, "w1");
+    let e = check_role(&ep, worker, true).unwrap_err();
+    assert!(matches!(e, SwarmError::NotManager { .. }), "{e}");
+    assert!(e.to_string().contains("not a manager"), "{e}");
+    let manager = info("m1", LocalNodeState::ACTIVE, true);
+    assert_eq!(check_role(&ep, manager.clone(), true).unwrap().node_id, "m1");
+    assert_eq!(check_role(&ep, manager, false).unwrap().node_id, "m1");
+    // A worker still joining, or no swarm at all: not usable as this node's daemon.
+    let e = check_role(&ep, info("w2", LocalNodeState::PENDING, false), false).unwrap_err();
+    assert!(matches!(e, SwarmError::NotInSwarm { .. }) && e.to_string().contains("pending"), "{e}");
+    let none = SwarmInfo {
+        local_node_state: Some(LocalNodeState::INACTIVE),
+        node_id: Some(String::new()),
+        ..Default::default()
+    };
+    let e = check_role(&ep, none, false).unwrap_err();
+    assert!(e.to_string().contains("not part of a swarm"), "{e}");
+}
+
+#[test]
+fn a_separate_manager_is_described() {
+    let s = SwarmSource::from_endpoint("unix:///run/local.sock")
+        .unwrap()
+        .with_manager(DockerEndpoint::try_from("tcp://10.0.0.1:2375").unwrap())
+        .unwrap();
+    assert_eq!(s.manager(), Some(&DockerEndpoint::Tcp { addr: "10.0.0.1:2375".into(), tls: None }));
+    assert_eq!(
+        crate::source::Source::describe(&s),
+        "swarm:unix:///run/local.sock (manager tcp://10.0.0.1:2375)"
+    );
+    assert_eq!(SwarmSource::from_endpoint("/run/d.sock").unwrap().manager(), None);
+}
