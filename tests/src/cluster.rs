@@ -163,6 +163,19 @@ impl Cluster {
     /// Start a task of `service` in `slot` on node `node` (0-based): namespace + server,
     /// addresses on each of the service's networks. Returns its id.
     pub fn add_task(&mut self, service: &str, slot: u32, node: usize) -> String {
+        self.add_task_with(service, slot, node, whoami)
+    }
+
+    /// Like [`add_task`](Self::add_task), with the task's server started by `server` in the
+    /// new namespace, given the task's name (what [`TaskBed::name`] returns); e.g. a
+    /// benchmark's nginx instead of the whoami server. It goes with the task.
+    pub fn add_task_with(
+        &mut self,
+        service: &str,
+        slot: u32,
+        node: usize,
+        server: impl FnOnce(&Netns, &str) -> Proc,
+    ) -> String {
         let svc = self.services.iter().find(|s| s.name == service).expect("service").clone();
         let id = format!("{}{:02}x{}", service.chars().next().unwrap_or('t'), self.next_task, crate::uniq());
         self.next_task += 1;
@@ -175,7 +188,7 @@ impl Cluster {
         }
         let ns = Netns::new("t");
         let name = format!("{service}.{slot}.{id}");
-        let server = whoami(&ns, &name);
+        let server = server(&ns, &name);
         self.tasks.insert(
             id.clone(),
             TaskBed { id: id.clone(), service: service.into(), slot, node, state: "running".into(), addrs, ns, server },
@@ -275,6 +288,45 @@ impl Cluster {
         self.write_state();
         for i in 0..self.nodes.len() {
             self.start_agent(i);
+        }
+    }
+
+    /// Start every node's agent at once (each still waits for its own readiness): for callers
+    /// that restart the whole cluster often. The state file is written first. If one fails,
+    /// the others are kept (and stopped with the cluster) and its panic is passed on.
+    pub fn start_agents_parallel(&mut self) {
+        self.write_state();
+        let extra = self.agent_opts();
+        let state = self.state_path.clone();
+        let started: Vec<std::thread::Result<Agent>> = std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .nodes
+                .iter()
+                .map(|n| {
+                    let (extra, state) = (extra.clone(), &state);
+                    s.spawn(move || {
+                        Agent::start(AgentOpts {
+                            node: &n.name,
+                            netns: &n.ns,
+                            state,
+                            ifaces: &["ul0"],
+                            extra,
+                            pin_dir: Some(n.pin_dir.clone()),
+                        })
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join()).collect()
+        });
+        let mut failed = None;
+        for (n, r) in self.nodes.iter_mut().zip(started) {
+            match r {
+                Ok(a) => n.agent = Some(a),
+                Err(e) => failed = failed.or(Some(e)),
+            }
+        }
+        if let Some(e) = failed {
+            std::panic::resume_unwind(e);
         }
     }
 

@@ -29,7 +29,10 @@ use serde_json::{Value, json};
 
 use crate::{
     Ctx,
-    util::{self, Bg, Section, Stat, fmt_num, fmt_signed, md_table, must, run_bounded, stat},
+    util::{
+        self, Bg, Section, Stat, fmt_num, fmt_signed, md_table, must, run_bounded, stat,
+        undisturbed,
+    },
 };
 
 pub const NODE_IP: &str = "198.18.0.1";
@@ -62,33 +65,6 @@ pub struct Bed {
     baseline: bool,
     src_seq: u32,
     src_cur: Option<String>,
-}
-
-fn nginx_conf(dir: &Path, name: &str) -> PathBuf {
-    let d = dir.display();
-    let conf = dir.join("nginx.conf");
-    let text = format!(
-        "worker_processes 1;\n\
-         pid {d}/nginx.pid;\n\
-         error_log {d}/error.log warn;\n\
-         events {{ worker_connections 4096; }}\n\
-         http {{\n\
-         \x20 access_log off;\n\
-         \x20 keepalive_requests 10000000;\n\
-         \x20 keepalive_timeout 65;\n\
-         \x20 client_body_temp_path {d}/body;\n\
-         \x20 proxy_temp_path {d}/proxy;\n\
-         \x20 fastcgi_temp_path {d}/fastcgi;\n\
-         \x20 uwsgi_temp_path {d}/uwsgi;\n\
-         \x20 scgi_temp_path {d}/scgi;\n\
-         \x20 server {{\n\
-         \x20   listen 80 backlog=4096;\n\
-         \x20   location / {{ return 200 \"{name}\\n\"; }}\n\
-         \x20 }}\n\
-         }}\n"
-    );
-    fs::write(&conf, text).expect("nginx.conf");
-    conf
 }
 
 impl Bed {
@@ -147,22 +123,13 @@ impl Bed {
         util::track_netns(&ns.name);
         let tdir = self.dir.path().join(task_name(i));
         fs::create_dir_all(&tdir).unwrap();
-        let conf = nginx_conf(&tdir, &task_name(i));
-        let p = tdir.display().to_string();
+        let args = util::nginx_args(&tdir, &task_name(i));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let nginx = Bg::spawn(
             Some(&ns.name),
             Some(1),
             "nginx",
-            &[
-                "-p",
-                &p,
-                "-c",
-                conf.to_str().unwrap(),
-                "-e",
-                &format!("{p}/error.log"),
-                "-g",
-                "daemon off;",
-            ],
+            &args,
             &tdir.join("nginx.out"),
         );
         let iperf = (service == "one").then(|| {
@@ -665,71 +632,6 @@ fn teardown(bed: &mut Bed, mode: Mode, running: Running) {
 // Loads
 // ---------------------------------------------------------------------------------------
 
-fn parse_dur_us(s: &str) -> Option<f64> {
-    let s = s.trim();
-    let (num, mult) = if let Some(v) = s.strip_suffix("us") {
-        (v, 1.0)
-    } else if let Some(v) = s.strip_suffix("ms") {
-        (v, 1e3)
-    } else if let Some(v) = s.strip_suffix('s') {
-        (v, 1e6)
-    } else {
-        (s, 1.0)
-    };
-    num.parse::<f64>().ok().map(|x| x * mult)
-}
-
-/// Run `once` until it is not disturbed by other work on the machine (CPU used by foreign
-/// processes under 5% of one CPU over the run), at most `ctx.e2e_attempts` times; keep the
-/// least disturbed attempt. Every attempt starts after a bounded wait for a quiet machine.
-fn undisturbed(ctx: &Ctx, mut once: impl FnMut() -> Value) -> Value {
-    let mut best: Option<(f64, Value)> = None;
-    for attempt in 1..=ctx.e2e_attempts {
-        let may_wait = ctx.retry_until.is_none_or(|t| Instant::now() < t);
-        if attempt > 1 && !may_wait {
-            break;
-        }
-        let gate = if !may_wait {
-            Duration::ZERO
-        } else if ctx.quick {
-            Duration::from_secs(1)
-        } else {
-            Duration::from_secs(3)
-        };
-        let bg = util::quiet_gate(0.10, gate);
-        let foreign = util::Foreign::start();
-        let t = Instant::now();
-        let mut v = once();
-        let wall = t.elapsed().as_secs_f64();
-        let (fsecs, ksecs) = foreign.split();
-        let frac = fsecs / wall;
-        v["foreign_cpu_s"] = json!(fsecs);
-        v["foreign_cpus"] = json!(frac);
-        v["kworker_cpus"] = json!(ksecs / wall);
-        v["background_busy_cpus"] = json!(bg);
-        v["attempt"] = json!(attempt);
-        let failed = v.get("error").is_some();
-        if !failed && frac <= 0.05 {
-            return v;
-        }
-        if best.as_ref().is_none_or(|(f, _)| {
-            frac < *f || (failed && best.as_ref().is_some_and(|b| b.1.get("error").is_some()))
-        }) {
-            best = Some((frac, v));
-        }
-    }
-    let mut v = best.unwrap().1;
-    v["disturbed"] = json!(true);
-    v
-}
-
-/// Per-reason packet counts of a running agent (its pinned maps), to tell how connections
-/// were balanced.
-fn verdicts(pins: Option<&Path>) -> Option<BTreeMap<&'static str, u64>> {
-    let m = mesh_agent::ebpf::Maps::open_pinned(pins?).ok()?;
-    Some(m.verdicts())
-}
-
 /// A wrk run from the client (CPU 0): requests served, rate, latency percentiles, and the
 /// busy CPU time of both CPUs while it ran.
 fn wrk(
@@ -754,79 +656,7 @@ fn wrk_once(
     latency: bool,
 ) -> Value {
     bed.fresh_source();
-    let d = format!("{}s", ctx.e2e_secs);
-    let c = conns.to_string();
-    let mut args = vec!["-c", "0", "wrk", "-t1", "-c", &c, "-d", &d];
-    if close {
-        args.extend(["-H", "Connection: close"]);
-    }
-    if latency {
-        args.push("--latency");
-    }
-    args.push(url);
-    let v0 = verdicts(pins);
-    let before = util::cpu_busy_ticks();
-    let t = Instant::now();
-    let out = run_bounded(
-        Some(&bed.client.name),
-        "taskset",
-        &args,
-        Duration::from_secs(ctx.e2e_secs as u64 + 20),
-    );
-    let wall = t.elapsed().as_secs_f64();
-    let cpu = util::cpu_busy_secs(&before, &util::cpu_busy_ticks());
-    let v1 = verdicts(pins);
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let mut requests = None;
-    let mut rps = None;
-    let mut errors = 0u64;
-    let mut pct = BTreeMap::new();
-    for l in text.lines() {
-        let l = l.trim();
-        if l.contains("requests in") {
-            requests = l
-                .split_whitespace()
-                .next()
-                .and_then(|x| x.parse::<f64>().ok());
-        } else if let Some(v) = l.strip_prefix("Requests/sec:") {
-            rps = v.trim().parse::<f64>().ok();
-        } else if let Some(v) = l.strip_prefix("Socket errors:") {
-            errors += v
-                .split(',')
-                .filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok())
-                .sum::<u64>();
-        } else if let Some(v) = l.strip_prefix("Non-2xx or 3xx responses:") {
-            errors += v.trim().parse::<u64>().unwrap_or(0);
-        } else if latency {
-            for p in ["50%", "90%", "99%"] {
-                if let Some(v) = l.strip_prefix(p) {
-                    if let Some(us) = parse_dur_us(v) {
-                        pct.insert(p.trim_end_matches('%').to_string(), us);
-                    }
-                }
-            }
-        }
-    }
-    if !out.status.success() || requests.is_none() {
-        return json!({"error": format!("wrk failed ({}): {}", out.status, util::text(&out).chars().take(400).collect::<String>())});
-    }
-    let req = requests.unwrap();
-    let mut v = json!({
-        "requests": req,
-        "rps": rps,
-        "errors": errors,
-        "p50_us": pct.get("50"),
-        "p90_us": pct.get("90"),
-        "p99_us": pct.get("99"),
-        "cpu_busy_s": cpu,
-        "wall_s": wall,
-        "cpu_us_per_req": cpu * 1e6 / req,
-    });
-    if let (Some(a), Some(b)) = (v0, v1) {
-        v["new_flows"] = json!(b["new_flow"] - a["new_flow"]);
-        v["established_pkts"] = json!(b["established"] - a["established"]);
-    }
-    v
+    util::wrk_once(ctx, &bed.client.name, pins, url, conns, close, latency)
 }
 
 fn iperf(ctx: &Ctx, bed: &mut Bed, host: &str, port: &str) -> Value {
@@ -877,21 +707,7 @@ fn iperf_once(ctx: &Ctx, bed: &mut Bed, host: &str, port: &str) -> Value {
 /// `n` sequential requests from one curl process, each on a new connection.
 fn curls(bed: &mut Bed, url: &str, n: usize) -> Value {
     bed.fresh_source();
-    let mut args = vec!["-s", "--max-time", "20", "-H", "Connection: close"];
-    args.extend(std::iter::repeat_n(url, n));
-    let out = run_bounded(
-        Some(&bed.client.name),
-        "curl",
-        &args,
-        Duration::from_secs(30),
-    );
-    let mut answers: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect();
-    answers.resize(n.max(answers.len()), "<no answer>".into());
-    let t = mesh_tests::tally(&answers);
-    json!({ "tally": t, "sequence": answers })
+    util::curls(&bed.client.name, url, n)
 }
 
 fn run_mode(ctx: &Ctx, bed: &mut Bed, mode: Mode) -> Value {
@@ -949,18 +765,18 @@ fn agent_status(a: &AgentProc) -> Value {
 // Aggregation and report
 // ---------------------------------------------------------------------------------------
 
-fn f(v: &Value, load: &str, field: &str) -> f64 {
+pub(crate) fn f(v: &Value, load: &str, field: &str) -> f64 {
     v[load][field].as_f64().unwrap_or(f64::NAN)
 }
 
-fn clean(v: &Value, load: &str) -> bool {
+pub(crate) fn clean(v: &Value, load: &str) -> bool {
     v[load]["disturbed"] != true && v[load].get("error").is_none()
 }
 
 /// Per round, a value of `mode` combined by `op` with the same of `direct`, over the rounds
 /// where neither run was disturbed by other work on the machine (all rounds when there is
 /// no such round; `.1` is then false).
-fn per_round(
+pub(crate) fn per_round(
     rounds: &[BTreeMap<&'static str, Value>],
     mode: &str,
     load: &str,
@@ -990,7 +806,12 @@ fn per_round(
 }
 
 /// A mode's own figure over rounds, undisturbed runs preferred.
-fn of(rounds: &[BTreeMap<&'static str, Value>], mode: &str, load: &str, field: &str) -> Stat {
+pub(crate) fn of(
+    rounds: &[BTreeMap<&'static str, Value>],
+    mode: &str,
+    load: &str,
+    field: &str,
+) -> Stat {
     let vals = |only_clean: bool| -> Vec<f64> {
         rounds
             .iter()

@@ -9,16 +9,20 @@
 //! 3. `control` control plane at scale (in memory + real maps), iptables-restore, and the
 //!    time from a state-file change to the first new flow reaching a new task
 //! 4. `dns`     the embedded DNS server against dnsmasq and Docker's own embedded DNS
+//! 5. `e2e-remote` end to end across nodes (report section 2b): node A's published port to
+//!    tasks on nodes B and C over VXLAN: direct, iptables, mesh (XDP, TC). Runs last, so the
+//!    time it takes never shortens the budgets of the others.
 //!
 //! Results: `bench/RESULTS.md` (tables, targets beside results, findings) and
 //! `bench/results.json`. Nothing here asserts on a timing: a missed target is a finding.
 //!
-//! Usage: `mesh-bench [--quick] [--only xdp,e2e,control,dns] [--out DIR]`.
+//! Usage: `mesh-bench [--quick] [--only xdp,e2e,control,dns,e2e-remote] [--out DIR]`.
 
 mod control;
 mod dns;
 mod docker_dns;
 mod e2e;
+mod e2e_remote;
 mod report;
 mod states;
 mod util;
@@ -61,7 +65,7 @@ pub struct Ctx {
     pub dns_rounds: usize,
 }
 
-const SCENARIOS: [&str; 4] = ["xdp", "e2e", "control", "dns"];
+const SCENARIOS: [&str; 5] = ["xdp", "e2e", "control", "dns", "e2e-remote"];
 
 fn usage() -> ! {
     eprintln!(
@@ -151,6 +155,7 @@ fn main() -> ExitCode {
             "control" => control::run(&mut ctx),
             "e2e" => e2e::run(&mut ctx),
             "dns" => dns::run(&mut ctx),
+            "e2e-remote" => e2e_remote::run(&mut ctx),
             _ => unreachable!(),
         }));
         let took = t.elapsed();

@@ -6,9 +6,13 @@ use serde_json::{Value, json};
 
 use crate::util::{Outcome, Section, md_table, yes_no};
 
-const TITLES: [(&str, &str); 4] = [
+const TITLES: [(&str, &str); 5] = [
     ("xdp", "1. Hot path: per-packet cost (BPF_PROG_TEST_RUN)"),
     ("e2e", "2. End to end through a node"),
+    (
+        "e2e-remote",
+        "2b. End to end across nodes (tasks on other nodes, VXLAN)",
+    ),
     ("control", "3. Control plane at scale"),
     ("dns", "4. DNS"),
 ];
