@@ -152,10 +152,12 @@ pub mod reason {
     pub const ERR_SNAT_PORTS: u32 = 19;
     /// A task sent to an address of a mesh network it is not attached to: dropped.
     pub const DROP_OTHER_NETWORK: u32 = 20;
+    /// A new flow took over the SNAT port of a flow closed both ways (no free port probed).
+    pub const SNAT_RECLAIMED: u32 = 21;
     pub const COUNT: u32 = 32;
 
     /// Human-readable names, index = reason code.
-    pub const NAMES: [&str; 21] = [
+    pub const NAMES: [&str; 22] = [
         "pass_not_ipv4",
         "pass_fragment",
         "pass_ip_options",
@@ -177,6 +179,7 @@ pub mod reason {
         "snat",
         "err_snat_ports",
         "drop_other_network",
+        "snat_reclaimed",
     ];
 }
 
@@ -202,6 +205,10 @@ pub mod ct_flags {
     pub const FORWARD: u32 = 1;
     /// Entry for packets backend → client (reverse NAT).
     pub const REPLY: u32 = 2;
+    /// A TCP FIN or RST went this entry's way: that side is done sending. A SNAT port whose
+    /// two entries are both closing may be reclaimed for a new flow when no free port is
+    /// found (closed flows otherwise hold their port until the LRU evicts them).
+    pub const CLOSING: u32 = 4;
 }
 
 /// Key of the frontends map: what a client addresses.

@@ -132,8 +132,10 @@ pub struct Origin {
     pub dst_mac: [u8; 6],
 }
 
-/// A free SNAT source port (network order) for a flow to `be_addr:be_port`: one whose reply
-/// tuple is not in conntrack yet. Random start, a few linear probes.
+/// A SNAT source port (network order) for a flow to `be_addr:be_port`: one whose reply tuple
+/// is not in conntrack yet (random start, a few linear probes), or else the first probed one
+/// whose flow has closed both ways ([`ct_flags::CLOSING`] on both entries): its forward
+/// entry is removed and the reply entry is overwritten by the caller.
 #[inline(always)]
 fn snat_port(snat_addr: u32, min: u16, max: u16, be_addr: u32, be_port: u16, proto: u8) -> Result<u16, u32> {
     if max < min {
@@ -142,6 +144,7 @@ fn snat_port(snat_addr: u32, min: u16, max: u16, be_addr: u32, be_port: u16, pro
     let range = (max - min) as u32 + 1;
     // SAFETY: plain helper call.
     let start = unsafe { bpf_get_prandom_u32() } % range;
+    let mut reclaim: Option<(u16, CtKey)> = None;
     for i in 0..SNAT_TRIES {
         let p = (min as u32 + (start + i) % range) as u16;
         let rk = CtKey {
@@ -152,11 +155,48 @@ fn snat_port(snat_addr: u32, min: u16, max: u16, be_addr: u32, be_port: u16, pro
             proto,
             _pad: [0; 3],
         };
-        if CONNTRACK.get_ptr(rk).is_none() {
-            return Ok(p.to_be());
+        match ct_lookup4(&rk) {
+            None => return Ok(p.to_be()),
+            Some(rev) if reclaim.is_none() && rev.flags & ct_flags::CLOSING != 0 => {
+                // The forward entry's key: the client tuple the reply entry restores.
+                let fk = CtKey {
+                    saddr: rev.daddr,
+                    daddr: rev.saddr,
+                    sport: rev.dport,
+                    dport: rev.sport,
+                    proto,
+                    _pad: [0; 3],
+                };
+                let closed = match ct_lookup4(&fk) {
+                    Some(fwd) => fwd.flags & ct_flags::CLOSING != 0,
+                    None => true,
+                };
+                if closed {
+                    reclaim = Some((p, fk));
+                }
+            }
+            Some(_) => {}
         }
     }
-    Err(reason::ERR_SNAT_PORTS)
+    match reclaim {
+        Some((p, fk)) => {
+            let _ = CONNTRACK.remove(&fk);
+            count(reason::SNAT_RECLAIMED);
+            Ok(p.to_be())
+        }
+        None => Err(reason::ERR_SNAT_PORTS),
+    }
+}
+
+/// A FIN or RST went `ct`'s way (`key` is its conntrack key): mark the entry closing once.
+#[inline(always)]
+fn ct_mark_closing(key: &CtKey, ct: &CtEntry, closing: bool) {
+    if closing && ct.flags & ct_flags::CLOSING == 0 {
+        if let Some(p) = CONNTRACK.get_ptr_mut(key) {
+            // SAFETY: a live map value; a racing writer can only set the same bit.
+            unsafe { (*p).flags |= ct_flags::CLOSING };
+        }
+    }
 }
 
 /// Create both conntrack entries of a new flow: forward (client → backend) and reply
@@ -269,11 +309,12 @@ pub fn lb4_account_sock(svc_id: u32, be_id: u32) {
 /// reply of a flow this node balanced: returns the entry to rewrite the packet with and the
 /// verdict reason, or `Err(reason)` to pass it untouched.
 #[inline(always)]
-pub fn lb4_ingress(key: &CtKey, bytes: u64, origin: impl FnOnce() -> Origin) -> Result<(CtEntry, u32), u32> {
+pub fn lb4_ingress(key: &CtKey, closing: bool, bytes: u64, origin: impl FnOnce() -> Origin) -> Result<(CtEntry, u32), u32> {
     if !lb4_port_wanted(key.dport) {
         return Err(reason::PASS_NO_SERVICE);
     }
     if let Some(ct) = ct_lookup4(key) {
+        ct_mark_closing(key, &ct, closing);
         if ct.flags & ct_flags::FORWARD == 0 {
             lb4_account(&ct, bytes, false);
             return Ok((ct, reason::REPLY));
@@ -301,8 +342,9 @@ pub fn lb4_new_flow(key: &CtKey, fe: &Frontend, bytes: u64, origin: &Origin) -> 
 
 /// Reply path at a task's interface: only flows this node balanced are rewritten.
 #[inline(always)]
-pub fn lb4_from_task(key: &CtKey, bytes: u64) -> Result<(CtEntry, u32), u32> {
+pub fn lb4_from_task(key: &CtKey, closing: bool, bytes: u64) -> Result<(CtEntry, u32), u32> {
     let ct = ct_lookup4(key).ok_or(reason::PASS_NO_SERVICE)?;
+    ct_mark_closing(key, &ct, closing);
     lb4_account(&ct, bytes, false);
     let r = if ct.flags & ct_flags::REPLY != 0 {
         reason::REPLY

@@ -34,6 +34,8 @@ pub struct Pkt {
     pub key: CtKey,
     /// Offset of the L4 header from the start of the frame (IHL-derived).
     pub l4_off: usize,
+    /// TCP with FIN or RST set: the sender is done with this flow.
+    pub closing: bool,
 }
 
 impl Pkt {
@@ -92,16 +94,16 @@ pub fn parse_ipv4(data: usize, data_end: usize, frame_len: usize) -> Result<Pkt,
     if tot_len < ihl * 4 || ETH_LEN + tot_len > frame_len {
         return Err(reason::PASS_MALFORMED);
     }
-    let (sport, dport) = match l4proto {
+    let (sport, dport, closing) = match l4proto {
         proto::TCP => {
             let tcp: *const TcpHdr = ptr_at(data, data_end, l4_off)?;
             // SAFETY: bounds checked by ptr_at.
-            let (s, d, doff) =
-                unsafe { ((*tcp).source, (*tcp).dest, (*tcp).doff()) };
+            let (s, d, doff, fin_rst) =
+                unsafe { ((*tcp).source, (*tcp).dest, (*tcp).doff(), (*tcp).fin() | (*tcp).rst()) };
             if doff < 5 || tot_len < ihl * 4 + TcpHdr::LEN {
                 return Err(reason::PASS_MALFORMED);
             }
-            (u16::from_ne_bytes(s), u16::from_ne_bytes(d))
+            (u16::from_ne_bytes(s), u16::from_ne_bytes(d), fin_rst != 0)
         }
         proto::UDP => {
             let udp: *const UdpHdr = ptr_at(data, data_end, l4_off)?;
@@ -110,7 +112,7 @@ pub fn parse_ipv4(data: usize, data_end: usize, frame_len: usize) -> Result<Pkt,
             if tot_len < ihl * 4 + UdpHdr::LEN {
                 return Err(reason::PASS_MALFORMED);
             }
-            (u16::from_ne_bytes(s), u16::from_ne_bytes(d))
+            (u16::from_ne_bytes(s), u16::from_ne_bytes(d), false)
         }
         _ => return Err(reason::PASS_NOT_TCP_UDP),
     };
@@ -124,6 +126,7 @@ pub fn parse_ipv4(data: usize, data_end: usize, frame_len: usize) -> Result<Pkt,
             _pad: [0; 3],
         },
         l4_off,
+        closing,
     })
 }
 

@@ -50,7 +50,7 @@ fn pull(ctx: &TcContext) -> Result<Pkt, u32> {
 pub fn tc_ingress(ctx: &TcContext) -> Result<i32, u32> {
     let pkt = pull(ctx)?;
     let bytes = ctx.len() as u64;
-    let (ct, why) = lb::lb4_ingress(&pkt.key, bytes, || tc_origin(ctx))?;
+    let (ct, why) = lb::lb4_ingress(&pkt.key, pkt.closing, bytes, || tc_origin(ctx))?;
     count(why);
     let how = if why == reason::REPLY {
         Deliver::Egress
@@ -65,7 +65,7 @@ pub fn tc_ingress(ctx: &TcContext) -> Result<i32, u32> {
 #[inline(always)]
 pub fn tc_from_task(ctx: &TcContext) -> Result<i32, u32> {
     let why = match pull(ctx) {
-        Ok(pkt) => match lb::lb4_from_task(&pkt.key, ctx.len() as u64) {
+        Ok(pkt) => match lb::lb4_from_task(&pkt.key, pkt.closing, ctx.len() as u64) {
             Ok((ct, why)) => {
                 count(why);
                 return tc_nat(ctx, &pkt, &ct, Deliver::Egress);

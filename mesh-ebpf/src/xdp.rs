@@ -25,7 +25,7 @@ pub fn xdp_ingress(ctx: &XdpContext) -> Result<u32, u32> {
     let (data, end) = (ctx.data(), ctx.data_end());
     let pkt = parse_ipv4(data, end, end - data)?;
     let bytes = (end - data) as u64;
-    let (ct, why) = lb::lb4_ingress(&pkt.key, bytes, || xdp_origin(ctx))?;
+    let (ct, why) = lb::lb4_ingress(&pkt.key, pkt.closing, bytes, || xdp_origin(ctx))?;
     count(why);
     xdp_nat(ctx, &pkt, &ct)
 }

@@ -5,7 +5,9 @@ use std::net::Ipv4Addr;
 
 use mesh_common::csum;
 
+pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
 /// A frame to build.

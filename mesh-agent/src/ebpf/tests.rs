@@ -13,7 +13,7 @@ use mesh_common::progs;
 
 use super::{
     Datapath,
-    packet::{self, Frame, L4, TCP_ACK, TCP_SYN},
+    packet::{self, Frame, L4, TCP_ACK, TCP_FIN, TCP_SYN},
 };
 use crate::{
     model::{
@@ -452,4 +452,71 @@ fn remote_backend_flows_are_snated_to_the_node_and_replies_come_back() {
     let p = checked(&out);
     assert_eq!((p.src, p.sport, p.dst, p.dport), (NODE, 8080, CLIENT, csport));
     assert_eq!((p.dst_mac, p.src_mac), (CLIENT_MAC, NODE_MAC));
+}
+
+/// A SNAT range of one port: a second flow to the remote task finds no port while the
+/// first is open, even half-closed; once it has closed both ways (FIN from the client, FIN
+/// from the task), a new flow takes its port over and the old flow's entries are gone.
+#[test]
+fn snat_port_of_a_flow_closed_both_ways_is_reclaimed() {
+    let mut f = Fixture::new();
+    f.dp()
+        .maps
+        .set_config(mesh_common::Config {
+            netns_cookie: 0,
+            flags: 0,
+            snat_addr: u32::from_ne_bytes(NODE.octets()),
+            snat_port_min: 61_000,
+            snat_port_max: 61_000,
+            dns_port: 0,
+            _pad: 0,
+        })
+        .unwrap();
+    f.tables.reserve_ports(61_000, 61_000);
+    // One task, on another node: every flow is SNATed to it.
+    let mut s = state(1, &[1]);
+    s.tasks = s.tasks.into_iter().map(|(k, t)| (k, Task { node: "n2".into(), ..t })).collect();
+    s.nodes.insert("n2".into(), crate::model::Node { name: "n2".into(), address: Ipv4Addr::new(198, 18, 0, 9) });
+    let want = tables::desired(&s, "n1", &links(0), Reach::Cluster);
+    let ops = f.tables.apply(&want).unwrap();
+    f.dp().maps.apply(&ops).unwrap();
+    let send = |f: &mut Fixture, sport: u16, flags: u8| {
+        let mut fr = Frame::tcp(CLIENT, sport, NODE, 8080, flags);
+        fr.src_mac = CLIENT_MAC;
+        fr.dst_mac = NODE_MAC;
+        f.xdp(&fr.build())
+    };
+    // Flow 1 gets the one port.
+    let (rc, out) = send(&mut f, 40_001, TCP_SYN);
+    let p = checked(&out);
+    assert_eq!((rc, p.src, p.sport), (XDP_PASS, NODE, 61_000));
+    let task = p.dst;
+    assert_eq!(task, task_addr(1));
+    // No port for a second flow while flow 1 is open.
+    let (rc, out) = send(&mut f, 40_004, TCP_SYN);
+    assert_eq!((rc, checked(&out).sport), (XDP_PASS, 40_004), "no free port: passed untouched");
+    assert_eq!(f.verdict("err_snat_ports"), 1);
+    // The client closes (FIN): half-closed, the port stays taken.
+    let (_, out) = send(&mut f, 40_001, TCP_FIN | TCP_ACK);
+    assert_eq!(checked(&out).sport, 61_000, "FIN of an open flow is rewritten as usual");
+    let (_, out) = send(&mut f, 40_005, TCP_SYN);
+    assert_eq!(checked(&out).sport, 40_005, "half-closed: still no port");
+    // The task closes too: its FIN comes back over the underlay and is reverse-NATed.
+    let (rc, out) = f.xdp(&Frame::tcp(task, 80, NODE, 61_000, TCP_FIN | TCP_ACK).build());
+    let p = checked(&out);
+    assert_eq!((rc, p.src, p.dst, p.dport), (XDP_REDIRECT, NODE, CLIENT, 40_001));
+    // Now a new flow to that task takes the port over.
+    let (rc, out) = send(&mut f, 40_006, TCP_SYN);
+    let p = checked(&out);
+    assert_eq!((rc, p.dst, p.sport), (XDP_PASS, task, 61_000), "the closed flow's port is reclaimed");
+    assert_eq!(f.verdict("snat_reclaimed"), 1);
+    // The task's replies go to the new flow's client port; the old flow is forgotten.
+    let (_, out) = f.xdp(&Frame::tcp(task, 80, NODE, 61_000, TCP_SYN | TCP_ACK).build());
+    assert_eq!(checked(&out).dport, 40_006);
+    let (rc, out) = send(&mut f, 40_001, TCP_ACK);
+    assert_eq!(
+        (rc, checked(&out).sport),
+        (XDP_PASS, 40_001),
+        "the old flow's last ACK is not sent as the new flow's (no port for it: passed untouched)"
+    );
 }
