@@ -2,52 +2,23 @@
 //! network namespace). This kernel has no IPVS, so Swarm's routing mesh is dead; the agent,
 //! pointed at the manager, makes the published port and the VIPs work.
 
+#[path = "common/agent_proc.rs"]
+mod agent_proc;
 #[path = "common/dockerd.rs"]
 mod dockerd;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    process::{Command, Stdio},
+    time::Duration,
 };
 
+use agent_proc::AgentProc;
 use dockerd::{Dockerd, eventually as eventually_every};
 
 const IMAGE: &str = "mesh-busybox:test";
 
-struct AgentProc {
-    child: Option<Child>,
-    log: PathBuf,
-    pins: PathBuf,
-}
-
-impl AgentProc {
-    fn stop(&mut self) -> bool {
-        let Some(mut c) = self.child.take() else { return true };
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(st)) = c.try_wait() {
-                return st.success();
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = c.kill();
-        let _ = c.wait();
-        false
-    }
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = std::fs::remove_dir_all(&self.pins);
-    }
-}
 
 
 fn eventually<T>(why: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {

@@ -13,6 +13,8 @@
 //! need neither `--node` nor `--docker-ingress-sbox`. A VIP (`wget http://web`) from a task
 //! of the manager's node and from one of a worker's reaches the tasks of every node.
 
+#[path = "common/agent_proc.rs"]
+mod agent_proc;
 #[path = "common/dockerd.rs"]
 mod dockerd;
 
@@ -20,10 +22,11 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
+use agent_proc::AgentProc;
 use dockerd::Dockerd;
 
 const IMAGE: &str = "mesh-busybox:test";
@@ -134,43 +137,6 @@ impl Drop for Cluster {
     }
 }
 
-struct AgentProc {
-    child: Option<Child>,
-    log: PathBuf,
-    pins: PathBuf,
-}
-
-impl AgentProc {
-    fn stop(&mut self) -> bool {
-        let Some(mut c) = self.child.take() else {
-            return true;
-        };
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(c.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(st)) = c.try_wait() {
-                return st.success();
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = c.kill();
-        let _ = c.wait();
-        false
-    }
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = std::fs::remove_dir_all(&self.pins);
-    }
-}
 
 fn in_ns(ns: &str, cmd: &str, args: &[&str]) -> Output {
     Command::new("ip")

@@ -16,6 +16,8 @@
 //!
 //! Skipped (with the reason printed) only when dockerd cannot start here.
 
+#[path = "common/agent_proc.rs"]
+mod agent_proc;
 #[path = "common/cmd.rs"]
 mod cmd;
 #[path = "common/dockerd.rs"]
@@ -24,10 +26,11 @@ mod dockerd;
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
-    time::{Duration, Instant},
+    process::{Command, Stdio},
+    time::Duration,
 };
 
+use agent_proc::AgentProc;
 use dockerd::{Dockerd, eventually as eventually_every};
 use mesh_agent::source::{
     Source,
@@ -151,83 +154,32 @@ fn make_pki(dir: &Path) -> Pki {
 
 // ---- the agent ---------------------------------------------------------------------------
 
-/// A `mesh-agent run` child, stopped (SIGTERM, then SIGKILL) and its pins removed on drop.
-struct AgentProc {
-    child: Option<Child>,
-    log: PathBuf,
-    pins: PathBuf,
-}
-
-impl AgentProc {
-    /// `mesh-agent run --runtime docker` in `d`'s namespace, over TLS with the cert
-    /// directory `certs`; `tag` names its pins, run directory and log.
-    fn start(d: &Dockerd, tmp: &Path, tag: &str, certs: &Path) -> AgentProc {
-        let log = tmp.join(format!("{tag}.log"));
-        let pins = PathBuf::from(format!("/sys/fs/bpf/mesh-tls-{}-{tag}", std::process::id()));
-        let f = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_mesh-agent"))
-            .args(["run", "--runtime", "docker", "--no-dns", "--metrics-addr", "none", "--resync-ms", "500"])
-            .args(["--docker-host", &format!("tcp://127.0.0.1:{PORT}"), "--docker-tls-verify"])
-            .arg("--docker-cert-path")
-            .arg(certs)
-            .arg("--netns")
-            .arg(format!("/run/netns/{}", d.netns))
-            .arg("--pin-dir")
-            .arg(&pins)
-            .arg("--run-dir")
-            .arg(tmp.join(format!("{tag}-run")))
-            // Only the flags: the environment must not add settings.
-            .env_remove("MESH_DOCKER_HOST")
-            .env_remove("MESH_CONFIG")
-            .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start mesh-agent");
-        AgentProc { child: Some(child), log, pins }
-    }
-
-    /// Stop it (SIGTERM, 20 s, then SIGKILL); whether it exited cleanly.
-    fn stop(&mut self) -> bool {
-        let Some(mut c) = self.child.take() else { return true };
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(st)) = c.try_wait() {
-                return st.success();
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = c.kill();
-        let _ = c.wait();
-        false
-    }
-
-    /// Wait (bounded) for it to exit by itself.
-    fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(c) = self.child.as_mut()
-                && let Ok(Some(st)) = c.try_wait()
-            {
-                self.child = None;
-                return Some(st);
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        None
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = std::fs::remove_dir_all(&self.pins);
-    }
+/// `mesh-agent run --runtime docker` in `d`'s namespace, over TLS with the cert
+/// directory `certs`; `tag` names its pins, run directory and log.
+fn start_agent(d: &Dockerd, tmp: &Path, tag: &str, certs: &Path) -> AgentProc {
+    let log = tmp.join(format!("{tag}.log"));
+    let pins = PathBuf::from(format!("/sys/fs/bpf/mesh-tls-{}-{tag}", std::process::id()));
+    let f = std::fs::File::create(&log).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_mesh-agent"))
+        .args(["run", "--runtime", "docker", "--no-dns", "--metrics-addr", "none", "--resync-ms", "500"])
+        .args(["--docker-host", &format!("tcp://127.0.0.1:{PORT}"), "--docker-tls-verify"])
+        .arg("--docker-cert-path")
+        .arg(certs)
+        .arg("--netns")
+        .arg(format!("/run/netns/{}", d.netns))
+        .arg("--pin-dir")
+        .arg(&pins)
+        .arg("--run-dir")
+        .arg(tmp.join(format!("{tag}-run")))
+        // Only the flags: the environment must not add settings.
+        .env_remove("MESH_DOCKER_HOST")
+        .env_remove("MESH_CONFIG")
+        .stdout(f.try_clone().unwrap())
+        .stderr(f)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start mesh-agent");
+    AgentProc { child: Some(child), log, pins }
 }
 
 fn eventually<T>(why: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
@@ -289,7 +241,7 @@ fn mesh_reaches_the_manager_over_tls() {
 
     // ---- refusals ------------------------------------------------------------------------
     // No key.pem in the cert directory: `mesh-agent run` stops at once, naming the file.
-    let mut no_key = AgentProc::start(&d, tmp.path(), "no-key", &pki.no_key);
+    let mut no_key = start_agent(&d, tmp.path(), "no-key", &pki.no_key);
     let st = no_key.wait_exit(Duration::from_secs(10)).expect("mesh-agent run exits without key.pem");
     let text = no_key.log();
     eprintln!("no key.pem, mesh-agent run says: {}", text.trim());
@@ -299,7 +251,7 @@ fn mesh_reaches_the_manager_over_tls() {
     assert!(text.contains("No such file"), "{text}");
     // The wrong CA, through `mesh-agent run`: it retries for its initial timeout (30 s),
     // then exits with the TLS error. It runs while the swarm is set up below.
-    let mut wrong_ca_agent = AgentProc::start(&d, tmp.path(), "wrong-ca", &pki.wrong_ca);
+    let mut wrong_ca_agent = start_agent(&d, tmp.path(), "wrong-ca", &pki.wrong_ca);
 
     // The same, one attempt through the library.
     let text = initial_error(&d, tls_endpoint(&pki.wrong_ca).unwrap());
@@ -341,7 +293,7 @@ fn mesh_reaches_the_manager_over_tls() {
     assert_eq!(src.1, Ok(3), "the state over TLS");
 
     // ---- the agent over TLS --------------------------------------------------------------
-    let mut agent = AgentProc::start(&d, tmp.path(), "agent", &pki.good);
+    let mut agent = start_agent(&d, tmp.path(), "agent", &pki.good);
     eventually("agent ready", Duration::from_secs(60), || {
         let log = agent.log();
         assert!(agent.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None))), "agent exited:\n{log}");
