@@ -765,6 +765,104 @@ fn agent_status(a: &AgentProc) -> Value {
 // Aggregation and report
 // ---------------------------------------------------------------------------------------
 
+/// One end-to-end target: a per-round statistic (and whether any round was clean) judged
+/// on its median.
+pub(crate) struct Target<'a> {
+    pub what: &'static str,
+    pub stat: &'a (Stat, bool),
+    pub digits: usize,
+    pub unit: &'static str,
+    pub target: &'static str,
+    pub ok: fn(f64) -> bool,
+}
+
+/// The issue's end-to-end targets shared by the single-node and cross-node sections: CPU
+/// per new connection and per keep-alive request above direct, rate and p50 vs direct.
+pub(crate) fn targets<'a>(
+    conn_cpu: &'a (Stat, bool),
+    req_cpu: &'a (Stat, bool),
+    conn_ratio: &'a (Stat, bool),
+    p50: &'a (Stat, bool),
+) -> Vec<Target<'a>> {
+    vec![
+        Target {
+            what: "CPU per new connection above direct",
+            stat: conn_cpu,
+            digits: 2,
+            unit: " µs",
+            target: "≤ +2 µs",
+            ok: |x| x <= 2.0,
+        },
+        Target {
+            what: "CPU per keep-alive request above direct",
+            stat: req_cpu,
+            digits: 2,
+            unit: " µs",
+            target: "≤ +0.3 µs",
+            ok: |x| x <= 0.3,
+        },
+        Target {
+            what: "new connections/s vs direct",
+            stat: conn_ratio,
+            digits: 3,
+            unit: "×",
+            target: "≥ 0.97×",
+            ok: |x| x >= 0.97,
+        },
+        Target {
+            what: "p50 latency vs direct",
+            stat: p50,
+            digits: 1,
+            unit: " µs",
+            target: "within 2 µs",
+            ok: |x| x <= 2.0,
+        },
+    ]
+}
+
+/// A target missed, for the caller's finding: the median as shown, the samples.
+pub(crate) struct Miss {
+    pub what: &'static str,
+    pub value: String,
+    pub unit: &'static str,
+    pub target: &'static str,
+    pub samples: String,
+}
+
+/// Put each target with data in the results table as `{label}: {what}` (judged only when a
+/// round was clean); returns the missed ones.
+pub(crate) fn judge(ctx: &mut Ctx, sec: &str, label: &str, items: Vec<Target<'_>>) -> Vec<Miss> {
+    let mut missed = Vec::new();
+    for t in items {
+        let s = &t.stat.0;
+        if s.n == 0 {
+            continue;
+        }
+        let shown = if t.unit == "×" {
+            format!("{}×", s.show(t.digits))
+        } else {
+            format!("{}{}", fmt_signed(s.median, t.digits), t.unit)
+        };
+        let met = t.stat.1.then(|| (t.ok)(s.median));
+        let result = if t.stat.1 {
+            format!("{shown} ({} clean rounds)", s.n)
+        } else {
+            format!("{shown} (every round disturbed: not judged)")
+        };
+        ctx.out.check(sec, &format!("{label}: {}", t.what), result, t.target, met);
+        if met == Some(false) {
+            missed.push(Miss {
+                what: t.what,
+                value: if t.unit == "×" { fmt_num(s.median, 3) } else { fmt_signed(s.median, t.digits) },
+                unit: t.unit,
+                target: t.target,
+                samples: s.samples.iter().map(|x| fmt_num(*x, 2)).collect::<Vec<_>>().join(", "),
+            });
+        }
+    }
+    missed
+}
+
 pub(crate) fn f(v: &Value, load: &str, field: &str) -> f64 {
     v[load][field].as_f64().unwrap_or(f64::NAN)
 }
@@ -977,100 +1075,39 @@ fn report(ctx: &mut Ctx, rounds: Vec<BTreeMap<&'static str, Value>>) -> Section 
             } else {
                 mode.to_string()
             };
-            let mut items: Vec<(&str, &(Stat, bool), usize, &str, &str, fn(f64) -> bool)> = vec![
-                (
-                    "CPU per new connection above direct",
-                    &c_cpu_d,
-                    2,
-                    " µs",
-                    "≤ +2 µs",
-                    |x| x <= 2.0,
-                ),
-                (
-                    "CPU per keep-alive request above direct",
-                    &k_cpu_d,
-                    2,
-                    " µs",
-                    "≤ +0.3 µs",
-                    |x| x <= 0.3,
-                ),
-                (
-                    "new connections/s vs direct",
-                    &c_ratio,
-                    3,
-                    "×",
-                    "≥ 0.97×",
-                    |x| x >= 0.97,
-                ),
-                (
-                    "p50 latency vs direct",
-                    &p50_d,
-                    1,
-                    " µs",
-                    "within 2 µs",
-                    |x| x <= 2.0,
-                ),
-            ];
+            let mut items = targets(&c_cpu_d, &k_cpu_d, &c_ratio, &p50_d);
             if !one {
-                items.push((
-                    "bulk (1 stream) vs direct",
-                    &b_ratio,
-                    3,
-                    "×",
-                    "≥ 0.97×",
-                    |x| x >= 0.97,
-                ));
+                items.push(Target {
+                    what: "bulk (1 stream) vs direct",
+                    stat: &b_ratio,
+                    digits: 3,
+                    unit: "×",
+                    target: "≥ 0.97×",
+                    ok: |x| x >= 0.97,
+                });
             }
-            for (what, c, d, unit, target, ok) in items {
-                let s = &c.0;
-                if s.n == 0 {
-                    continue;
-                }
-                let shown = if unit == "×" {
-                    format!("{}×", s.show(d))
-                } else {
-                    format!("{}{unit}", fmt_signed(s.median, d))
-                };
-                let met = c.1.then(|| ok(s.median));
-                let result = if c.1 {
-                    format!("{shown} ({} clean rounds)", s.n)
-                } else {
-                    format!("{shown} (every round disturbed: not judged)")
-                };
-                ctx.out
-                    .check(sec, &format!("{name}: {what}"), result, target, met);
-                if met == Some(false) {
-                    let mut msg = format!(
-                        "{name}: {what} is {}{} (target {target}; clean rounds: {}).",
-                        if unit == "×" {
-                            fmt_num(s.median, 3)
-                        } else {
-                            fmt_signed(s.median, d)
-                        },
-                        unit,
-                        s.samples
-                            .iter()
-                            .map(|x| fmt_num(*x, 2))
-                            .collect::<Vec<_>>()
-                            .join(", ")
+            for miss in judge(ctx, sec, &name, items) {
+                let what = miss.what;
+                let mut msg = format!(
+                    "{name}: {what} is {}{} (target {}; clean rounds: {}).",
+                    miss.value, miss.unit, miss.target, miss.samples
+                );
+                if *mode == "mesh-xdp" && !what.starts_with("bulk") && !what.starts_with("p50")
+                {
+                    msg.push_str(
+                        " XDP on a veth has a fixed tax (frames copied into a page for the XDP buffer, redirected \
+                         frames rebuilt into skbs; shared/reference/xdp-on-veth.md measured ≈ +7 µs per connection \
+                         for a do-nothing XDP program); the TC hook on the same bed is the like-for-like figure \
+                         without it.",
                     );
-                    if *mode == "mesh-xdp" && !what.starts_with("bulk") && !what.starts_with("p50")
-                    {
-                        msg.push_str(
-                            " XDP on a veth has a fixed tax (frames copied into a page for the XDP buffer, redirected \
-                             frames rebuilt into skbs; shared/reference/xdp-on-veth.md measured ≈ +7 µs per connection \
-                             for a do-nothing XDP program); the TC hook on the same bed is the like-for-like figure \
-                             without it.",
-                        );
-                    }
-                    if what.starts_with("bulk") && *mode == "mesh-xdp" {
-                        msg.push_str(
-                            " Attaching XDP to a veth turns GSO off on its peer (shared/reference/xdp-on-veth.md): \
-                             the hook, not the LB.",
-                        );
-                    }
-                    ctx.out.finding(msg);
                 }
+                if what.starts_with("bulk") && *mode == "mesh-xdp" {
+                    msg.push_str(
+                        " Attaching XDP to a veth turns GSO off on its peer (shared/reference/xdp-on-veth.md): \
+                         the hook, not the LB.",
+                    );
+                }
+                ctx.out.finding(msg);
             }
         }
         jmodes.insert(label.clone(), jm);

@@ -853,78 +853,12 @@ fn report(
             continue;
         }
         // The single-node section's targets, applied across nodes.
-        let items: [(&str, &(Stat, bool), usize, &str, &str, fn(f64) -> bool); 4] = [
-            (
-                "CPU per new connection above direct",
-                &c_cpu_d,
-                2,
-                " µs",
-                "≤ +2 µs",
-                |x| x <= 2.0,
-            ),
-            (
-                "CPU per keep-alive request above direct",
-                &k_cpu_d,
-                2,
-                " µs",
-                "≤ +0.3 µs",
-                |x| x <= 0.3,
-            ),
-            (
-                "new connections/s vs direct",
-                &c_ratio,
-                3,
-                "×",
-                "≥ 0.97×",
-                |x| x >= 0.97,
-            ),
-            (
-                "p50 latency vs direct",
-                &p50_d,
-                1,
-                " µs",
-                "within 2 µs",
-                |x| x <= 2.0,
-            ),
-        ];
-        for (what, c, d, unit, target, ok) in items {
-            let s = &c.0;
-            if s.n == 0 {
-                continue;
-            }
-            let shown = if unit == "×" {
-                format!("{}×", s.show(d))
-            } else {
-                format!("{}{unit}", fmt_signed(s.median, d))
-            };
-            let met = c.1.then(|| ok(s.median));
-            let result = if c.1 {
-                format!("{shown} ({} clean rounds)", s.n)
-            } else {
-                format!("{shown} (every round disturbed: not judged)")
-            };
-            ctx.out.check(
-                SEC,
-                &format!("{key} (remote tasks): {what}"),
-                result,
-                target,
-                met,
-            );
-            if met == Some(false) {
-                ctx.out.finding(format!(
-                    "{key}, tasks on other nodes: {what} is {}{unit} (target {target}; rounds: {}).",
-                    if unit == "×" {
-                        fmt_num(s.median, 3)
-                    } else {
-                        fmt_signed(s.median, d)
-                    },
-                    s.samples
-                        .iter()
-                        .map(|x| fmt_num(*x, 2))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ));
-            }
+        let items = crate::e2e::targets(&c_cpu_d, &k_cpu_d, &c_ratio, &p50_d);
+        for miss in crate::e2e::judge(ctx, SEC, &format!("{key} (remote tasks)"), items) {
+            ctx.out.finding(format!(
+                "{key}, tasks on other nodes: {} is {}{} (target {}; rounds: {}).",
+                miss.what, miss.value, miss.unit, miss.target, miss.samples
+            ));
         }
         // Against the kube-proxy-style baseline on the same path (context, no target).
         let vs_ipt = |load: &str| -> Stat {
@@ -1095,10 +1029,10 @@ fn report(
                 "{}, tasks on other nodes: node A found no free SNAT port for {snat} new flow{} (per round: {}; \
                  {} backends × {} ports = {} flows). Such a SYN is passed to A's own stack, which resets it: \
                  connection refused (wrk socket errors, a missing answer in the round-robin check). A SNAT port stays \
-                 taken as long as its flow's conntrack entry, i.e. until the LRU evicts it (closed flows are not \
-                 removed; the map holds {} entries), so once {} flows have been opened through A since the agent \
-                 started, every new flow to these tasks is refused; and as a new flow tries only 8 consecutive ports \
-                 from a random start, refusals begin well before that.",
+                 taken as long as its flow's conntrack entries (the map holds {} entries) unless A saw that flow close \
+                 both ways (FIN/RST marks each entry closing; such a port is taken over when the 8 consecutive ports \
+                 probed from a random start hold no free one): refusals here mean 8 probed ports were all held by \
+                 flows not seen closing (open, or closed by a RST in one direction only), out of {} ports × backends.",
                 m.key(),
                 if snat == 1 { "" } else { "s" },
                 counts
