@@ -11,6 +11,7 @@ use aya_ebpf::helpers::bpf_get_prandom_u32;
 
 use aya_ebpf::maps::lpm_trie::Key as LpmKey;
 
+use crate::parse::{CLOSE_NONE, CLOSE_RST};
 use crate::maps::{
     BACKENDS, BE_STATS, CONFIG, CONNTRACK, FRONTENDS, IFACE_NET, NODE_ADDRS, PORTS, RR, SLOTS,
     SUBNETS, SVC_STATS, count,
@@ -189,13 +190,34 @@ fn snat_port(snat_addr: u32, min: u16, max: u16, be_addr: u32, be_port: u16, pro
 }
 
 /// A FIN or RST went `ct`'s way (`key` is its conntrack key): mark the entry closing once.
+/// A RST ends the flow both ways (the peer will send no FIN), so it marks the entry of the
+/// other direction too: its key is the rewritten tuple of this one, reversed.
 #[inline(always)]
-fn ct_mark_closing(key: &CtKey, ct: &CtEntry, closing: bool) {
-    if closing && ct.flags & ct_flags::CLOSING == 0 {
-        if let Some(p) = CONNTRACK.get_ptr_mut(key) {
-            // SAFETY: a live map value; a racing writer can only set the same bit.
-            unsafe { (*p).flags |= ct_flags::CLOSING };
-        }
+fn ct_mark_closing(key: &CtKey, ct: &CtEntry, closing: u8) {
+    if closing == CLOSE_NONE {
+        return;
+    }
+    if ct.flags & ct_flags::CLOSING == 0 {
+        ct_set_closing(key);
+    }
+    if closing == CLOSE_RST {
+        let peer = CtKey {
+            saddr: ct.daddr,
+            daddr: ct.saddr,
+            sport: ct.dport,
+            dport: ct.sport,
+            proto: key.proto,
+            _pad: [0; 3],
+        };
+        ct_set_closing(&peer);
+    }
+}
+
+#[inline(always)]
+fn ct_set_closing(key: &CtKey) {
+    if let Some(p) = CONNTRACK.get_ptr_mut(key) {
+        // SAFETY: a live map value; a racing writer can only set the same bit.
+        unsafe { (*p).flags |= ct_flags::CLOSING };
     }
 }
 
@@ -309,7 +331,7 @@ pub fn lb4_account_sock(svc_id: u32, be_id: u32) {
 /// reply of a flow this node balanced: returns the entry to rewrite the packet with and the
 /// verdict reason, or `Err(reason)` to pass it untouched.
 #[inline(always)]
-pub fn lb4_ingress(key: &CtKey, closing: bool, bytes: u64, origin: impl FnOnce() -> Origin) -> Result<(CtEntry, u32), u32> {
+pub fn lb4_ingress(key: &CtKey, closing: u8, bytes: u64, origin: impl FnOnce() -> Origin) -> Result<(CtEntry, u32), u32> {
     if !lb4_port_wanted(key.dport) {
         return Err(reason::PASS_NO_SERVICE);
     }
@@ -342,7 +364,7 @@ pub fn lb4_new_flow(key: &CtKey, fe: &Frontend, bytes: u64, origin: &Origin) -> 
 
 /// Reply path at a task's interface: only flows this node balanced are rewritten.
 #[inline(always)]
-pub fn lb4_from_task(key: &CtKey, closing: bool, bytes: u64) -> Result<(CtEntry, u32), u32> {
+pub fn lb4_from_task(key: &CtKey, closing: u8, bytes: u64) -> Result<(CtEntry, u32), u32> {
     let ct = ct_lookup4(key).ok_or(reason::PASS_NO_SERVICE)?;
     ct_mark_closing(key, &ct, closing);
     lb4_account(&ct, bytes, false);

@@ -34,9 +34,14 @@ pub struct Pkt {
     pub key: CtKey,
     /// Offset of the L4 header from the start of the frame (IHL-derived).
     pub l4_off: usize,
-    /// TCP with FIN or RST set: the sender is done with this flow.
-    pub closing: bool,
+    /// TCP end of flow seen in this packet: [`CLOSE_NONE`], [`CLOSE_FIN`] (the sender is
+    /// done sending) or [`CLOSE_RST`] (the flow is over both ways).
+    pub closing: u8,
 }
+
+pub const CLOSE_NONE: u8 = 0;
+pub const CLOSE_FIN: u8 = 1;
+pub const CLOSE_RST: u8 = 2;
 
 impl Pkt {
     /// Offset of the L4 checksum field from the start of the frame.
@@ -98,12 +103,19 @@ pub fn parse_ipv4(data: usize, data_end: usize, frame_len: usize) -> Result<Pkt,
         proto::TCP => {
             let tcp: *const TcpHdr = ptr_at(data, data_end, l4_off)?;
             // SAFETY: bounds checked by ptr_at.
-            let (s, d, doff, fin_rst) =
-                unsafe { ((*tcp).source, (*tcp).dest, (*tcp).doff(), (*tcp).fin() | (*tcp).rst()) };
+            let (s, d, doff, fin, rst) =
+                unsafe { ((*tcp).source, (*tcp).dest, (*tcp).doff(), (*tcp).fin(), (*tcp).rst()) };
             if doff < 5 || tot_len < ihl * 4 + TcpHdr::LEN {
                 return Err(reason::PASS_MALFORMED);
             }
-            (u16::from_ne_bytes(s), u16::from_ne_bytes(d), fin_rst != 0)
+            let closing = if rst != 0 {
+                CLOSE_RST
+            } else if fin != 0 {
+                CLOSE_FIN
+            } else {
+                CLOSE_NONE
+            };
+            (u16::from_ne_bytes(s), u16::from_ne_bytes(d), closing)
         }
         proto::UDP => {
             let udp: *const UdpHdr = ptr_at(data, data_end, l4_off)?;
@@ -112,7 +124,7 @@ pub fn parse_ipv4(data: usize, data_end: usize, frame_len: usize) -> Result<Pkt,
             if tot_len < ihl * 4 + UdpHdr::LEN {
                 return Err(reason::PASS_MALFORMED);
             }
-            (u16::from_ne_bytes(s), u16::from_ne_bytes(d), false)
+            (u16::from_ne_bytes(s), u16::from_ne_bytes(d), CLOSE_NONE)
         }
         _ => return Err(reason::PASS_NOT_TCP_UDP),
     };

@@ -3,7 +3,7 @@
 //! - `build [--release]`   the eBPF object, then the agent (which embeds it)
 //! - `test`                every test: unit (incl. BPF_PROG_TEST_RUN) and integration (root)
 //! - `demo`                build and run the single-node demo (`mesh-agent demo`)
-//! - `bench [--quick]`     benchmarks, written to bench/RESULTS.md and bench/results.json
+//! - `bench [--quick] [--only ..] [--out DIR]` benchmarks, written to bench/RESULTS.md and bench/results.json
 
 use std::{
     path::PathBuf,
@@ -64,6 +64,12 @@ enum Task {
         /// The short run (< 3 minutes).
         #[arg(long)]
         quick: bool,
+        /// Run only these scenarios (comma-separated: xdp,e2e,e2e-remote,control,dns).
+        #[arg(long)]
+        only: Option<String>,
+        /// Write the results here instead of bench/.
+        #[arg(long)]
+        out: Option<String>,
     },
 }
 
@@ -176,7 +182,7 @@ fn real_main() -> anyhow::Result<()> {
                 .env("MESH_AGENT_BIN", &bin);
             run(c)?;
         }
-        Task::Bench { quick } => {
+        Task::Bench { quick, only, out } => {
             require_root("the benchmarks")?;
             let bin = build(true)?;
             let mut c = cargo();
@@ -184,6 +190,12 @@ fn real_main() -> anyhow::Result<()> {
                 .env("MESH_AGENT_BIN", &bin);
             if quick {
                 c.arg("--quick");
+            }
+            if let Some(only) = only {
+                c.args(["--only", &only]);
+            }
+            if let Some(out) = out {
+                c.args(["--out", &out]);
             }
             run(c)?;
         }

@@ -13,7 +13,7 @@ use mesh_common::progs;
 
 use super::{
     Datapath,
-    packet::{self, Frame, L4, TCP_ACK, TCP_FIN, TCP_SYN},
+    packet::{self, Frame, L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 use crate::{
     model::{
@@ -454,11 +454,8 @@ fn remote_backend_flows_are_snated_to_the_node_and_replies_come_back() {
     assert_eq!((p.dst_mac, p.src_mac), (CLIENT_MAC, NODE_MAC));
 }
 
-/// A SNAT range of one port: a second flow to the remote task finds no port while the
-/// first is open, even half-closed; once it has closed both ways (FIN from the client, FIN
-/// from the task), a new flow takes its port over and the old flow's entries are gone.
-#[test]
-fn snat_port_of_a_flow_closed_both_ways_is_reclaimed() {
+/// One task on another node (every flow is SNATed) and a SNAT range of one port.
+fn one_port_snat_fixture() -> Fixture {
     let mut f = Fixture::new();
     f.dp()
         .maps
@@ -480,12 +477,47 @@ fn snat_port_of_a_flow_closed_both_ways_is_reclaimed() {
     let want = tables::desired(&s, "n1", &links(0), Reach::Cluster);
     let ops = f.tables.apply(&want).unwrap();
     f.dp().maps.apply(&ops).unwrap();
-    let send = |f: &mut Fixture, sport: u16, flags: u8| {
-        let mut fr = Frame::tcp(CLIENT, sport, NODE, 8080, flags);
-        fr.src_mac = CLIENT_MAC;
-        fr.dst_mac = NODE_MAC;
-        f.xdp(&fr.build())
-    };
+    f
+}
+
+fn client_to_node(f: &mut Fixture, sport: u16, flags: u8) -> (u32, Vec<u8>) {
+    let mut fr = Frame::tcp(CLIENT, sport, NODE, 8080, flags);
+    fr.src_mac = CLIENT_MAC;
+    fr.dst_mac = NODE_MAC;
+    f.xdp(&fr.build())
+}
+
+/// A RST ends a flow both ways: the side that receives it sends no FIN. Whichever side
+/// resets, the flow's SNAT port becomes reclaimable at once.
+#[test]
+fn a_reset_from_either_side_frees_the_snat_port() {
+    for task_resets in [true, false] {
+        let mut f = one_port_snat_fixture();
+        let (_, out) = client_to_node(&mut f, 40_001, TCP_SYN);
+        let p = checked(&out);
+        assert_eq!(p.sport, 61_000);
+        let task = p.dst;
+        if task_resets {
+            let (rc, out) = f.xdp(&Frame::tcp(task, 80, NODE, 61_000, TCP_RST | TCP_ACK).build());
+            assert_eq!((rc, checked(&out).dport), (XDP_REDIRECT, 40_001), "the RST reaches the client");
+        } else {
+            let (_, out) = client_to_node(&mut f, 40_001, TCP_RST);
+            assert_eq!(checked(&out).sport, 61_000, "the client's RST reaches the task");
+        }
+        let (_, out) = client_to_node(&mut f, 40_002, TCP_SYN);
+        let p = checked(&out);
+        assert_eq!(p.sport, 61_000, "task_resets={task_resets}: the reset flow's port is reclaimed");
+        assert_eq!(f.verdict("snat_reclaimed"), 1);
+    }
+}
+
+/// A SNAT range of one port: a second flow to the remote task finds no port while the
+/// first is open, even half-closed; once it has closed both ways (FIN from the client, FIN
+/// from the task), a new flow takes its port over and the old flow's entries are gone.
+#[test]
+fn snat_port_of_a_flow_closed_both_ways_is_reclaimed() {
+    let mut f = one_port_snat_fixture();
+    let send = client_to_node;
     // Flow 1 gets the one port.
     let (rc, out) = send(&mut f, 40_001, TCP_SYN);
     let p = checked(&out);
