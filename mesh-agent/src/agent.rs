@@ -327,7 +327,18 @@ pub struct Agent {
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
     overlay_errors: Vec<String>,
     pub dns: Option<Box<dyn TaskService>>,
+    /// The snapshot the DNS index was last built from (rebuilt only when it changes).
+    dns_indexed: std::sync::Weak<State>,
+    /// Something in the last sync failed or waits for the outside world (a namespace not
+    /// there yet, a netlink or map error): the next resync tick retries.
+    retry: bool,
+    /// When everything was last reconciled against the kernel (drift repair).
+    last_full: Instant,
 }
+
+/// Without pending retries, a resync tick reconciles everything (links, overlays, maps)
+/// only this often: an idle agent then costs next to nothing between changes.
+pub const FULL_RESYNC: Duration = Duration::from_secs(30);
 
 impl Agent {
     /// Load (or adopt) the datapath, converge to `state`, then attach the programs.
@@ -397,6 +408,9 @@ impl Agent {
             metrics: None,
             overlay_errors: Vec::new(),
             dns,
+            dns_indexed: std::sync::Weak::new(),
+            retry: false,
+            last_full: Instant::now(),
         };
         if cfg_metrics {
             let m = crate::metrics::Metrics::new(agent.cfg.pin_dir.clone());
@@ -497,6 +511,12 @@ impl Agent {
         Ok(agent)
     }
 
+    /// Should a resync tick reconcile now: something is waiting to be retried, or the last
+    /// full reconcile is [`FULL_RESYNC`] old.
+    pub fn resync_due(&self) -> bool {
+        self.retry || self.last_full.elapsed() >= FULL_RESYNC
+    }
+
     pub fn state(&self) -> &Arc<State> {
         &self.state
     }
@@ -508,6 +528,8 @@ impl Agent {
     /// Converge everything to `state`.
     pub async fn apply(&mut self, state: Arc<State>) {
         let started = Instant::now();
+        self.last_full = started;
+        let mut retry = false;
         let span = info_span!("converge", node = %self.cfg.node);
         async {
             // With overlays, every network gets its bridge on every node: published ports
@@ -521,6 +543,7 @@ impl Agent {
             } else {
                 crate::attach::Converged::default()
             };
+            retry |= !conv.failed.is_empty();
             if let Some(ov) = &mut self.overlay {
                 let rep = ov.converge(&state, &self.cfg.node, &self.attacher.bridges()).await;
                 // Errors are retried every sync: log them when they change, not per retry.
@@ -531,6 +554,7 @@ impl Agent {
                     }
                     self.overlay_errors = errs;
                 }
+                retry |= !self.overlay_errors.is_empty();
                 if !rep.is_noop() {
                     info!(report = ?rep, "overlays converged");
                 }
@@ -551,13 +575,19 @@ impl Agent {
                     Ok(()) => {
                         self.tc_attached.insert(new);
                     }
-                    Err(e) => error!(iface = new, error = %e, "cannot attach reverse NAT"),
+                    Err(e) => {
+                        error!(iface = new, error = %e, "cannot attach reverse NAT");
+                        retry = true;
+                    }
                 }
             }
-            self.sync_task_nets(&state).await;
-            self.sync_isolation(&state);
+            retry |= !self.sync_task_nets(&state).await;
+            retry |= !self.sync_isolation(&state);
             if let (Some(dns), Runtime::Mesh) = (&self.dns, &self.cfg.runtime) {
-                dns.update(state.clone());
+                if !std::sync::Weak::ptr_eq(&self.dns_indexed, &Arc::downgrade(&state)) {
+                    dns.update(state.clone());
+                    self.dns_indexed = Arc::downgrade(&state);
+                }
                 for id in &conv.removed {
                     dns.detach(id).await;
                 }
@@ -580,6 +610,7 @@ impl Agent {
                         }
                     }
                 }
+                retry |= !self.service_errors.is_empty();
             }
             // Only the services this snapshot changed are recomputed and diffed.
             let changes = self.desired.update(
@@ -647,19 +678,27 @@ impl Agent {
             if let Some(m) = &self.metrics {
                 m.record_sync(started.elapsed(), programmed);
             }
+            self.retry = retry || self.full_sync;
         }
         .instrument(span)
         .await
     }
 
     /// Tell the socket-level VIP LB which namespaces are tasks and which networks each is on.
-    async fn sync_task_nets(&mut self, state: &State) {
+    /// False if some task could not be covered yet (retried on the next tick).
+    async fn sync_task_nets(&mut self, state: &State) -> bool {
+        let mut complete = true;
         let attached: BTreeSet<String> = match self.cfg.runtime {
             Runtime::Mesh => self.attacher.attached().cloned().collect(),
             // Docker made them: every running task of this node with a sandbox.
             Runtime::Docker { .. } => state
                 .attached_tasks_on(&self.cfg.node)
-                .filter(|t| t.netns.as_ref().is_some_and(|p| p.exists()))
+                .filter(|t| {
+                    let there = t.netns.as_ref().is_some_and(|p| p.exists());
+                    // A sandbox Docker has not made yet: look again on the next tick.
+                    complete &= there || t.netns.is_none();
+                    there
+                })
                 .map(|t| t.id.clone())
                 .collect(),
         };
@@ -670,6 +709,7 @@ impl Agent {
             }
             let Some(path) = state.tasks.get(id).and_then(|t| t.netns.clone()) else { continue };
             let r = tokio::task::spawn_blocking(move || crate::netns::run_in(&path, crate::ebpf::netns_cookie)).await;
+            complete &= matches!(r, Ok(Ok(Ok(_))));
             match r {
                 Ok(Ok(Ok(cookie))) => {
                     self.task_cookies.insert(id.clone(), cookie);
@@ -691,12 +731,14 @@ impl Agent {
         }
         if let Err(e) = self.dp.maps.set_task_nets(&nets) {
             error!(error = %e, "cannot program task namespaces");
+            complete = false;
         }
+        complete
     }
 
     /// Network isolation tables: every network's subnet, and which network each task
-    /// interface is on.
-    fn sync_isolation(&mut self, state: &State) {
+    /// interface is on. False if the maps could not be programmed.
+    fn sync_isolation(&mut self, state: &State) -> bool {
         let subnets: Vec<(ipnet::Ipv4Net, u32)> =
             state.networks.values().map(|n| (n.subnet, n.vni)).collect();
         let mut ifaces = std::collections::BTreeMap::new();
@@ -709,7 +751,9 @@ impl Agent {
         }
         if let Err(e) = self.dp.maps.set_subnets(&subnets).and_then(|_| self.dp.maps.set_iface_nets(&ifaces)) {
             error!(error = %e, "cannot program network isolation");
+            return false;
         }
+        true
     }
 
     /// Keep the node-address set (where published ports answer) in sync with the kernel.
@@ -895,9 +939,13 @@ pub async fn run(
             },
             _ = tick.tick() => {
                 agent.refresh_node_addrs().await;
-                // Retries tasks whose attach failed (a namespace that did not exist yet).
-                let s = agent.state().clone();
-                agent.apply(s).await;
+                // Retries what failed (a namespace that did not exist yet, a netlink error);
+                // otherwise everything is re-checked against the kernel only every
+                // FULL_RESYNC (drift repair), so an idle agent stays idle.
+                if agent.resync_due() {
+                    let s = agent.state().clone();
+                    agent.apply(s).await;
+                }
             }
         }
     }

@@ -132,7 +132,9 @@ pub struct RunArgs {
     /// Which tasks can be backends: this node's only, or the whole cluster (over overlays).
     #[arg(long, env = "MESH_REACH", value_enum, default_value_t = ReachArg::Local)]
     pub reach: ReachArg,
-    /// Period of retries and node-address refresh, in milliseconds.
+    /// Period of retries (what failed or waits for a namespace) and node-address refresh, in
+    /// milliseconds. Without anything to retry, a full reconcile against the kernel (drift
+    /// repair) runs every 30 s.
     #[arg(long, env = "MESH_RESYNC_MS", default_value_t = 2000)]
     pub resync_ms: u64,
     /// Address of the /metrics, /healthz, /readyz endpoint ("none" disables it).
