@@ -61,12 +61,7 @@ fn mesh_replaces_ipvs_under_a_real_swarm() {
     };
     d.swarm_init();
     d.import_busybox(IMAGE);
-    d.docker_ok(&["network", "create", "-d", "overlay", "--attachable", "appnet"]);
-    d.docker_ok(&[
-        "service", "create", "--name", "web", "--replicas", "3", "--network", "appnet", "-p", "8080:80",
-        IMAGE, "sh", "-c", "hostname > /www/index.html; exec httpd -f -p 80 -h /www",
-    ]);
-    d.wait_running("web", 3, Duration::from_secs(90));
+    d.web_service(IMAGE, 3, &[], Duration::from_secs(90));
     // Without mesh the routing mesh is dead here (no IPVS): nothing answers.
     assert!(d.curl("http://127.0.0.1:8080/").is_none(), "Swarm alone cannot forward on this kernel");
     let before = docker_net_fingerprint(&d);

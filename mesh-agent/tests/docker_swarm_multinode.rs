@@ -219,33 +219,7 @@ fn published_port_of_every_node_reaches_tasks_of_every_node() {
     for d in nodes {
         d.import_busybox(IMAGE);
     }
-    manager.docker_ok(&[
-        "network",
-        "create",
-        "-d",
-        "overlay",
-        "--attachable",
-        "appnet",
-    ]);
-    let replicas = REPLICAS.to_string();
-    manager.docker_ok(&[
-        "service",
-        "create",
-        "-d",
-        "--name",
-        "web",
-        "--replicas",
-        &replicas,
-        "--network",
-        "appnet",
-        "-p",
-        "8080:80",
-        IMAGE,
-        "sh",
-        "-c",
-        "hostname > /www/index.html; exec httpd -f -p 80 -h /www",
-    ]);
-    manager.wait_running("web", REPLICAS, Duration::from_secs(120));
+    manager.web_service(IMAGE, REPLICAS, &["-d"], Duration::from_secs(120));
     let per_node: Vec<BTreeSet<String>> = nodes.iter().map(task_hosts).collect();
     assert!(
         per_node.iter().all(|h| !h.is_empty()),

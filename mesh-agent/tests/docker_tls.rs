@@ -274,12 +274,7 @@ fn mesh_reaches_the_manager_over_tls() {
     // ---- a swarm and a service -----------------------------------------------------------
     d.swarm_init();
     d.import_busybox(IMAGE);
-    d.docker_ok(&["network", "create", "-d", "overlay", "--attachable", "appnet"]);
-    d.docker_ok(&[
-        "service", "create", "--name", "web", "--replicas", "3", "--network", "appnet", "-p", "8080:80",
-        IMAGE, "sh", "-c", "hostname > /www/index.html; exec httpd -f -p 80 -h /www",
-    ]);
-    d.wait_running("web", 3, Duration::from_secs(90));
+    d.web_service(IMAGE, 3, &[], Duration::from_secs(90));
     let good = tls_endpoint(&pki.good).unwrap();
     let exists = in_netns(&d, async move || swarm::service_exists(&good, "web").await);
     assert!(exists.expect("service_exists over TLS"), "`web` exists");

@@ -461,6 +461,23 @@ impl Dockerd {
         ]);
     }
 
+    /// On a swarm manager: an attachable overlay network `appnet` and a service `web` of
+    /// `replicas` busybox httpd tasks of `image` on it, publishing 8080 → 80, each answering
+    /// its own hostname; returns once they all run (panics after `timeout`). `create_args`
+    /// go to `docker service create` before the name (e.g. `-d`).
+    pub fn web_service(&self, image: &str, replicas: usize, create_args: &[&str], timeout: Duration) {
+        self.docker_ok(&["network", "create", "-d", "overlay", "--attachable", "appnet"]);
+        let replicas_arg = replicas.to_string();
+        let mut args = vec!["service", "create"];
+        args.extend_from_slice(create_args);
+        args.extend([
+            "--name", "web", "--replicas", &replicas_arg, "--network", "appnet", "-p", "8080:80", image, "sh", "-c",
+            "hostname > /www/index.html; exec httpd -f -p 80 -h /www",
+        ]);
+        self.docker_ok(&args);
+        self.wait_running("web", replicas, timeout);
+    }
+
     /// Tasks of `service` currently running (and meant to run), from `docker service ps`.
     pub fn running_tasks(&self, service: &str) -> usize {
         let out = self.docker(&[
