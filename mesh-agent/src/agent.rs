@@ -17,7 +17,7 @@ use tracing::{error, info, info_span, warn, Instrument};
 
 use crate::{
     attach::{Attacher, Netlink, NetlinkError},
-    ebpf::{Datapath, DatapathError, Hook},
+    ebpf::{Datapath, DatapathError, Hook, SnatPorts},
     model::State,
     source::{Source, SourceError, SourceEvent},
     tables::{self, Reach, Tables},
@@ -31,6 +31,8 @@ pub struct AgentConfig {
     /// route's interface).
     pub interfaces: Vec<String>,
     pub hook: Hook,
+    /// Source ports of flows SNATed to tasks on other nodes.
+    pub snat_ports: SnatPorts,
     /// bpffs directory of the pinned maps.
     pub pin_dir: PathBuf,
     /// Directory for the catalog that `status` reads (ids → names).
@@ -72,6 +74,7 @@ impl AgentConfig {
             node: node.to_string(),
             interfaces: Vec::new(),
             hook: Hook::Xdp,
+            snat_ports: SnatPorts::default(),
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/mesh/{node}")),
             run_dir: PathBuf::from(format!("/run/mesh/{node}")),
             cgroup: crate::ebpf::default_cgroup(),
@@ -379,9 +382,20 @@ impl Agent {
             (Runtime::Mesh, Some(d), Some(_)) => d.dns_port().unwrap_or(0),
             _ => 0,
         };
-        dp.configure_dns(snat, true, dns_port)?;
+        let ports = cfg.snat_ports;
+        dp.configure_dns(snat.map(|a| (a, ports)), true, dns_port)?;
         if snat.is_some() {
-            tables.reserve_ports(mesh_common::SNAT_PORT_MIN, mesh_common::SNAT_PORT_MAX);
+            tables.reserve_ports(ports.min, ports.max);
+            match SnatPorts::ephemeral() {
+                Some(eph) if eph.overlaps(&ports) => warn!(
+                    snat_ports = %ports,
+                    ip_local_port_range = %eph,
+                    "the SNAT ports overlap the node's own connection ports: a node connection \
+                     and a SNATed flow to the same task may pick the same tuple (move --snat-ports \
+                     or net.ipv4.ip_local_port_range)"
+                ),
+                _ => {}
+            }
         }
         std::fs::create_dir_all(&cfg.run_dir).map_err(|source| AgentError::RunDir {
             path: cfg.run_dir.clone(),

@@ -332,8 +332,8 @@ pub struct Config {
     /// Source address for flows balanced to a task on another node (network order): the
     /// node's underlay address, where the remote task's replies come back to. 0 = none.
     pub snat_addr: u32,
-    /// SNAT source ports, host order, inclusive. Kept outside Linux's ephemeral range
-    /// (32768–60999) so they never collide with the node's own connections.
+    /// SNAT source ports, host order, inclusive (`mesh-agent run --snat-ports`). Kept outside
+    /// the node's `ip_local_port_range` so they never collide with its own connections.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
     /// Port (host order) the embedded DNS server really listens on at 127.0.0.11 in tasks;
@@ -346,9 +346,15 @@ pub struct Config {
 /// The embedded DNS server's address in every task (network order when loaded natively).
 pub const DNS_ADDR: [u8; 4] = [127, 0, 0, 11];
 
-/// Default SNAT port range (above `net.ipv4.ip_local_port_range`'s default 32768–60999).
-pub const SNAT_PORT_MIN: u16 = 61_000;
-pub const SNAT_PORT_MAX: u16 = 65_535;
+/// Default SNAT port range: 22,768 ports below `net.ipv4.ip_local_port_range`'s default
+/// 32768–60999 (the node's own connections) and above the ports node services commonly listen
+/// on. The SNAT tuples are per backend; a backend's task keeps each closed one in TIME_WAIT
+/// for 60 s, and a tuple reused sooner by a client whose TCP timestamp is older is refused
+/// (PAWS) until the client retries after 1 s, so a wide range matters under connection churn
+/// (Swarm's and kube-proxy's masquerade use 1024–65535, with conntrack to avoid the node's
+/// own connections).
+pub const SNAT_PORT_MIN: u16 = 10_000;
+pub const SNAT_PORT_MAX: u16 = 32_767;
 
 /// Key of the `TASK_NETS` map.
 #[repr(C)]

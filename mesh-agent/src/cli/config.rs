@@ -15,6 +15,7 @@
 //! no_dns = false
 //! dns_upstreams = ["10.0.0.2:53"]
 //! reach = "cluster"         # local | cluster
+//! snat_ports = "10000-32767"
 //! resync_ms = 2000
 //! metrics_addr = "127.0.0.1:9464"  # or "none"
 //! log = "info"              # a tracing filter; reloaded on SIGHUP
@@ -31,7 +32,7 @@ use clap::{ArgMatches, parser::ValueSource};
 use serde::Deserialize;
 
 use super::{ReachArg, RunArgs, RuntimeArg};
-use crate::ebpf::Hook;
+use crate::ebpf::{Hook, SnatPorts};
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -48,6 +49,7 @@ pub struct FileConfig {
     pub no_dns: Option<bool>,
     pub dns_upstreams: Option<Vec<SocketAddr>>,
     pub reach: Option<ReachName>,
+    pub snat_ports: Option<String>,
     pub resync_ms: Option<u64>,
     pub metrics_addr: Option<String>,
     pub log: Option<String>,
@@ -121,6 +123,9 @@ pub fn parse(text: &str) -> Result<FileConfig, String> {
     if let Some(l) = &c.log {
         tracing_subscriber::EnvFilter::try_new(l).map_err(|e| format!("log: {e}"))?;
     }
+    if let Some(p) = &c.snat_ports {
+        p.parse::<SnatPorts>().map_err(|e| format!("snat_ports: {e}"))?;
+    }
     if c.resync_ms == Some(0) {
         return Err("resync_ms: must be at least 1".into());
     }
@@ -172,6 +177,8 @@ pub fn merge(args: &mut RunArgs, m: &ArgMatches, file: &FileConfig) {
             ReachName::Cluster => ReachArg::Cluster,
         })
     );
+    // Validated by `parse`.
+    take!("snat_ports", args.snat_ports, file.snat_ports.as_deref().and_then(|p| p.parse().ok()));
     take!("resync_ms", args.resync_ms, file.resync_ms);
     take!("metrics_addr", args.metrics_addr, file.metrics_addr.clone());
     take!("log", args.log, file.log.clone().map(Some));
@@ -227,6 +234,10 @@ pub fn restart_needed(running: &RunArgs, file: &FileConfig) -> Vec<&'static str>
     check("keep_datapath", file.keep_datapath.is_some_and(|k| k != running.keep_datapath));
     check("no_dns", file.no_dns.is_some_and(|k| k != running.no_dns));
     check("dns_upstreams", file.dns_upstreams.as_ref().is_some_and(|u| *u != running.dns_upstreams));
+    check(
+        "snat_ports",
+        file.snat_ports.as_deref().is_some_and(|p| p.parse::<SnatPorts>().ok() != Some(running.snat_ports)),
+    );
     check("resync_ms", file.resync_ms.is_some_and(|r| r != running.resync_ms));
     check("metrics_addr", file.metrics_addr.as_ref().is_some_and(|m| *m != running.metrics_addr));
     check(
@@ -279,6 +290,29 @@ mod tests {
         let a = run_args(&["mesh-agent", "run"], "resync_ms = 700\n");
         unsafe { std::env::remove_var("MESH_RESYNC_MS") };
         assert_eq!(a.resync_ms, 1234);
+    }
+
+    #[test]
+    fn snat_ports_from_flag_file_and_default() {
+        let dflt = SnatPorts::default();
+        assert_eq!(run_args(&["mesh-agent", "run"], "").snat_ports, dflt);
+        let a = run_args(&["mesh-agent", "run"], "snat_ports = \"40000-40999\"\n");
+        assert_eq!(a.snat_ports, SnatPorts { min: 40000, max: 40999 });
+        let a = run_args(&["mesh-agent", "run", "--snat-ports", "2000-2999"], "snat_ports = \"40000-40999\"\n");
+        assert_eq!(a.snat_ports, SnatPorts { min: 2000, max: 2999 }, "flag wins");
+        for bad in ["40000", "0-10", "9-8", "1-70000", "a-b"] {
+            let e = parse(&format!("snat_ports = \"{bad}\"\n")).unwrap_err();
+            assert!(e.starts_with("snat_ports: ") && e.contains(bad), "{bad}: {e}");
+        }
+        assert!(Cli::command().try_get_matches_from(["mesh-agent", "run", "--snat-ports", "9-8"]).is_err());
+        let running = run_args(&["mesh-agent", "run"], "");
+        let changed = parse("snat_ports = \"10000-32767\"\nresync_ms = 2000\n").unwrap();
+        assert_eq!(restart_needed(&running, &changed), Vec::<&str>::new(), "same as running");
+        let changed = parse("snat_ports = \"10000-20000\"\n").unwrap();
+        assert_eq!(restart_needed(&running, &changed), ["snat_ports"]);
+        // The default stays clear of Linux's default ephemeral range.
+        assert!(!dflt.overlaps(&SnatPorts { min: 32768, max: 60999 }));
+        assert!(SnatPorts { min: 30000, max: 32768 }.overlaps(&SnatPorts { min: 32768, max: 60999 }));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{
-    ebpf::Hook,
+    ebpf::{Hook, SnatPorts},
     source::swarm::{DockerEndpoint, SwarmError, TlsOptions},
     tables::Reach,
 };
@@ -116,6 +116,12 @@ pub struct RunArgs {
     /// Hook for published-port traffic on those interfaces.
     #[arg(long, env = "MESH_HOOK", value_enum, default_value_t = Hook::Xdp)]
     pub hook: Hook,
+    /// Source ports (MIN-MAX) of flows SNATed to tasks on other nodes, per backend: keep them
+    /// outside the node's net.ipv4.ip_local_port_range. A task keeps a closed tuple in
+    /// TIME_WAIT for 60 s, so the range bounds how many new connections per second one
+    /// backend takes from this node before tuples are reused early.
+    #[arg(long, env = "MESH_SNAT_PORTS", default_value_t = SnatPorts::default())]
+    pub snat_ports: SnatPorts,
     /// cgroup-v2 directory for socket-level LB of local clients ("none" disables it;
     /// default: the cgroup-v2 root).
     #[arg(long, env = "MESH_CGROUP")]
@@ -291,6 +297,7 @@ impl RunArgs {
         let mut cfg = crate::agent::AgentConfig::for_node(&node);
         cfg.interfaces = self.ifaces.clone();
         cfg.hook = self.hook;
+        cfg.snat_ports = self.snat_ports;
         cfg.pin_dir = self.node.pin_dir();
         cfg.run_dir = self.node.run_dir();
         if self.runtime == RuntimeArg::Docker && self.node.node.is_none() {

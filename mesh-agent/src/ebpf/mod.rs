@@ -29,6 +29,65 @@ use tracing::{info, warn};
 
 pub use maps::Maps;
 
+/// The SNAT source-port range (inclusive), `MIN-MAX` on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnatPorts {
+    pub min: u16,
+    pub max: u16,
+}
+
+impl Default for SnatPorts {
+    fn default() -> Self {
+        SnatPorts {
+            min: mesh_common::SNAT_PORT_MIN,
+            max: mesh_common::SNAT_PORT_MAX,
+        }
+    }
+}
+
+impl SnatPorts {
+    /// Does it share a port with `other` (e.g. the node's `ip_local_port_range`)?
+    pub fn overlaps(&self, other: &SnatPorts) -> bool {
+        self.min <= other.max && other.min <= self.max
+    }
+
+    /// `net.ipv4.ip_local_port_range` of the current network namespace: the ports its own
+    /// connections take.
+    pub fn ephemeral() -> Option<SnatPorts> {
+        let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+        let mut it = text.split_whitespace().map(|p| p.parse::<u16>().ok());
+        Some(SnatPorts { min: it.next()??, max: it.next()?? })
+    }
+}
+
+impl std::fmt::Display for SnatPorts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.min, self.max)
+    }
+}
+
+impl std::str::FromStr for SnatPorts {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, b) = s
+            .split_once('-')
+            .ok_or_else(|| format!("`{s}` is not a port range MIN-MAX (e.g. 10000-32767)"))?;
+        let port = |p: &str| {
+            p.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| format!("`{p}` in `{s}` is not a port 1-65535"))
+        };
+        let (min, max) = (port(a)?, port(b)?);
+        if min > max {
+            return Err(format!("`{s}`: the first port is above the second"));
+        }
+        Ok(SnatPorts { min, max })
+    }
+}
+
 /// The object built from `mesh-ebpf`, embedded at compile time (see `build.rs`).
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh.bpf.o"));
 
@@ -240,21 +299,22 @@ impl Datapath {
     /// Write the agent-wide settings: this netns's cookie (for the socket hooks) and the
     /// SNAT source for flows to tasks on other nodes.
     pub fn configure(&mut self, snat_addr: Option<std::net::Ipv4Addr>, node_scope: bool) -> Result<(), DatapathError> {
-        self.configure_dns(snat_addr, node_scope, 0)
+        self.configure_dns(snat_addr.map(|a| (a, SnatPorts::default())), node_scope, 0)
     }
 
     /// [`Datapath::configure`], plus the port the embedded DNS server listens on in tasks
     /// (0: port 53 itself, no redirect).
-    pub fn configure_dns(&mut self, snat_addr: Option<std::net::Ipv4Addr>, node_scope: bool, dns_port: u16) -> Result<(), DatapathError> {
+    pub fn configure_dns(&mut self, snat: Option<(std::net::Ipv4Addr, SnatPorts)>, node_scope: bool, dns_port: u16) -> Result<(), DatapathError> {
+        let ports = snat.map(|s| s.1).unwrap_or_default();
         // Without the node scope (under Docker, whose iptables steer published ports into its
         // ingress sandbox) the socket hooks act only in task namespaces.
         let cookie = if node_scope { netns_cookie()? } else { 0 };
         self.maps.set_config(mesh_common::Config {
             netns_cookie: cookie,
             flags: 0,
-            snat_addr: snat_addr.map(|a| u32::from_ne_bytes(a.octets())).unwrap_or(0),
-            snat_port_min: mesh_common::SNAT_PORT_MIN,
-            snat_port_max: mesh_common::SNAT_PORT_MAX,
+            snat_addr: snat.map(|(a, _)| u32::from_ne_bytes(a.octets())).unwrap_or(0),
+            snat_port_min: ports.min,
+            snat_port_max: ports.max,
             dns_port,
             _pad: 0,
         })

@@ -432,29 +432,70 @@ impl Bed {
 
     /// (SYN retransmits, retransmitted segments) of the client namespace so far.
     fn tcp_counters(&self) -> (u64, u64) {
-        util::within(&self.c.client.path(), || {
-            let get = |file: &str, table: &str, key: &str| -> u64 {
-                let text = std::fs::read_to_string(format!("/proc/thread-self/net/{file}"))
-                    .unwrap_or_default();
-                let rows: Vec<&str> = text
-                    .lines()
-                    .filter(|l| l.starts_with(&format!("{table}:")))
-                    .collect();
-                let (Some(h), Some(v)) = (rows.first(), rows.get(1)) else {
-                    return 0;
-                };
-                h.split_whitespace()
-                    .zip(v.split_whitespace())
-                    .find(|(k, _)| *k == key)
-                    .and_then(|(_, v)| v.parse().ok())
-                    .unwrap_or(0)
-            };
-            (
-                get("netstat", "TcpExt", "TCPSynRetrans"),
-                get("snmp", "Tcp", "RetransSegs"),
-            )
-        })
+        let c = ns_counters(&self.c.client.path());
+        let get = |k: &str| c.get(k).copied().unwrap_or(0);
+        (get("TcpExt.TCPSynRetrans"), get("Tcp.RetransSegs"))
     }
+
+    /// [`TASK_COUNTERS`] summed over the task namespaces so far: why a task answered a SYN
+    /// with something else than a SYN-ACK (or not at all).
+    fn task_counters(&self) -> BTreeMap<String, u64> {
+        let mut sum = BTreeMap::new();
+        for t in self.c.tasks.values() {
+            let c = ns_counters(&t.ns.path());
+            for k in TASK_COUNTERS {
+                *sum.entry(k.to_string()).or_insert(0) += c.get(k).copied().unwrap_or(0);
+            }
+        }
+        sum
+    }
+}
+
+/// Task-side TCP counters recorded per load (`task_tcp` in results.json): a SYN meeting a
+/// TIME_WAIT socket with an older timestamp (`PAWSTimewait`) or an unexpected one
+/// (`TCPChallengeACK`), a full accept queue (`ListenOverflows`, `ListenDrops`), resets sent.
+const TASK_COUNTERS: [&str; 7] = [
+    "TcpExt.PAWSTimewait",
+    "TcpExt.TCPChallengeACK",
+    "TcpExt.TCPSYNChallenge",
+    "TcpExt.TCPACKSkippedTimeWait",
+    "TcpExt.ListenOverflows",
+    "TcpExt.ListenDrops",
+    "Tcp.OutRsts",
+];
+
+/// Every `Table.Key` counter of /proc/net/{netstat,snmp} in the namespace at `path`.
+fn ns_counters(path: &Path) -> BTreeMap<String, u64> {
+    util::within(path, || {
+        let mut out = BTreeMap::new();
+        for file in ["netstat", "snmp"] {
+            let text = std::fs::read_to_string(format!("/proc/thread-self/net/{file}"))
+                .unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            for pair in lines.chunks_exact(2) {
+                let (Some((t, keys)), Some((_, vals))) =
+                    (pair[0].split_once(':'), pair[1].split_once(':'))
+                else {
+                    continue;
+                };
+                for (k, v) in keys.split_whitespace().zip(vals.split_whitespace()) {
+                    if let Ok(v) = v.parse() {
+                        out.insert(format!("{t}.{k}"), v);
+                    }
+                }
+            }
+        }
+        out
+    })
+}
+
+/// `after - before`, key by key.
+fn delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> Value {
+    after
+        .iter()
+        .map(|(k, v)| (k.clone(), json!(v.saturating_sub(before.get(k).copied().unwrap_or(0)))))
+        .collect::<serde_json::Map<String, Value>>()
+        .into()
 }
 
 impl Drop for Bed {
@@ -560,10 +601,12 @@ fn load(
     undisturbed(ctx, || {
         bed.fresh_source();
         let (s0, r0) = bed.tcp_counters();
+        let t0 = bed.task_counters();
         let mut v = util::wrk_once(ctx, bed.client_ns(), pins, url, conns, close, latency);
         let (s1, r1) = bed.tcp_counters();
         v["syn_retrans"] = json!(s1.saturating_sub(s0));
         v["retrans_segs"] = json!(r1.saturating_sub(r0));
+        v["task_tcp"] = delta(&t0, &bed.task_counters());
         v
     })
 }
@@ -990,7 +1033,23 @@ fn report(
         let (sk, _) = per_load("keepalive");
         let (sl, _) = per_load("latency");
         let (sr, _) = per_load("rr");
-        syn_total.insert(m.key(), (first_syn, sc, nc, sk + sl + sr));
+        // Why, seen from the tasks: their counters over every load of the mode.
+        let mut why = BTreeMap::<String, u64>::new();
+        for v in &runs {
+            for load in ["close", "keepalive", "latency"] {
+                if let Some(o) = v[load]["task_tcp"].as_object() {
+                    for (k, n) in o {
+                        *why.entry(k.clone()).or_insert(0) += n.as_u64().unwrap_or(0);
+                    }
+                }
+            }
+        }
+        let why: Vec<String> = why
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        syn_total.insert(m.key(), (first_syn, sc, nc, sk + sl + sr, why.join(", ")));
         syn_rows.push(vec![
             m.title().to_string(),
             setup.show(0),
@@ -1000,12 +1059,17 @@ fn report(
             (sk + sl + sr).to_string(),
         ]);
     }
-    for (mode, (first, sc, nc, other)) in &syn_total {
+    for (mode, (first, sc, nc, other, why)) in &syn_total {
         if first + sc + other > 0 {
+            let why = if why.is_empty() { "none".to_string() } else { why.clone() };
             ctx.out.finding(format!(
                 "{mode}, tasks on other nodes: the client retransmitted SYNs ({first} for the first connection after \
                  setup, {sc} in {} `Connection: close` connections, {other} in the other loads): a dropped SYN or \
-                 SYN-ACK is sent again after the 1 s initial RTO (per-round counts in results.json, `syn_retrans`).",
+                 SYN-ACK is sent again after the 1 s initial RTO (per-round counts in results.json, `syn_retrans`). \
+                 The tasks' TCP counters over the loads: {why} (`PAWSTimewait`: a SYN on a tuple the task still \
+                 holds in TIME_WAIT, with an older TCP timestamp than that tuple's last flow, i.e. from another \
+                 client address: answered with a bare ACK, so the client resets and retries after 1 s; \
+                 `task_tcp` in results.json).",
                 fmt_num(*nc as f64, 0)
             ));
         }
