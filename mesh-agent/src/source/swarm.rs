@@ -195,8 +195,9 @@ pub struct SwarmSource {
     /// Sandbox of each local container already inspected (a container's sandbox never
     /// changes; entries go on the container's events and on reconnection).
     sandboxes: HashMap<String, PathBuf>,
-    /// Mapping notes last logged.
+    /// Mapping notes and warnings last logged.
     notes: Vec<String>,
+    warnings: Vec<String>,
     /// The state's name for the node of the daemon talked to, as of the last sync.
     local_node: Option<String>,
 }
@@ -232,6 +233,7 @@ impl SwarmSource {
             last: Last::Nothing,
             sandboxes: HashMap::new(),
             notes: Vec::new(),
+            warnings: Vec::new(),
             local_node: None,
         }
     }
@@ -373,6 +375,7 @@ impl SwarmSource {
             file,
             local_node,
             notes,
+            warnings,
         } = map::map(&view);
         self.local_node = local_node;
         if notes != self.notes {
@@ -380,6 +383,12 @@ impl SwarmSource {
                 debug!("mapping: {n}");
             }
             self.notes = notes;
+        }
+        if warnings != self.warnings {
+            for w in &warnings {
+                warn!("swarm mapping: {w}");
+            }
+            self.warnings = warnings;
         }
         Ok(model::validate(file))
     }

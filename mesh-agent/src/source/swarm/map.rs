@@ -144,7 +144,11 @@ pub struct Mapping {
     pub file: StateFile,
     /// The name of [`ClusterView::local_node`] in the state, if it is there.
     pub local_node: Option<String>,
+    /// What was left out or adjusted (logged at debug level: expected of real swarms).
     pub notes: Vec<String>,
+    /// What was left out that a running cluster needs (logged as warnings): a ready node
+    /// whose hostname another ready node already has.
+    pub warnings: Vec<String>,
 }
 
 /// Containers whose sandbox the mapping needs: those of the local node's tasks that are
@@ -294,6 +298,7 @@ struct MappedTask {
 /// Map the API's view of a swarm onto the model (see the module doc for the rules).
 pub fn map(view: &ClusterView) -> Mapping {
     let mut notes = Vec::new();
+    let mut warnings = Vec::new();
 
     // ---- nodes -------------------------------------------------------------------------
     let mut node_order: Vec<&Node> = view.nodes.iter().collect();
@@ -340,6 +345,17 @@ pub fn map(view: &ClusterView) -> Mapping {
             continue;
         };
         if let Some(other) = nodes.iter().find(|o| o.name == name) {
+            let ready = n.status.as_ref().and_then(|s| s.state) == Some(NodeState::READY);
+            if ready && other.address != address {
+                // Not a re-joined node's stale copy: two live hosts share a hostname, and the
+                // tasks of this one are not served.
+                warnings.push(format!(
+                    "node {} ({address}) is ready but its hostname `{name}` is also node {}'s: \
+                     left out with its tasks (give the hosts distinct hostnames)",
+                    short(id),
+                    other.address
+                ));
+            }
             notes.push(format!(
                 "node {}: name `{name}` is taken by a preferred node ({}): left out with its \
                  tasks",
@@ -925,5 +941,6 @@ pub fn map(view: &ClusterView) -> Mapping {
             tasks,
         },
         notes,
+        warnings,
     }
 }

@@ -739,6 +739,27 @@ fn duplicate_and_addressless_nodes() {
         .collect();
     assert_eq!(nodes, [("mgr", ip("10.231.0.9")), ("vm", ip("10.231.0.1"))]);
     assert!(!s.tasks.contains_key("oncopy0000000000000000001"));
+    assert_eq!(map(&v).warnings, Vec::<String>::new(), "a re-joined node's stale copy is expected");
+}
+
+#[test]
+fn two_ready_hosts_with_one_hostname_are_a_warning() {
+    let mut v = base();
+    // A second live host that was given the same hostname: its tasks are not served, which
+    // the operator must hear about (not only at debug level).
+    v.nodes.push(node(
+        "twin00000000000000000001",
+        "vm",
+        "10.231.0.7",
+        NodeState::READY,
+        1,
+    ));
+    let m = map(&v);
+    let nodes: Vec<_> = m.file.nodes.iter().map(|n| (n.name.as_str(), n.address)).collect();
+    assert_eq!(nodes, [("vm", ip("10.231.0.1"))], "the most recently updated one is kept");
+    assert_eq!(m.warnings.len(), 1, "{:?}", m.warnings);
+    let w = &m.warnings[0];
+    assert!(w.contains("10.231.0.7") && w.contains("10.231.0.1") && w.contains("`vm`"), "{w}");
 }
 
 #[test]
