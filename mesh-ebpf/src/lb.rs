@@ -7,7 +7,7 @@ use mesh_common::{
     fe_flags, reason,
 };
 
-use aya_ebpf::helpers::bpf_get_prandom_u32;
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 
 use aya_ebpf::maps::lpm_trie::Key as LpmKey;
 
@@ -134,8 +134,9 @@ pub struct Origin {
 }
 
 /// A SNAT source port (network order) for a flow to `be_addr:be_port`: one whose reply tuple
-/// is not in conntrack yet (random start, a few linear probes), or else the first probed one
-/// whose flow has closed both ways ([`ct_flags::CLOSING`] on both entries): its forward
+/// is not in conntrack yet (random start, a few linear probes), or else, of the probed ones
+/// whose flow has closed both ways ([`ct_flags::CLOSING`] on both entries), the one closed
+/// longest ago (its task's TIME_WAIT for that tuple is the likeliest to be over): its forward
 /// entry is removed and the reply entry is overwritten by the caller.
 #[inline(always)]
 fn snat_port(snat_addr: u32, min: u16, max: u16, be_addr: u32, be_port: u16, proto: u8) -> Result<u16, u32> {
@@ -145,7 +146,10 @@ fn snat_port(snat_addr: u32, min: u16, max: u16, be_addr: u32, be_port: u16, pro
     let range = (max - min) as u32 + 1;
     // SAFETY: plain helper call.
     let start = unsafe { bpf_get_prandom_u32() } % range;
-    let mut reclaim: Option<(u16, CtKey)> = None;
+    // (port, forward key, closed for) of the best port to reclaim so far.
+    let mut reclaim: Option<(u16, CtKey, u32)> = None;
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
     for i in 0..SNAT_TRIES {
         let p = (min as u32 + (start + i) % range) as u16;
         let rk = CtKey {
@@ -158,7 +162,7 @@ fn snat_port(snat_addr: u32, min: u16, max: u16, be_addr: u32, be_port: u16, pro
         };
         match ct_lookup4(&rk) {
             None => return Ok(p.to_be()),
-            Some(rev) if reclaim.is_none() && rev.flags & ct_flags::CLOSING != 0 => {
+            Some(rev) if ct_flags::closed_for(rev.flags, now) > reclaim.map_or(0, |r| r.2) => {
                 // The forward entry's key: the client tuple the reply entry restores.
                 let fk = CtKey {
                     saddr: rev.daddr,
@@ -173,14 +177,14 @@ fn snat_port(snat_addr: u32, min: u16, max: u16, be_addr: u32, be_port: u16, pro
                     None => true,
                 };
                 if closed {
-                    reclaim = Some((p, fk));
+                    reclaim = Some((p, fk, ct_flags::closed_for(rev.flags, now)));
                 }
             }
             Some(_) => {}
         }
     }
     match reclaim {
-        Some((p, fk)) => {
+        Some((p, fk, _)) => {
             let _ = CONNTRACK.remove(&fk);
             count(reason::SNAT_RECLAIMED);
             Ok(p.to_be())
@@ -197,8 +201,10 @@ fn ct_mark_closing(key: &CtKey, ct: &CtEntry, closing: u8) {
     if closing == CLOSE_NONE {
         return;
     }
+    // SAFETY: plain helper call.
+    let stamp = ct_flags::CLOSING | ct_flags::closed_at(unsafe { bpf_ktime_get_ns() });
     if ct.flags & ct_flags::CLOSING == 0 {
-        ct_set_closing(key);
+        ct_set_closing(key, stamp);
     }
     if closing == CLOSE_RST {
         let peer = CtKey {
@@ -209,15 +215,23 @@ fn ct_mark_closing(key: &CtKey, ct: &CtEntry, closing: u8) {
             proto: key.proto,
             _pad: [0; 3],
         };
-        ct_set_closing(&peer);
+        ct_set_closing(&peer, stamp);
     }
 }
 
+/// Mark `key`'s entry closing with `stamp` (CLOSING | closed_at), once: a later FIN or RST
+/// keeps the first stamp.
 #[inline(always)]
-fn ct_set_closing(key: &CtKey) {
+fn ct_set_closing(key: &CtKey, stamp: u32) {
     if let Some(p) = CONNTRACK.get_ptr_mut(key) {
-        // SAFETY: a live map value; a racing writer can only set the same bit.
-        unsafe { (*p).flags |= ct_flags::CLOSING };
+        // SAFETY: a live map value; racing writers can only write a stamp of about the same
+        // time.
+        unsafe {
+            let f = (*p).flags;
+            if f & ct_flags::CLOSING == 0 {
+                (*p).flags = (f & ct_flags::FLAG_MASK) | stamp;
+            }
+        }
     }
 }
 

@@ -456,6 +456,12 @@ fn remote_backend_flows_are_snated_to_the_node_and_replies_come_back() {
 
 /// One task on another node (every flow is SNATed) and a SNAT range of one port.
 fn one_port_snat_fixture() -> Fixture {
+    snat_fixture(1)
+}
+
+/// One task on another node (every flow is SNATed) and a SNAT range of `ports` ports from
+/// 61000.
+fn snat_fixture(ports: u16) -> Fixture {
     let mut f = Fixture::new();
     f.dp()
         .maps
@@ -464,12 +470,12 @@ fn one_port_snat_fixture() -> Fixture {
             flags: 0,
             snat_addr: u32::from_ne_bytes(NODE.octets()),
             snat_port_min: 61_000,
-            snat_port_max: 61_000,
+            snat_port_max: 61_000 + ports - 1,
             dns_port: 0,
             _pad: 0,
         })
         .unwrap();
-    f.tables.reserve_ports(61_000, 61_000);
+    f.tables.reserve_ports(61_000, 61_000 + ports - 1);
     // One task, on another node: every flow is SNATed to it.
     let mut s = state(1, &[1]);
     s.tasks = s.tasks.into_iter().map(|(k, t)| (k, Task { node: "n2".into(), ..t })).collect();
@@ -508,6 +514,42 @@ fn a_reset_from_either_side_frees_the_snat_port() {
         let p = checked(&out);
         assert_eq!(p.sport, 61_000, "task_resets={task_resets}: the reset flow's port is reclaimed");
         assert_eq!(f.verdict("snat_reclaimed"), 1);
+    }
+}
+
+/// With every SNAT port held by a closed flow, a new flow takes the port closed longest ago:
+/// its task's TIME_WAIT for that tuple is the likeliest to be over (a SYN meeting it with an
+/// older TCP timestamp, from another client, is refused until the client retries 1 s later).
+#[test]
+fn the_snat_port_closed_longest_ago_is_reclaimed_first() {
+    // Three times each way: the probes start at a random port, so a policy that ignores the
+    // stamps would still pass one try in two.
+    for older_first in [true, false, true, false, true, false] {
+        let mut f = snat_fixture(2);
+        let mut flows = Vec::new();
+        for sport in [40_001, 40_002] {
+            let (_, out) = client_to_node(&mut f, sport, TCP_SYN);
+            let p = checked(&out);
+            flows.push((sport, p.sport, p.dst));
+        }
+        assert_ne!(flows[0].1, flows[1].1, "two flows, two ports");
+        if !older_first {
+            flows.reverse();
+        }
+        // Close the first flow both ways, then (stamps count 16.8 ms units) the second.
+        for (i, (sport, port, task)) in flows.iter().enumerate() {
+            if i > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(60));
+            }
+            client_to_node(&mut f, *sport, TCP_FIN | TCP_ACK);
+            f.xdp(&Frame::tcp(*task, 80, NODE, *port, TCP_FIN | TCP_ACK).build());
+        }
+        let (_, out) = client_to_node(&mut f, 40_003, TCP_SYN);
+        assert_eq!(checked(&out).sport, flows[0].1, "older_first={older_first}: the port closed first");
+        assert_eq!(f.verdict("snat_reclaimed"), 1);
+        // And the port closed later for the next flow.
+        let (_, out) = client_to_node(&mut f, 40_004, TCP_SYN);
+        assert_eq!(checked(&out).sport, flows[1].1);
     }
 }
 
