@@ -44,6 +44,9 @@ pub struct AgentConfig {
     pub reach: Reach,
     /// Retry period for tasks that could not be attached, and node-address refresh.
     pub resync: Duration,
+    /// Period of the full reconcile against the kernel (drift repair) when nothing waits
+    /// for a retry; checked on resync ticks.
+    pub reconcile: Duration,
     pub runtime: Runtime,
     /// Where to serve /metrics, /healthz, /readyz (`None`: nowhere).
     pub metrics_addr: Option<std::net::SocketAddr>,
@@ -81,6 +84,7 @@ impl AgentConfig {
             keep_datapath: false,
             reach: Reach::LocalOnly,
             resync: Duration::from_secs(2),
+            reconcile: FULL_RESYNC,
             runtime: Runtime::Mesh,
             metrics_addr: None,
             swarm_service: None,
@@ -340,7 +344,8 @@ pub struct Agent {
 }
 
 /// Without pending retries, a resync tick reconciles everything (links, overlays, maps)
-/// only this often: an idle agent then costs next to nothing between changes.
+/// only this often by default (`--reconcile-ms`): an idle agent then costs next to nothing
+/// between changes.
 pub const FULL_RESYNC: Duration = Duration::from_secs(30);
 
 impl Agent {
@@ -526,9 +531,9 @@ impl Agent {
     }
 
     /// Should a resync tick reconcile now: something is waiting to be retried, or the last
-    /// full reconcile is [`FULL_RESYNC`] old.
+    /// full reconcile is [`AgentConfig::reconcile`] old.
     pub fn resync_due(&self) -> bool {
-        self.retry || self.last_full.elapsed() >= FULL_RESYNC
+        self.retry || self.last_full.elapsed() >= self.cfg.reconcile
     }
 
     pub fn state(&self) -> &Arc<State> {
@@ -955,7 +960,7 @@ pub async fn run(
                 agent.refresh_node_addrs().await;
                 // Retries what failed (a namespace that did not exist yet, a netlink error);
                 // otherwise everything is re-checked against the kernel only every
-                // FULL_RESYNC (drift repair), so an idle agent stays idle.
+                // cfg.reconcile (drift repair), so an idle agent stays idle.
                 if agent.resync_due() {
                     let s = agent.state().clone();
                     agent.apply(s).await;

@@ -17,6 +17,7 @@
 //! reach = "cluster"         # local | cluster
 //! snat_ports = "10000-32767"
 //! resync_ms = 2000
+//! reconcile_ms = 30000      # full drift repair when idle
 //! metrics_addr = "127.0.0.1:9464"  # or "none"
 //! log = "info"              # a tracing filter; reloaded on SIGHUP
 //! # under a real Docker Swarm:
@@ -51,6 +52,7 @@ pub struct FileConfig {
     pub reach: Option<ReachName>,
     pub snat_ports: Option<String>,
     pub resync_ms: Option<u64>,
+    pub reconcile_ms: Option<u64>,
     pub metrics_addr: Option<String>,
     pub log: Option<String>,
     pub log_format: Option<String>,
@@ -180,6 +182,7 @@ pub fn merge(args: &mut RunArgs, m: &ArgMatches, file: &FileConfig) {
     // Validated by `parse`.
     take!("snat_ports", args.snat_ports, file.snat_ports.as_deref().and_then(|p| p.parse().ok()));
     take!("resync_ms", args.resync_ms, file.resync_ms);
+    take!("reconcile_ms", args.reconcile_ms, file.reconcile_ms);
     take!("metrics_addr", args.metrics_addr, file.metrics_addr.clone());
     take!("log", args.log, file.log.clone().map(Some));
     take!(
@@ -239,6 +242,7 @@ pub fn restart_needed(running: &RunArgs, file: &FileConfig) -> Vec<&'static str>
         file.snat_ports.as_deref().is_some_and(|p| p.parse::<SnatPorts>().ok() != Some(running.snat_ports)),
     );
     check("resync_ms", file.resync_ms.is_some_and(|r| r != running.resync_ms));
+    check("reconcile_ms", file.reconcile_ms.is_some_and(|r| r != running.reconcile_ms));
     check("metrics_addr", file.metrics_addr.as_ref().is_some_and(|m| *m != running.metrics_addr));
     check(
         "runtime",
@@ -275,8 +279,11 @@ mod tests {
 
     #[test]
     fn flags_beat_the_file_and_the_file_beats_defaults() {
-        let file = "state = \"/from/file.yaml\"\nhook = \"tc\"\nresync_ms = 700\nifaces = [\"eth9\"]\nreach = \"cluster\"\n";
+        let file = "state = \"/from/file.yaml\"\nhook = \"tc\"\nresync_ms = 700\nifaces = [\"eth9\"]\nreach = \"cluster\"\nreconcile_ms = 5000\n";
         let a = run_args(&["mesh-agent", "run", "--hook", "xdp"], file);
+        assert_eq!(a.reconcile_ms, 5000, "file beats the default");
+        assert_eq!(run_args(&["mesh-agent", "run"], "").reconcile_ms, 30_000);
+        assert_eq!(run_args(&["mesh-agent", "run", "--reconcile-ms", "900"], file).reconcile_ms, 900);
         assert_eq!(a.state.as_deref(), Some(Path::new("/from/file.yaml")), "file fills what flags left");
         assert_eq!(a.hook, Hook::Xdp, "flag wins");
         assert_eq!(a.resync_ms, 700, "file beats the default");

@@ -139,10 +139,14 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_REACH", value_enum, default_value_t = ReachArg::Local)]
     pub reach: ReachArg,
     /// Period of retries (what failed or waits for a namespace) and node-address refresh, in
-    /// milliseconds. Without anything to retry, a full reconcile against the kernel (drift
-    /// repair) runs every 30 s.
+    /// milliseconds.
     #[arg(long, env = "MESH_RESYNC_MS", default_value_t = 2000)]
     pub resync_ms: u64,
+    /// Period of the full reconcile against the kernel (drift repair: links, overlays, maps
+    /// someone else changed) when nothing waits for a retry, in milliseconds; it runs on a
+    /// resync tick, so never more often than --resync-ms.
+    #[arg(long, env = "MESH_RECONCILE_MS", default_value_t = crate::agent::FULL_RESYNC.as_millis() as u64)]
+    pub reconcile_ms: u64,
     /// Address of the /metrics, /healthz, /readyz endpoint ("none" disables it).
     #[arg(long, env = "MESH_METRICS_ADDR", default_value = "127.0.0.1:9464")]
     pub metrics_addr: String,
@@ -314,6 +318,7 @@ impl RunArgs {
         cfg.keep_datapath = self.keep_datapath;
         cfg.reach = self.reach.into();
         cfg.resync = Duration::from_millis(self.resync_ms.max(100));
+        cfg.reconcile = Duration::from_millis(self.reconcile_ms);
         cfg.metrics_addr = match self.metrics_addr.as_str() {
             "none" | "" => None,
             a => a.parse().ok(),
