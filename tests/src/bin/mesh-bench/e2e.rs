@@ -1310,39 +1310,11 @@ fn report(ctx: &mut Ctx, rounds: Vec<BTreeMap<&'static str, Value>>) -> Section 
         noise,
         if std::path::Path::new("/proc/net/ip_vs").exists() { " (NOTE: /proc/net/ip_vs exists on this run)" } else { " (no /proc/net/ip_vs)" }
     ));
-    md.push_str("**New connections** (wrk -t1 -c16, `Connection: close`)\n\n");
-    md.push_str(&md_table(
-        &[
-            "mode",
-            "conn/s",
-            "× direct",
-            "CPU µs per conn",
-            "µs above direct",
-        ],
+    md.push_str(&util::md_load_tables(
         &rows_conn,
-    ));
-    md.push_str("\n**Keep-alive requests** (wrk -t1 -c16)\n\n");
-    md.push_str(&md_table(
-        &[
-            "mode",
-            "req/s",
-            "× direct",
-            "CPU µs per req",
-            "µs above direct",
-        ],
         &rows_ka,
-    ));
-    md.push_str(&format!(
-        "\n**Latency, one connection** (wrk -t1 -c1 --latency){}\n\n",
-        if ctx.quick {
-            "; --quick leaves out the one-backend runs"
-        } else {
-            ""
-        }
-    ));
-    md.push_str(&md_table(
-        &["mode", "p50 µs", "p50 above direct, µs", "p99 µs"],
         &rows_lat,
+        if ctx.quick { "; --quick leaves out the one-backend runs" } else { "" },
     ));
     md.push_str("\n**Bulk, one TCP stream** (iperf3 -t, to task 4 in every mode)\n\n");
     md.push_str(&md_table(&["mode", "Gbit/s", "× direct"], &rows_bulk));

@@ -1211,33 +1211,7 @@ fn report(
             " (no /proc/net/ip_vs)"
         }
     ));
-    md.push_str("**New connections** (wrk -t1 -c16, `Connection: close`)\n\n");
-    md.push_str(&md_table(
-        &[
-            "mode",
-            "conn/s",
-            "× direct",
-            "CPU µs per conn",
-            "µs above direct",
-        ],
-        &rows_conn,
-    ));
-    md.push_str("\n**Keep-alive requests** (wrk -t1 -c16)\n\n");
-    md.push_str(&md_table(
-        &[
-            "mode",
-            "req/s",
-            "× direct",
-            "CPU µs per req",
-            "µs above direct",
-        ],
-        &rows_ka,
-    ));
-    md.push_str("\n**Latency, one connection** (wrk -t1 -c1 --latency)\n\n");
-    md.push_str(&md_table(
-        &["mode", "p50 µs", "p50 above direct, µs", "p99 µs"],
-        &rows_lat,
-    ));
+    md.push_str(&util::md_load_tables(&rows_conn, &rows_ka, &rows_lat, ""));
     md.push_str(
         "\n**Round robin**: 30 sequential requests (one curl, a new connection each) through A, answers per task \
          (task@node), each round\n\n",

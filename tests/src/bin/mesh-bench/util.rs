@@ -558,6 +558,26 @@ pub fn md_table(header: &[&str], rows: &[Vec<String>]) -> String {
     s
 }
 
+/// The three load tables both end-to-end scenarios print, one row per mode: new connections
+/// (`conn`: mode, conn/s, × direct, CPU µs per conn, µs above direct), keep-alive requests
+/// (`ka`, the same per request) and one-connection latency (`lat`: mode, p50, p50 above
+/// direct, p99), whose title gets `lat_note` appended.
+pub fn md_load_tables(conn: &[Vec<String>], ka: &[Vec<String>], lat: &[Vec<String>], lat_note: &str) -> String {
+    let mut md = String::from("**New connections** (wrk -t1 -c16, `Connection: close`)\n\n");
+    md.push_str(&md_table(
+        &["mode", "conn/s", "× direct", "CPU µs per conn", "µs above direct"],
+        conn,
+    ));
+    md.push_str("\n**Keep-alive requests** (wrk -t1 -c16)\n\n");
+    md.push_str(&md_table(
+        &["mode", "req/s", "× direct", "CPU µs per req", "µs above direct"],
+        ka,
+    ));
+    md.push_str(&format!("\n**Latency, one connection** (wrk -t1 -c1 --latency){lat_note}\n\n"));
+    md.push_str(&md_table(&["mode", "p50 µs", "p50 above direct, µs", "p99 µs"], lat));
+    md
+}
+
 pub fn yes_no(m: Option<bool>) -> &'static str {
     match m {
         Some(true) => "yes",
