@@ -467,6 +467,22 @@ impl CtKey {
     }
 }
 
+impl CtEntry {
+    /// The conntrack key of packets coming back along the tuple this entry rewrites to (its
+    /// tuple reversed): the other direction's entry of the same flow.
+    #[inline(always)]
+    pub const fn peer_key(&self, proto: u8) -> CtKey {
+        CtKey {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
 impl TrafficStats {
     /// Sum of per-CPU values.
     pub fn add(&mut self, o: &TrafficStats) {

@@ -162,25 +162,21 @@ fn snat_port(snat_addr: u32, min: u16, max: u16, be_addr: u32, be_port: u16, pro
         };
         match ct_lookup4(&rk) {
             None => return Ok(p.to_be()),
-            Some(rev) if ct_flags::closed_for(rev.flags, now) > reclaim.map_or(0, |r| r.2) => {
+            Some(rev) => {
+                let age = ct_flags::closed_for(rev.flags, now);
+                if age <= reclaim.map_or(0, |r| r.2) {
+                    continue;
+                }
                 // The forward entry's key: the client tuple the reply entry restores.
-                let fk = CtKey {
-                    saddr: rev.daddr,
-                    daddr: rev.saddr,
-                    sport: rev.dport,
-                    dport: rev.sport,
-                    proto,
-                    _pad: [0; 3],
-                };
+                let fk = rev.peer_key(proto);
                 let closed = match ct_lookup4(&fk) {
                     Some(fwd) => fwd.flags & ct_flags::CLOSING != 0,
                     None => true,
                 };
                 if closed {
-                    reclaim = Some((p, fk, ct_flags::closed_for(rev.flags, now)));
+                    reclaim = Some((p, fk, age));
                 }
             }
-            Some(_) => {}
         }
     }
     match reclaim {
@@ -198,24 +194,18 @@ fn snat_port(snat_addr: u32, min: u16, max: u16, be_addr: u32, be_port: u16, pro
 /// other direction too: its key is the rewritten tuple of this one, reversed.
 #[inline(always)]
 fn ct_mark_closing(key: &CtKey, ct: &CtEntry, closing: u8) {
-    if closing == CLOSE_NONE {
+    let first = ct.flags & ct_flags::CLOSING == 0;
+    // Nothing to mark: no FIN/RST, or a FIN on an entry already closing.
+    if closing == CLOSE_NONE || (!first && closing != CLOSE_RST) {
         return;
     }
     // SAFETY: plain helper call.
     let stamp = ct_flags::CLOSING | ct_flags::closed_at(unsafe { bpf_ktime_get_ns() });
-    if ct.flags & ct_flags::CLOSING == 0 {
+    if first {
         ct_set_closing(key, stamp);
     }
     if closing == CLOSE_RST {
-        let peer = CtKey {
-            saddr: ct.daddr,
-            daddr: ct.saddr,
-            sport: ct.dport,
-            dport: ct.sport,
-            proto: key.proto,
-            _pad: [0; 3],
-        };
-        ct_set_closing(&peer, stamp);
+        ct_set_closing(&ct.peer_key(key.proto), stamp);
     }
 }
 
@@ -273,14 +263,7 @@ pub fn ct_create4(
         backend_id: be_id,
         flags: ct_flags::FORWARD,
     };
-    let rev_key = CtKey {
-        saddr: be.addr,
-        daddr: saddr,
-        sport: be_port,
-        dport: sport,
-        proto: key.proto,
-        _pad: [0; 3],
-    };
+    let rev_key = fwd.peer_key(key.proto);
     let rev = CtEntry {
         saddr: key.daddr,
         daddr: key.saddr,
