@@ -17,7 +17,7 @@ use tracing::{error, info, info_span, warn, Instrument};
 
 use crate::{
     attach::{Attacher, Netlink, NetlinkError},
-    ebpf::{Datapath, DatapathError, Hook, SnatPorts},
+    ebpf::{Datapath, DatapathError, Hook, PortRange},
     model::State,
     source::{Source, SourceError, SourceEvent},
     tables::{self, Reach, Tables},
@@ -32,7 +32,7 @@ pub struct AgentConfig {
     pub interfaces: Vec<String>,
     pub hook: Hook,
     /// Source ports of flows SNATed to tasks on other nodes.
-    pub snat_ports: SnatPorts,
+    pub snat_ports: PortRange,
     /// bpffs directory of the pinned maps.
     pub pin_dir: PathBuf,
     /// Directory for the catalog that `status` reads (ids → names).
@@ -77,7 +77,7 @@ impl AgentConfig {
             node: node.to_string(),
             interfaces: Vec::new(),
             hook: Hook::Xdp,
-            snat_ports: SnatPorts::default(),
+            snat_ports: PortRange::default(),
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/mesh/{node}")),
             run_dir: PathBuf::from(format!("/run/mesh/{node}")),
             cgroup: crate::ebpf::default_cgroup(),
@@ -391,7 +391,7 @@ impl Agent {
         dp.configure_dns(snat.map(|a| (a, ports)), true, dns_port)?;
         if snat.is_some() {
             tables.reserve_ports(ports.min, ports.max);
-            match SnatPorts::ephemeral() {
+            match PortRange::ephemeral() {
                 Some(eph) if eph.overlaps(&ports) => warn!(
                     snat_ports = %ports,
                     ip_local_port_range = %eph,

@@ -33,7 +33,7 @@ use clap::{ArgMatches, parser::ValueSource};
 use serde::Deserialize;
 
 use super::{ReachArg, RunArgs, RuntimeArg};
-use crate::ebpf::{Hook, SnatPorts};
+use crate::ebpf::{Hook, PortRange};
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -126,7 +126,7 @@ pub fn parse(text: &str) -> Result<FileConfig, String> {
         tracing_subscriber::EnvFilter::try_new(l).map_err(|e| format!("log: {e}"))?;
     }
     if let Some(p) = &c.snat_ports {
-        p.parse::<SnatPorts>().map_err(|e| format!("snat_ports: {e}"))?;
+        p.parse::<PortRange>().map_err(|e| format!("snat_ports: {e}"))?;
     }
     if c.resync_ms == Some(0) {
         return Err("resync_ms: must be at least 1".into());
@@ -239,7 +239,7 @@ pub fn restart_needed(running: &RunArgs, file: &FileConfig) -> Vec<&'static str>
     check("dns_upstreams", file.dns_upstreams.as_ref().is_some_and(|u| *u != running.dns_upstreams));
     check(
         "snat_ports",
-        file.snat_ports.as_deref().is_some_and(|p| p.parse::<SnatPorts>().ok() != Some(running.snat_ports)),
+        file.snat_ports.as_deref().is_some_and(|p| p.parse::<PortRange>().ok() != Some(running.snat_ports)),
     );
     check("resync_ms", file.resync_ms.is_some_and(|r| r != running.resync_ms));
     check("reconcile_ms", file.reconcile_ms.is_some_and(|r| r != running.reconcile_ms));
@@ -301,12 +301,12 @@ mod tests {
 
     #[test]
     fn snat_ports_from_flag_file_and_default() {
-        let dflt = SnatPorts::default();
+        let dflt = PortRange::default();
         assert_eq!(run_args(&["mesh-agent", "run"], "").snat_ports, dflt);
         let a = run_args(&["mesh-agent", "run"], "snat_ports = \"40000-40999\"\n");
-        assert_eq!(a.snat_ports, SnatPorts { min: 40000, max: 40999 });
+        assert_eq!(a.snat_ports, PortRange { min: 40000, max: 40999 });
         let a = run_args(&["mesh-agent", "run", "--snat-ports", "2000-2999"], "snat_ports = \"40000-40999\"\n");
-        assert_eq!(a.snat_ports, SnatPorts { min: 2000, max: 2999 }, "flag wins");
+        assert_eq!(a.snat_ports, PortRange { min: 2000, max: 2999 }, "flag wins");
         for bad in ["40000", "0-10", "9-8", "1-70000", "a-b"] {
             let e = parse(&format!("snat_ports = \"{bad}\"\n")).unwrap_err();
             assert!(e.starts_with("snat_ports: ") && e.contains(bad), "{bad}: {e}");
@@ -318,8 +318,8 @@ mod tests {
         let changed = parse("snat_ports = \"10000-20000\"\n").unwrap();
         assert_eq!(restart_needed(&running, &changed), ["snat_ports"]);
         // The default stays clear of Linux's default ephemeral range.
-        assert!(!dflt.overlaps(&SnatPorts { min: 32768, max: 60999 }));
-        assert!(SnatPorts { min: 30000, max: 32768 }.overlaps(&SnatPorts { min: 32768, max: 60999 }));
+        assert!(!dflt.overlaps(&PortRange { min: 32768, max: 60999 }));
+        assert!(PortRange { min: 30000, max: 32768 }.overlaps(&PortRange { min: 32768, max: 60999 }));
     }
 
     #[test]

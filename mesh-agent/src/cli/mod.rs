@@ -11,7 +11,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{
-    ebpf::{Hook, SnatPorts},
+    ebpf::{Hook, PortRange},
     source::swarm::{DockerEndpoint, SwarmError, TlsOptions},
     tables::Reach,
 };
@@ -120,8 +120,8 @@ pub struct RunArgs {
     /// outside the node's net.ipv4.ip_local_port_range. A task keeps a closed tuple in
     /// TIME_WAIT for 60 s, so the range bounds how many new connections per second one
     /// backend takes from this node before tuples are reused early.
-    #[arg(long, env = "MESH_SNAT_PORTS", default_value_t = SnatPorts::default())]
-    pub snat_ports: SnatPorts,
+    #[arg(long, env = "MESH_SNAT_PORTS", default_value_t = PortRange::default())]
+    pub snat_ports: PortRange,
     /// cgroup-v2 directory for socket-level LB of local clients ("none" disables it;
     /// default: the cgroup-v2 root).
     #[arg(long, env = "MESH_CGROUP")]

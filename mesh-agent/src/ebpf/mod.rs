@@ -29,44 +29,46 @@ use tracing::{info, warn};
 
 pub use maps::Maps;
 
-/// The SNAT source-port range (inclusive), `MIN-MAX` on the command line.
+/// An inclusive port range, `MIN-MAX` on the command line: the SNAT source ports
+/// (`--snat-ports`; its default is [`mesh_common::SNAT_PORT_MIN`]..=`SNAT_PORT_MAX`), or the
+/// node's `ip_local_port_range`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SnatPorts {
+pub struct PortRange {
     pub min: u16,
     pub max: u16,
 }
 
-impl Default for SnatPorts {
+impl Default for PortRange {
     fn default() -> Self {
-        SnatPorts {
+        PortRange {
             min: mesh_common::SNAT_PORT_MIN,
             max: mesh_common::SNAT_PORT_MAX,
         }
     }
 }
 
-impl SnatPorts {
+impl PortRange {
     /// Does it share a port with `other` (e.g. the node's `ip_local_port_range`)?
-    pub fn overlaps(&self, other: &SnatPorts) -> bool {
+    pub fn overlaps(&self, other: &PortRange) -> bool {
         self.min <= other.max && other.min <= self.max
     }
 
     /// `net.ipv4.ip_local_port_range` of the current network namespace: the ports its own
     /// connections take.
-    pub fn ephemeral() -> Option<SnatPorts> {
+    pub fn ephemeral() -> Option<PortRange> {
         let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
         let mut it = text.split_whitespace().map(|p| p.parse::<u16>().ok());
-        Some(SnatPorts { min: it.next()??, max: it.next()?? })
+        Some(PortRange { min: it.next()??, max: it.next()?? })
     }
 }
 
-impl std::fmt::Display for SnatPorts {
+impl std::fmt::Display for PortRange {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}-{}", self.min, self.max)
     }
 }
 
-impl std::str::FromStr for SnatPorts {
+impl std::str::FromStr for PortRange {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
@@ -84,7 +86,7 @@ impl std::str::FromStr for SnatPorts {
         if min > max {
             return Err(format!("`{s}`: the first port is above the second"));
         }
-        Ok(SnatPorts { min, max })
+        Ok(PortRange { min, max })
     }
 }
 
@@ -299,12 +301,12 @@ impl Datapath {
     /// Write the agent-wide settings: this netns's cookie (for the socket hooks) and the
     /// SNAT source for flows to tasks on other nodes.
     pub fn configure(&mut self, snat_addr: Option<std::net::Ipv4Addr>, node_scope: bool) -> Result<(), DatapathError> {
-        self.configure_dns(snat_addr.map(|a| (a, SnatPorts::default())), node_scope, 0)
+        self.configure_dns(snat_addr.map(|a| (a, PortRange::default())), node_scope, 0)
     }
 
     /// [`Datapath::configure`], plus the port the embedded DNS server listens on in tasks
     /// (0: port 53 itself, no redirect).
-    pub fn configure_dns(&mut self, snat: Option<(std::net::Ipv4Addr, SnatPorts)>, node_scope: bool, dns_port: u16) -> Result<(), DatapathError> {
+    pub fn configure_dns(&mut self, snat: Option<(std::net::Ipv4Addr, PortRange)>, node_scope: bool, dns_port: u16) -> Result<(), DatapathError> {
         let ports = snat.map(|s| s.1).unwrap_or_default();
         // Without the node scope (under Docker, whose iptables steer published ports into its
         // ingress sandbox) the socket hooks act only in task namespaces.
