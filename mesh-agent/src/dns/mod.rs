@@ -1,7 +1,8 @@
 //! Embedded DNS: a resolver on 127.0.0.11:53 (UDP and TCP) inside every attached task.
 //!
 //! Each task gets its own listeners, bound inside its network namespace: TCP served by a
-//! hickory-server [`Server`], UDP by our own loop (`udp.rs`) that answers plain queries for
+//! hickory-server [`Server`], UDP by our own loop (`udp.rs`, every task's loop on one DNS
+//! thread with a current-thread runtime of its own) that answers plain queries for
 //! local names straight from the index and hands everything else to the same
 //! [`RequestHandler`](hickory_server::server::RequestHandler). The handler knows which task
 //! it serves: the asker is identified by its listener, never by the packet's source address. Answers come from an in-memory index (`index.rs`) built from the
@@ -196,6 +197,9 @@ pub struct Dns {
 
 struct Inner {
     shared: Arc<Shared>,
+    /// Where the UDP loops run (`None`: on the caller's runtime, if the thread could not
+    /// start).
+    udp_rt: Option<UdpRuntime>,
     /// Serialises attach/detach (held across their awaits).
     ops: tokio::sync::Mutex<()>,
     tasks: Mutex<HashMap<String, Attached>>,
@@ -206,6 +210,38 @@ struct Attached {
     resolv: Option<resolv::Written>,
 }
 
+/// The thread every task's UDP loop runs on: a current-thread tokio runtime of its own. A
+/// query's wake-up goes from epoll straight to its loop, with no work-stealing scheduler in
+/// between, and a burst of queries never queues behind the agent's control work (nor the
+/// other way round). The slow path (forwards) runs there too; TCP stays on the agent's
+/// runtime. The thread ends, and its loops with it, when the last clone of [`Dns`] goes.
+struct UdpRuntime {
+    handle: tokio::runtime::Handle,
+    /// Dropped with [`Inner`]: the thread's `block_on` returns and drops the runtime.
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl UdpRuntime {
+    fn start() -> io::Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = rt.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("mesh-dns-udp".into())
+            .spawn(move || {
+                rt.block_on(async {
+                    let _ = stopped.await;
+                });
+            })?;
+        Ok(Self {
+            handle,
+            _stop: stop,
+        })
+    }
+}
+
 /// One task's listeners: hickory's server for TCP, our UDP loop (`udp.rs`).
 struct Listeners {
     tcp: Server<TaskHandler>,
@@ -214,9 +250,15 @@ struct Listeners {
 
 impl Dns {
     pub fn new(cfg: DnsConfig) -> Self {
+        let udp_rt = UdpRuntime::start()
+            .inspect_err(|e| {
+                tracing::warn!(error = %e, "cannot start the DNS UDP thread; serving UDP on the agent's runtime")
+            })
+            .ok();
         Self {
             inner: Arc::new(Inner {
                 shared: Arc::new(Shared::new(cfg)),
+                udp_rt,
                 ops: tokio::sync::Mutex::new(()),
                 tasks: Mutex::new(HashMap::new()),
             }),
@@ -331,8 +373,13 @@ impl Dns {
         };
         udp.set_nonblocking(true).map_err(reg)?;
         tcp.set_nonblocking(true).map_err(reg)?;
-        let udp = UdpSocket::from_std(udp).map_err(reg)?;
         let tcp = TcpListener::from_std(tcp).map_err(reg)?;
+        // The UDP socket registers with the runtime that will poll it.
+        let udp_rt = self.inner.udp_rt.as_ref().map(|r| r.handle.clone());
+        let udp = {
+            let _in = udp_rt.as_ref().map(|h| h.enter());
+            UdpSocket::from_std(udp).map_err(reg)?
+        };
         let handler = TaskHandler {
             shared: self.inner.shared.clone(),
             task: Arc::from(task.id.as_str()),
@@ -340,7 +387,10 @@ impl Dns {
         };
         let mut server = Server::new(handler.clone());
         server.register_listener(tcp, self.inner.shared.cfg.tcp_idle_timeout, 32);
-        let udp = tokio::spawn(udp::serve(udp, handler));
+        let udp = match &udp_rt {
+            Some(h) => h.spawn(udp::serve(udp, handler)),
+            None => tokio::spawn(udp::serve(udp, handler)),
+        };
         Ok(Listeners { tcp: server, udp })
     }
 

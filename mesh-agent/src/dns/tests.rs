@@ -1198,7 +1198,23 @@ async fn malformed_queries_get_errors_and_never_stop_the_server() {
             let _ = s.write_all(&payload).await;
         }
     }
-    // Still answering, over both transports.
+    // Still answering, over both transports. The UDP loop runs on its own thread: let it
+    // finish the garbage still queued first (a full receive queue drops new datagrams, and
+    // this query is asked once, without a resolver's retries).
+    let handled = |st: &crate::dns::DnsStats| {
+        st.dropped + st.responses.formerr + st.responses.notimp + st.responses.noerror
+    };
+    let mut last = handled(&dns.stats());
+    let mut quiet = 0;
+    for _ in 0..250 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = handled(&dns.stats());
+        quiet = if now == last { quiet + 1 } else { 0 };
+        last = now;
+        if quiet == 3 {
+            break;
+        }
+    }
     assert_eq!(a(c, "web").await, ips(&["10.0.1.2"]));
     let m = tcp_msg(c, &query_bytes("tasks.web", RecordType::A, None)).await;
     assert_eq!(a_of(&m), ips(&["10.0.1.10", "10.0.1.11"]));
@@ -1591,4 +1607,42 @@ async fn udp_fast_path_leaves_unusual_queries_to_the_general_path() {
     dns.update(Arc::new(big));
     assert!(!udp::fast_answer(&h, &query_bytes("tasks.web.", RecordType::A, None), &mut out));
     assert!(udp::fast_answer(&h, &query_bytes("tasks.web.", RecordType::A, Some(4096)), &mut out));
+}
+
+/// UDP is served by the DNS thread, not the caller's runtime: a current-thread test runtime
+/// that is blocked still gets its answers. Dropping the last `Dns` ends that thread's loops
+/// and closes the socket (its port can be bound again).
+#[tokio::test(flavor = "current_thread")]
+async fn udp_runs_on_the_dns_thread_and_stops_with_the_last_dns() {
+    let up = upstream(Up::Answer).await;
+    let dns = Dns::new(cfg(vec![up.addr]));
+    let st = fixture();
+    dns.update(Arc::new(st.clone()));
+    let c = serve(&dns, &st, "c1").await;
+    // Block this runtime's only thread while a plain std socket asks: only the DNS thread
+    // can answer.
+    let q = query_bytes("web", RecordType::A, None);
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind client");
+    sock.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    sock.send_to(&q, c).expect("send");
+    let mut buf = [0u8; 512];
+    let (n, _) = sock
+        .recv_from(&mut buf)
+        .expect("answered while the caller's runtime is blocked");
+    let m = Message::from_vec(&buf[..n]).expect("decode");
+    assert_eq!(a_of(&m), ips(&["10.0.1.2"]));
+    drop(dns);
+    let mut rebound = false;
+    for _ in 0..100 {
+        if std::net::UdpSocket::bind(c).is_ok() {
+            rebound = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        rebound,
+        "the UDP socket {c} is still open after the last Dns was dropped"
+    );
 }

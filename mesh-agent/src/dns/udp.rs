@@ -158,8 +158,16 @@ pub(crate) async fn serve(sock: UdpSocket, handler: TaskHandler) {
             tracing::warn!(task = %handler.task, error = %e, "DNS UDP socket failed; no longer serving UDP");
             return;
         }
-        let n = match sock.try_io(tokio::io::Interest::READABLE, || b.recv(fd)) {
+        // A short batch means the queue was empty when the kernel looked: report WouldBlock
+        // so tokio clears the readiness now (a datagram arriving since raises a new edge),
+        // instead of asking the kernel once more only to hear EAGAIN.
+        let mut got = 0;
+        let n = match sock.try_io(tokio::io::Interest::READABLE, || {
+            got = b.recv(fd)?;
+            if got < BATCH { Err(io::ErrorKind::WouldBlock.into()) } else { Ok(got) }
+        }) {
             Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => got,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) if matches!(e.kind(), io::ErrorKind::NotConnected | io::ErrorKind::ConnectionAborted) => {
                 tracing::warn!(task = %handler.task, error = %e, "DNS UDP socket failed; no longer serving UDP");
