@@ -268,7 +268,28 @@ mod tests {
     use super::*;
     use crate::cli::{Cli, Command};
 
+    /// clap reads the environment of every flag that has `env`: a test that sets a MESH_*
+    /// variable holds this for writing, every other parse for reading.
+    static ENV: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
     fn run_args(argv: &[&str], file: &str) -> RunArgs {
+        let _env = ENV.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        run_args_unlocked(argv, file)
+    }
+
+    /// `f` with `key` set in the environment, no parse running meanwhile.
+    fn with_env<T>(key: &str, value: &str, f: impl FnOnce() -> T) -> T {
+        let _env = ENV.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // SAFETY: tests change the environment only here, under the write lock, and read
+        // it only through parses holding the read lock.
+        unsafe { std::env::set_var(key, value) };
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        // SAFETY: as above.
+        unsafe { std::env::remove_var(key) };
+        r.unwrap_or_else(|p| std::panic::resume_unwind(p))
+    }
+
+    fn run_args_unlocked(argv: &[&str], file: &str) -> RunArgs {
         let m = Cli::command().try_get_matches_from(argv).unwrap();
         let cli = Cli::from_arg_matches(&m).unwrap();
         let Command::Run(mut args) = cli.command else { panic!("run") };
@@ -291,11 +312,10 @@ mod tests {
         assert_eq!(a.reach, ReachArg::Cluster);
         let a = run_args(&["mesh-agent", "run", "--state", "/flag.yaml"], file);
         assert_eq!(a.state.as_deref(), Some(Path::new("/flag.yaml")));
-        // The environment beats the file (one test: the process environment is shared).
-        // SAFETY: no other test reads or writes this variable.
-        unsafe { std::env::set_var("MESH_RESYNC_MS", "1234") };
-        let a = run_args(&["mesh-agent", "run"], "resync_ms = 700\n");
-        unsafe { std::env::remove_var("MESH_RESYNC_MS") };
+        // The environment beats the file.
+        let a = with_env("MESH_RESYNC_MS", "1234", || {
+            run_args_unlocked(&["mesh-agent", "run"], "resync_ms = 700\n")
+        });
         assert_eq!(a.resync_ms, 1234);
     }
 
@@ -421,11 +441,10 @@ mod tests {
         assert_eq!(restart_needed(&a, &changed), ["docker_manager"]);
         assert!(restart_needed(&a, &parse("docker_manager = \"/run/flag-mgr.sock\"\n").unwrap()).is_empty());
         assert!(parse("docker_manager = 1\n").unwrap_err().contains("docker_manager"));
-        // The environment (one test: the process environment is shared).
-        // SAFETY: no other test reads or writes this variable.
-        unsafe { std::env::set_var("MESH_DOCKER_MANAGER", "unix:///run/env-mgr.sock") };
-        let a = run_args(&["mesh-agent", "run"], file);
-        unsafe { std::env::remove_var("MESH_DOCKER_MANAGER") };
+        // The environment.
+        let a = with_env("MESH_DOCKER_MANAGER", "unix:///run/env-mgr.sock", || {
+            run_args_unlocked(&["mesh-agent", "run"], file)
+        });
         assert_eq!(a.docker_manager().unwrap(), Some(unix("/run/env-mgr.sock")));
         // A bad host is named.
         let a = run_args(&["mesh-agent", "run", "--docker-manager", "ssh://mgr"], "");
