@@ -69,9 +69,10 @@ impl Batch {
         }
     }
 
-    /// recvmmsg(2), non-blocking: the number of datagrams received.
-    fn recv(&mut self, fd: i32) -> io::Result<usize> {
-        for i in 0..BATCH {
+    /// recvmmsg(2) of at most `want` (≤ [`BATCH`]) datagrams, non-blocking: how many came.
+    fn recv(&mut self, fd: i32, want: usize) -> io::Result<usize> {
+        let want = want.clamp(1, BATCH);
+        for i in 0..want {
             self.iov[i] = libc::iovec {
                 iov_base: self.bufs[i].as_mut_ptr().cast(),
                 iov_len: MAX_QUERY,
@@ -81,7 +82,7 @@ impl Batch {
         }
         // SAFETY: every header points at buffers owned by `self` that outlive the call.
         let n = unsafe {
-            libc::recvmmsg(fd, self.hdrs.as_mut_ptr(), BATCH as u32, libc::MSG_DONTWAIT, std::ptr::null_mut())
+            libc::recvmmsg(fd, self.hdrs.as_mut_ptr(), want as u32, libc::MSG_DONTWAIT, std::ptr::null_mut())
         };
         if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
     }
@@ -151,6 +152,7 @@ pub(crate) async fn serve(sock: UdpSocket, handler: TaskHandler) {
     let sock = Arc::new(sock);
     let fd = sock.as_raw_fd();
     let mut b = Batch::new();
+    let mut want = BATCH;
     let mut slow = JoinSet::new();
     let mut scratch = Vec::with_capacity(512);
     loop {
@@ -160,15 +162,25 @@ pub(crate) async fn serve(sock: UdpSocket, handler: TaskHandler) {
         }
         // A short batch means the queue was empty when the kernel looked: report WouldBlock
         // so tokio clears the readiness now (a datagram arriving since raises a new edge),
-        // instead of asking the kernel once more only to hear EAGAIN.
+        // instead of asking the kernel once more only to hear EAGAIN. After such a batch
+        // the next query likely comes alone: ask for one, so its answer is not held up by
+        // the kernel looking for a second (a full batch of one asks for a whole batch next).
         let mut got = 0;
         let n = match sock.try_io(tokio::io::Interest::READABLE, || {
-            got = b.recv(fd)?;
-            if got < BATCH { Err(io::ErrorKind::WouldBlock.into()) } else { Ok(got) }
+            got = b.recv(fd, want)?;
+            if got < want { Err(io::ErrorKind::WouldBlock.into()) } else { Ok(got) }
         }) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => got,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Ok(n) => {
+                want = BATCH;
+                n
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                want = 1;
+                if got == 0 {
+                    continue;
+                }
+                got
+            }
             Err(e) if matches!(e.kind(), io::ErrorKind::NotConnected | io::ErrorKind::ConnectionAborted) => {
                 tracing::warn!(task = %handler.task, error = %e, "DNS UDP socket failed; no longer serving UDP");
                 return;
