@@ -234,7 +234,7 @@ pub mod ct_flags {
         if flags & CLOSING == 0 {
             return 0;
         }
-        let now = ((now_ns >> CLOSED_AT_UNIT_LOG2) as u32) & STAMP_MASK;
+        let now = closed_at(now_ns) >> CLOSED_AT_SHIFT;
         // At least 1: a closing entry beats an open one however recent.
         let age = now.wrapping_sub(flags >> CLOSED_AT_SHIFT) & STAMP_MASK;
         if age == 0 { 1 } else { age }

@@ -1627,11 +1627,8 @@ async fn udp_fast_path_leaves_unusual_queries_to_the_general_path() {
 /// and closes the socket (its port can be bound again).
 #[tokio::test(flavor = "current_thread")]
 async fn udp_runs_on_the_dns_thread_and_stops_with_the_last_dns() {
-    let up = upstream(Up::Answer).await;
-    let dns = Dns::new(cfg(vec![up.addr]));
-    let st = fixture();
-    dns.update(Arc::new(st.clone()));
-    let c = serve(&dns, &st, "c1").await;
+    let (dns, s, _up) = setup(&["c1"]).await;
+    let c = s[0];
     // Block this runtime's only thread while a plain std socket asks: only the DNS thread
     // can answer.
     let q = query_bytes("web", RecordType::A, None);
