@@ -494,6 +494,14 @@ impl TrafficStats {
     }
 }
 
+const _: () = {
+    let mut i = 0;
+    while i < maps::ALL.len() {
+        assert!(maps::ALL[i].len() <= 15, "map name longer than BPF_OBJ_NAME_LEN - 1");
+        i += 1;
+    }
+};
+
 #[cfg(test)]
 mod ct_stamp_tests {
     use super::ct_flags::*;
@@ -512,11 +520,3 @@ mod ct_stamp_tests {
         }
     }
 }
-
-const _: () = {
-    let mut i = 0;
-    while i < maps::ALL.len() {
-        assert!(maps::ALL[i].len() <= 15, "map name longer than BPF_OBJ_NAME_LEN - 1");
-        i += 1;
-    }
-};
