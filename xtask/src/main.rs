@@ -76,6 +76,21 @@ enum Task {
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     c.current_dir(workspace_root());
+    // `cargo run` gave xtask its own package's variables; build scripts that track them
+    // (ring tracks CARGO_MANIFEST_DIR) would otherwise rebuild on every switch between
+    // `cargo xtask ...` and a plain `cargo build`.
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k == "CARGO_MANIFEST_DIR"
+            || k == "CARGO_MANIFEST_PATH"
+            || k == "CARGO_CRATE_NAME"
+            || k == "CARGO_BIN_NAME"
+            || k == "CARGO_PRIMARY_PACKAGE"
+            || k.starts_with("CARGO_PKG_")
+        {
+            c.env_remove(&*k);
+        }
+    }
     c
 }
 
@@ -96,22 +111,39 @@ fn require_root(why: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn build(release: bool) -> anyhow::Result<PathBuf> {
+/// The agent binary just built, and the eBPF object it embeds.
+struct Built {
+    bin: PathBuf,
+    obj: PathBuf,
+}
+
+impl Built {
+    /// A cargo command that builds the agent the same way: every cargo run after `build`
+    /// passes the same MESH_EBPF_OBJECT, or the agent's build script would see the variable
+    /// change and the agent would be rebuilt (and relinked) by each of them.
+    fn cargo(&self) -> Command {
+        let mut c = cargo();
+        c.env("MESH_EBPF_OBJECT", &self.obj);
+        c
+    }
+}
+
+fn build(release: bool) -> anyhow::Result<Built> {
     let obj = build_ebpf().map_err(|e| anyhow::anyhow!("{e}"))?;
     println!("eBPF object: {}", obj.display());
-    let mut c = cargo();
-    c.args(["build", "-p", "mesh-agent"]);
-    if release {
-        c.arg("--release");
-    }
-    // The object was just built: the agent's build script reuses it.
-    c.env("MESH_EBPF_OBJECT", &obj);
-    run(c)?;
     let bin = workspace_root()
         .join("target")
         .join(if release { "release" } else { "debug" })
         .join("mesh-agent");
-    Ok(bin)
+    // The object was just built: the agent's build script reuses it.
+    let built = Built { bin, obj };
+    let mut c = built.cargo();
+    c.args(["build", "-p", "mesh-agent"]);
+    if release {
+        c.arg("--release");
+    }
+    run(c)?;
+    Ok(built)
 }
 
 fn main() -> ExitCode {
@@ -128,26 +160,27 @@ fn real_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.task {
         Task::Build { release } => {
-            let bin = build(release)?;
-            println!("agent: {}", bin.display());
+            let built = build(release)?;
+            println!("agent: {}", built.bin.display());
         }
         Task::Test { unit, args } => {
             require_root("the test suite (BPF_PROG_TEST_RUN, network namespaces)")?;
-            let bin = build(false)?;
+            let built = build(false)?;
+            let bin = &built.bin;
             // Unit tests: pure logic, checksum math, and the real programs through
             // BPF_PROG_TEST_RUN (each test loads its own copy; they run in parallel).
-            let mut c = cargo();
+            let mut c = built.cargo();
             c.args(["test", "-p", "mesh-common", "-p", "mesh-agent", "-p", "xtask"])
-                .env("MESH_AGENT_BIN", &bin)
+                .env("MESH_AGENT_BIN", bin)
                 .arg("--")
                 .args(&args);
             run(c)?;
             if !unit {
                 // Integration: real agents in namespaces. One at a time: they share the
                 // machine's cgroup hooks and CPU, and timing-sensitive checks stay honest.
-                let mut c = cargo();
+                let mut c = built.cargo();
                 c.args(["test", "-p", "mesh-tests"])
-                    .env("MESH_AGENT_BIN", &bin)
+                    .env("MESH_AGENT_BIN", bin)
                     .arg("--")
                     .arg("--test-threads=1")
                     .args(&args);
@@ -156,15 +189,15 @@ fn real_main() -> anyhow::Result<()> {
         }
         Task::Demo { args } => {
             require_root("the demo (it attaches eBPF programs and creates namespaces)")?;
-            let bin = build(true)?;
-            let mut c = Command::new(bin);
+            let built = build(true)?;
+            let mut c = Command::new(&built.bin);
             c.arg("demo").args(&args);
             run(c)?;
         }
         Task::Image { tag, rootfs_only } => {
-            let bin = build(true)?;
+            let built = build(true)?;
             let tag = tag.unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string());
-            let tar = xtask::image::rootfs(&bin, &workspace_root().join("target/image"))
+            let tar = xtask::image::rootfs(&built.bin, &workspace_root().join("target/image"))
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             if rootfs_only {
                 println!("{}", tar.display());
@@ -174,20 +207,20 @@ fn real_main() -> anyhow::Result<()> {
         }
         Task::Cluster { nodes } => {
             require_root("the cluster test bed (namespaces, eBPF)")?;
-            let bin = build(false)?;
-            let mut c = cargo();
+            let built = build(false)?;
+            let mut c = built.cargo();
             c.args(["run", "-p", "mesh-tests", "--bin", "mesh-cluster", "--"])
                 .arg("--nodes")
                 .arg(nodes.to_string())
-                .env("MESH_AGENT_BIN", &bin);
+                .env("MESH_AGENT_BIN", &built.bin);
             run(c)?;
         }
         Task::Bench { quick, only, out } => {
             require_root("the benchmarks")?;
-            let bin = build(true)?;
-            let mut c = cargo();
+            let built = build(true)?;
+            let mut c = built.cargo();
             c.args(["run", "--release", "-p", "mesh-tests", "--bin", "mesh-bench", "--"])
-                .env("MESH_AGENT_BIN", &bin);
+                .env("MESH_AGENT_BIN", &built.bin);
             if quick {
                 c.arg("--quick");
             }
