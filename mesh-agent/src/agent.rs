@@ -159,6 +159,40 @@ async fn sandbox_interfaces(sbox: &Path) -> Result<Vec<String>, AgentError> {
     Ok(v)
 }
 
+/// Let the ingress sandbox's interfaces forward, per device and over rtnetlink (the agent's
+/// container has /proc/sys read-only). The TC program routes rewritten packets with
+/// `bpf_fib_lookup`, which refuses (FWD_DISABLED) on an ingress device that does not forward;
+/// a sandbox copies its settings from the host's namespace when Docker creates it, so a host
+/// with forwarding off (or a dockerd outside the host's namespace) leaves it off. Rewritten
+/// packets the kernel gets back (no route answer) have the sandbox's own address as source:
+/// `accept_local` on, and `rp_filter` off on the device, let them through.
+async fn sandbox_forwarding(sbox: &Path, ifaces: &[String]) -> Result<(), String> {
+    use crate::attach::netlink::ipv4_conf::{ACCEPT_LOCAL, FORWARDING, RP_FILTER};
+    let path = sbox.to_path_buf();
+    let ifaces = ifaces.to_vec();
+    tokio::task::spawn_blocking(move || {
+        crate::netns::run_in(&path, move || -> Result<(), String> {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+            rt.block_on(async {
+                let nl = Netlink::open().map_err(|e| e.to_string())?;
+                for name in &ifaces {
+                    let l = nl.link(name).await.map_err(|e| e.to_string())?.ok_or_else(|| format!("{name}: no such link"))?;
+                    nl.set_ipv4_conf(l.index, &[(FORWARDING, 1), (ACCEPT_LOCAL, 1), (RP_FILTER, 0)])
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                // The effective rp_filter is the higher of the device's and `all`'s; only
+                // /proc/sys reaches `all` (best effort: read-only in a container).
+                let _ = std::fs::write("/proc/sys/net/ipv4/conf/all/rp_filter", "0");
+                Ok(())
+            })
+        })
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?
+}
+
 /// The sandbox's interface on Docker's gateway bridge (the one not on the ingress network):
 /// its address and MAC, and the host-side veth leading to it (and that bridge's MAC).
 /// The ingress sandbox's veth on Docker's gateway bridge, as the data path sees it, and its
@@ -461,18 +495,10 @@ impl Agent {
             // interfaces get the TC program (forward on the gateway-bridge side, replies on
             // the ingress-overlay side).
             let ifaces = sandbox_interfaces(sbox).await?;
+            if let Err(e) = sandbox_forwarding(sbox, &ifaces).await {
+                warn!(sandbox = %sbox.display(), error = %e, "cannot enable forwarding in the ingress sandbox: published ports will not reach tasks");
+            }
             for iface in &ifaces {
-                let path = sbox.clone();
-                let name = iface.clone();
-                let _ = tokio::task::spawn_blocking(move || {
-                    crate::netns::run_in(&path, move || {
-                        for (knob, v) in [("accept_local", "1"), ("rp_filter", "0")] {
-                            let _ = std::fs::write(format!("/proc/sys/net/ipv4/conf/{name}/{knob}"), v);
-                        }
-                        let _ = std::fs::write("/proc/sys/net/ipv4/conf/all/rp_filter", "0");
-                    })
-                })
-                .await;
                 agent.dp.attach_ingress_in(sbox, iface, Hook::Tc)?;
             }
             // External clients: XDP on the node's interfaces (given, or the default route's).

@@ -125,7 +125,18 @@ fn mesh_as_a_swarm_global_service_with_a_hitless_rolling_update() {
         }
         r
     }) {
-        panic!("published port never answered through the deployed agent:\n{}\n{}", d.docker_ok(&["service", "ps", "--no-trunc", "mesh_agent"]), logs(&d));
+        let st = Command::new(env!("CARGO_BIN_EXE_mesh-agent"))
+            .args(["status", "--json", "--pin-dir", &format!("/sys/fs/bpf/mesh/{node}"), "--run-dir", "/nonexistent"])
+            .output()
+            .unwrap();
+        let cg = Command::new("bpftool").args(["cgroup", "tree", "/sys/fs/cgroup/unified"]).output().unwrap();
+        panic!(
+            "published port never answered through the deployed agent:\n{}\nSTATUS {}\nCGROUP {}\n{}",
+            d.docker_ok(&["service", "ps", "--no-trunc", "mesh_agent"]),
+            String::from_utf8_lossy(&st.stdout),
+            String::from_utf8_lossy(&cg.stdout),
+            logs(&d)
+        );
     }
     let mut t: BTreeMap<String, usize> = BTreeMap::new();
     for _ in 0..30 {

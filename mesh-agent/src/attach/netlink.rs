@@ -9,9 +9,18 @@ use rtnetlink::{
     Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder,
     packet_route::{
         address::AddressAttribute,
-        link::{InfoData, InfoVeth, LinkAttribute, LinkMessage},
+        link::{AfSpecInet, AfSpecUnspec, InfoData, InfoVeth, LinkAttribute, LinkMessage},
     },
 };
+use netlink_packet_core::DefaultNla;
+
+/// Per-device IPv4 settings for [`Netlink::set_ipv4_conf`]: `IPV4_DEVCONF_*` ids
+/// (include/uapi/linux/ip.h).
+pub mod ipv4_conf {
+    pub const FORWARDING: u16 = 1;
+    pub const RP_FILTER: u16 = 8;
+    pub const ACCEPT_LOCAL: u16 = 23;
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {
@@ -197,6 +206,24 @@ impl Netlink {
     pub async fn set_up(&self, index: u32) -> Result<(), NetlinkError> {
         let msg = LinkUnspec::new_with_index(index).up().build();
         self.set_link(msg, "set up", format!("#{index}")).await
+    }
+
+    /// Set per-device IPv4 settings (`net.ipv4.conf.<dev>.*`, by [`ipv4_conf`] id) of link
+    /// `index` over rtnetlink (RTM_SETLINK, IFLA_AF_SPEC → AF_INET → IFLA_INET_CONF): this
+    /// works where /proc/sys is mounted read-only, as in the agent's container.
+    pub async fn set_ipv4_conf(&self, index: u32, conf: &[(u16, u32)]) -> Result<(), NetlinkError> {
+        let mut nested = Vec::with_capacity(conf.len() * 8);
+        for &(id, v) in conf {
+            nested.extend_from_slice(&8u16.to_ne_bytes());
+            nested.extend_from_slice(&id.to_ne_bytes());
+            nested.extend_from_slice(&v.to_ne_bytes());
+        }
+        const IFLA_INET_CONF: u16 = 1;
+        const NLA_F_NESTED: u16 = 0x8000;
+        let inet = AfSpecInet::Other(DefaultNla::new(IFLA_INET_CONF | NLA_F_NESTED, nested));
+        let mut msg = LinkUnspec::new_with_index(index).build();
+        msg.attributes.push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet(vec![inet])]));
+        self.set_link(msg, "set IPv4 settings of", format!("#{index}")).await
     }
 
     /// RTM_SETLINK with `msg`; an error names `op` and the link.
