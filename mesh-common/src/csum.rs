@@ -34,6 +34,29 @@ pub const fn replace4(check: u16, from: u32, to: u32) -> u16 {
     !fold(sum)
 }
 
+/// The checksum difference of a 32-bit field changing from `from` to `to`: the ones'-complement
+/// sum of `~from` and `to`, folded to 16 bits. Differences add with [`add_diff`]; the TC
+/// programs hand one to `bpf_l4_csum_replace` in its diff mode (field size 0), which applies
+/// it the way the skb's checksum state requires (CHECKSUM_PARTIAL included).
+#[inline(always)]
+pub const fn diff4(from: u32, to: u32) -> u32 {
+    let nf = !from;
+    fold((nf & 0xffff) as u64 + (nf >> 16) as u64 + (to & 0xffff) as u64 + (to >> 16) as u64) as u32
+}
+
+/// Sum of two differences from [`diff4`].
+#[inline(always)]
+pub const fn add_diff(a: u32, b: u32) -> u32 {
+    fold(a as u64 + b as u64) as u32
+}
+
+/// A checksum with a difference from [`diff4`] applied (what the kernel does for a checksum
+/// that covers the changed bytes): equals [`replace4`] for one field.
+#[inline(always)]
+pub const fn apply_diff(check: u16, diff: u32) -> u16 {
+    !fold((!check) as u64 + diff as u64)
+}
+
 /// UDP variant of [`replace4`]: a zero checksum means "none" and stays zero; a computed zero
 /// is sent as 0xffff (RFC 768).
 #[inline(always)]
@@ -143,6 +166,16 @@ mod tests {
             s2[2..4].copy_from_slice(&p.to_be_bytes());
             assert_eq!(u16::from_be(c), ipv4_l4(src, dst, 6, &s2), "port {p}");
         }
+    }
+
+    #[test]
+    fn diffs_add_up_to_the_replacements_they_stand_for() {
+        let (c, a0, a1, b0, b1) = (0x1c46u16, 0x0200_12c6u32, 0x0b01_000au32, 0x901f_40c4u32, 0x5000_40c4u32);
+        for (from, to) in [(a0, a1), (b0, b1), (0, u32::MAX), (u32::MAX, 0), (a1, a1)] {
+            assert_eq!(apply_diff(c, diff4(from, to)), replace4(c, from, to), "{from:#x} -> {to:#x}");
+        }
+        let both = add_diff(diff4(a0, a1), diff4(b0, b1));
+        assert_eq!(apply_diff(c, both), replace4(replace4(c, a0, a1), b0, b1));
     }
 
     #[test]

@@ -10,11 +10,8 @@ pub const ETH_LEN: usize = EthHdr::LEN;
 const ETH_P_IP: u16 = 0x0800;
 /// Offsets inside the IPv4 header.
 pub const IP_CSUM_OFF: usize = 10;
-pub const IP_SRC_OFF: usize = 12;
-pub const IP_DST_OFF: usize = 16;
 /// Offsets inside the L4 header.
 pub const L4_SPORT_OFF: usize = 0;
-pub const L4_DPORT_OFF: usize = 2;
 pub const TCP_CSUM_OFF: usize = 16;
 pub const UDP_CSUM_OFF: usize = 6;
 
