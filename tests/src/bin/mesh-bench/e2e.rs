@@ -903,6 +903,63 @@ pub(crate) fn per_round(
     }
 }
 
+/// Per round, `mode`'s CPU per request above direct as a share of `base`'s (both on `load`),
+/// over the rounds where the three runs were clean (all rounds when none was; `.1` is then
+/// false). Both balance the same tasks, so this compares like with like; 0.2 is "5× less".
+pub(crate) fn share_above_direct(
+    rounds: &[BTreeMap<&'static str, Value>],
+    mode: &str,
+    base: &str,
+    load: &str,
+) -> (Stat, bool) {
+    let shares = |only_clean: bool| -> Vec<f64> {
+        rounds
+            .iter()
+            .filter_map(|r| {
+                let (m, b, d) = (r.get(mode)?, r.get(base)?, r.get("direct")?);
+                if only_clean && !(clean(m, load) && clean(b, load) && clean(d, load)) {
+                    return None;
+                }
+                let dd = f(d, load, "cpu_us_per_req");
+                let (mm, bb) = (f(m, load, "cpu_us_per_req") - dd, f(b, load, "cpu_us_per_req") - dd);
+                (bb > 0.0).then(|| mm / bb)
+            })
+            .filter(|x| x.is_finite())
+            .collect()
+    };
+    let c = shares(true);
+    if c.is_empty() {
+        (stat(&shares(false)), false)
+    } else {
+        (stat(&c), true)
+    }
+}
+
+/// The like-for-like form of the per-connection target: mesh's CPU per new connection
+/// above direct at most a fifth of iptables' (and a fourteenth of HAProxy's), each balancing
+/// the same three tasks.
+pub(crate) fn share_targets<'a>(ipt: &'a (Stat, bool), haproxy: Option<&'a (Stat, bool)>) -> Vec<Target<'a>> {
+    let mut v = vec![Target {
+        what: "CPU per new connection above direct, as a share of iptables'",
+        stat: ipt,
+        digits: 3,
+        unit: "×",
+        target: "≤ 0.2× (5× less)",
+        ok: |x| x <= 0.2,
+    }];
+    if let Some(h) = haproxy {
+        v.push(Target {
+            what: "CPU per new connection above direct, as a share of HAProxy's",
+            stat: h,
+            digits: 3,
+            unit: "×",
+            target: "≤ 0.071× (14× less)",
+            ok: |x| x <= 1.0 / 14.0,
+        });
+    }
+    v
+}
+
 /// A mode's own figure over rounds, undisturbed runs preferred.
 pub(crate) fn of(
     rounds: &[BTreeMap<&'static str, Value>],
@@ -1075,8 +1132,13 @@ fn report(ctx: &mut Ctx, rounds: Vec<BTreeMap<&'static str, Value>>) -> Section 
             } else {
                 mode.to_string()
             };
+            let share_ipt = share_above_direct(&rounds, mode, "iptables", "close");
+            let share_hap = share_above_direct(&rounds, mode, "haproxy", "close");
             let mut items = targets(&c_cpu_d, &k_cpu_d, &c_ratio, &p50_d);
             if !one {
+                items.extend(share_targets(&share_ipt, Some(&share_hap)));
+                jm["cpu_us_per_conn_above_direct_share_of_iptables"] = json!(share_ipt.0);
+                jm["cpu_us_per_conn_above_direct_share_of_haproxy"] = json!(share_hap.0);
                 items.push(Target {
                     what: "bulk (1 stream) vs direct",
                     stat: &b_ratio,

@@ -896,7 +896,10 @@ fn report(
             continue;
         }
         // The single-node section's targets, applied across nodes.
-        let items = crate::e2e::targets(&c_cpu_d, &k_cpu_d, &c_ratio, &p50_d);
+        let share_ipt = crate::e2e::share_above_direct(&rounds, key, "iptables", "close");
+        let mut items = crate::e2e::targets(&c_cpu_d, &k_cpu_d, &c_ratio, &p50_d);
+        items.extend(crate::e2e::share_targets(&share_ipt, None));
+        jmodes[key]["cpu_us_per_conn_above_direct_share_of_iptables"] = json!(share_ipt.0);
         for miss in crate::e2e::judge(ctx, SEC, &format!("{key} (remote tasks)"), items) {
             ctx.out.finding(format!(
                 "{key}, tasks on other nodes: {} is {}{} (target {}; rounds: {}).",
