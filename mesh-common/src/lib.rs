@@ -25,8 +25,11 @@ pub mod maps {
     pub const BACKENDS: &str = "BACKENDS_V1";
     /// svc_id → round-robin cursor (array of u64, shared by every CPU and every hook).
     pub const RR: &str = "RR_V1";
-    /// LRU conntrack: [`crate::CtKey`] → [`crate::CtEntry`], one entry per direction.
-    pub const CONNTRACK: &str = "CONNTRACK_V1";
+    /// LRU conntrack of TCP flows: [`crate::CtKey`] → [`crate::CtEntry`], one entry per
+    /// direction. One table per protocol keeps the key at 12 bytes (three words to hash).
+    pub const CT_TCP: &str = "CT_TCP_V2";
+    /// LRU conntrack of UDP flows, as [`CT_TCP`].
+    pub const CT_UDP: &str = "CT_UDP_V2";
     /// IPv4 addresses of the node (network order) → 1. Published ports answer on these.
     pub const NODE_ADDRS: &str = "NODE_ADDRS_V1";
     /// Bitmap of frontend ports (host order): word `port >> 5`, bit `port & 31`.
@@ -56,7 +59,8 @@ pub mod maps {
     /// backend ids are 1..MAX_BACKENDS (0 = none).
     pub const MAX_BACKENDS: u32 = 262_144;
     pub const MAX_SLOTS: u32 = 262_144;
-    pub const MAX_CONNTRACK: u32 = 262_144;
+    pub const MAX_CT_TCP: u32 = 262_144;
+    pub const MAX_CT_UDP: u32 = 131_072;
     pub const MAX_NODE_ADDRS: u32 = 256;
     pub const MAX_SOCK_REV: u32 = 65_536;
     pub const MAX_TASK_NETS: u32 = 65_536;
@@ -66,12 +70,13 @@ pub mod maps {
 
     /// All maps the agent pins, in a stable order (status, cleanup).
     /// Map names must stay within the kernel's 15 characters (BPF_OBJ_NAME_LEN - 1).
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         FRONTENDS,
         SLOTS,
         BACKENDS,
         RR,
-        CONNTRACK,
+        CT_TCP,
+        CT_UDP,
         NODE_ADDRS,
         PORTS,
         VERDICTS,
@@ -299,7 +304,8 @@ pub struct Backend {
     pub _pad: u32,
 }
 
-/// Conntrack key: a 5-tuple exactly as seen on the wire in one direction.
+/// Conntrack key: a flow's addresses and ports exactly as seen on the wire in one direction.
+/// The protocol is the table's ([`maps::CT_TCP`], [`maps::CT_UDP`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CtKey {
@@ -307,8 +313,6 @@ pub struct CtKey {
     pub daddr: u32,
     pub sport: u16,
     pub dport: u16,
-    pub proto: u8,
-    pub _pad: [u8; 3],
 }
 
 /// Conntrack value: the tuple to rewrite the packet to, and where to send it.
@@ -425,7 +429,7 @@ const _: () = {
     assert!(size_of::<Frontend>() == 16);
     assert!(size_of::<SlotKey>() == 8);
     assert!(size_of::<Backend>() == 32 && align_of::<Backend>() == 4);
-    assert!(size_of::<CtKey>() == 16 && align_of::<CtKey>() == 4);
+    assert!(size_of::<CtKey>() == 12 && align_of::<CtKey>() == 4);
     assert!(size_of::<CtEntry>() == 40 && align_of::<CtEntry>() == 4);
     assert!(size_of::<TrafficStats>() == 40);
     assert!(size_of::<Config>() == 24);
@@ -461,8 +465,6 @@ impl CtKey {
             daddr: self.saddr,
             sport: self.dport,
             dport: self.sport,
-            proto: self.proto,
-            _pad: [0; 3],
         }
     }
 }
@@ -471,14 +473,12 @@ impl CtEntry {
     /// The conntrack key of packets coming back along the tuple this entry rewrites to (its
     /// tuple reversed): the other direction's entry of the same flow.
     #[inline(always)]
-    pub const fn peer_key(&self, proto: u8) -> CtKey {
+    pub const fn peer_key(&self) -> CtKey {
         CtKey {
             saddr: self.daddr,
             daddr: self.saddr,
             sport: self.dport,
             dport: self.sport,
-            proto,
-            _pad: [0; 3],
         }
     }
 }

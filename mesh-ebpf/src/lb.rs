@@ -9,11 +9,11 @@ use mesh_common::{
 
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 
-use aya_ebpf::maps::lpm_trie::Key as LpmKey;
+use aya_ebpf::maps::{LruHashMap, lpm_trie::Key as LpmKey};
 
 use crate::parse::{CLOSE_NONE, CLOSE_RST};
 use crate::maps::{
-    BACKENDS, BE_STATS, CONFIG, CONNTRACK, FRONTENDS, IFACE_NET, NODE_ADDRS, PORTS, RR, SLOTS,
+    BACKENDS, BE_STATS, CONFIG, CT_TCP, CT_UDP, FRONTENDS, IFACE_NET, NODE_ADDRS, PORTS, RR, SLOTS,
     SUBNETS, SVC_STATS, count,
 };
 
@@ -40,8 +40,8 @@ pub fn lb4_is_node_addr(addr: u32) -> bool {
 /// The frontend a packet addresses: a published port of this very address (a frontend bound
 /// to one address, like Docker's ingress sandbox), else one on any of the node's addresses.
 #[inline(always)]
-pub fn lb4_lookup_published(key: &CtKey) -> Option<Frontend> {
-    if let Some(fe) = lb4_lookup_frontend(key.daddr, key.dport, key.proto) {
+pub fn lb4_lookup_published(proto: u8, key: &CtKey) -> Option<Frontend> {
+    if let Some(fe) = lb4_lookup_frontend(key.daddr, key.dport, proto) {
         if fe.flags & fe_flags::PUBLISHED != 0 {
             return Some(fe);
         }
@@ -49,7 +49,7 @@ pub fn lb4_lookup_published(key: &CtKey) -> Option<Frontend> {
     if !lb4_is_node_addr(key.daddr) {
         return None;
     }
-    lb4_lookup_frontend(0, key.dport, key.proto)
+    lb4_lookup_frontend(0, key.dport, proto)
 }
 
 #[inline(always)]
@@ -117,10 +117,41 @@ pub fn lb4_backend_alive(ct: &CtEntry) -> bool {
     }
 }
 
+/// A conntrack table: one per L4 protocol, so the key is three words to hash. The load-balancing
+/// functions are generic over it and the entry points pick the table once per packet: every
+/// map operation then names its map statically, and the verifier inlines each lookup.
+pub trait CtTable {
+    /// The IP protocol number of the table's flows.
+    const PROTO: u8;
+    fn map() -> &'static LruHashMap<CtKey, CtEntry>;
+}
+
+/// TCP flows ([`CT_TCP`]).
+pub struct Tcp;
+/// UDP flows ([`CT_UDP`]).
+pub struct Udp;
+
+impl CtTable for Tcp {
+    const PROTO: u8 = mesh_common::proto::TCP;
+    #[inline(always)]
+    fn map() -> &'static LruHashMap<CtKey, CtEntry> {
+        &CT_TCP
+    }
+}
+
+impl CtTable for Udp {
+    const PROTO: u8 = mesh_common::proto::UDP;
+    #[inline(always)]
+    fn map() -> &'static LruHashMap<CtKey, CtEntry> {
+        &CT_UDP
+    }
+}
+
+/// The conntrack entry of `key`, copied out.
 #[inline(always)]
-pub fn ct_lookup4(key: &CtKey) -> Option<CtEntry> {
+pub fn ct_lookup4<C: CtTable>(key: &CtKey) -> Option<CtEntry> {
     // SAFETY: copied out at once.
-    CONNTRACK.get_ptr(key).map(|p| unsafe { *p })
+    C::map().get_ptr(key).map(|p| unsafe { *p })
 }
 
 /// L2 addresses and ingress device of a new flow's first packet: where replies go back to.
@@ -139,15 +170,18 @@ pub struct Origin {
 /// longest ago (its task's TIME_WAIT for that tuple is the likeliest to be over): its forward
 /// entry is removed and the reply entry is overwritten by the caller.
 #[inline(always)]
-fn snat_port(snat_addr: u32, min: u16, max: u16, be_addr: u32, be_port: u16, proto: u8) -> Result<u16, u32> {
+fn snat_port<C: CtTable>(snat_addr: u32, min: u16, max: u16, be_addr: u32, be_port: u16) -> Result<u16, u32> {
     if max < min {
         return Err(reason::ERR_SNAT_PORTS);
     }
     let range = (max - min) as u32 + 1;
     // SAFETY: plain helper call.
     let start = unsafe { bpf_get_prandom_u32() } % range;
-    // (port, forward key, closed for) of the best port to reclaim so far.
-    let mut reclaim: Option<(u16, CtKey, u32)> = None;
+    // The best port to reclaim so far: its port, its forward entry's key, how long it has
+    // been closing (0: none yet). Plain initialised values, not an `Option` of a tuple: LLVM
+    // moves a `None`'s uninitialised payload through registers, which the verifier refuses.
+    let (mut best_port, mut best_age) = (0u16, 0u32);
+    let mut best_fwd = CtKey { saddr: 0, daddr: 0, sport: 0, dport: 0 };
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
     for i in 0..SNAT_TRIES {
@@ -157,43 +191,39 @@ fn snat_port(snat_addr: u32, min: u16, max: u16, be_addr: u32, be_port: u16, pro
             daddr: snat_addr,
             sport: be_port,
             dport: p.to_be(),
-            proto,
-            _pad: [0; 3],
         };
-        match ct_lookup4(&rk) {
+        match ct_lookup4::<C>(&rk) {
             None => return Ok(p.to_be()),
             Some(rev) => {
                 let age = ct_flags::closed_for(rev.flags, now);
-                if age <= reclaim.map_or(0, |r| r.2) {
+                if age <= best_age {
                     continue;
                 }
                 // The forward entry's key: the client tuple the reply entry restores.
-                let fk = rev.peer_key(proto);
-                let closed = match ct_lookup4(&fk) {
+                let fk = rev.peer_key();
+                let closed = match ct_lookup4::<C>(&fk) {
                     Some(fwd) => fwd.flags & ct_flags::CLOSING != 0,
                     None => true,
                 };
                 if closed {
-                    reclaim = Some((p, fk, age));
+                    (best_port, best_fwd, best_age) = (p, fk, age);
                 }
             }
         }
     }
-    match reclaim {
-        Some((p, fk, _)) => {
-            let _ = CONNTRACK.remove(&fk);
-            count(reason::SNAT_RECLAIMED);
-            Ok(p.to_be())
-        }
-        None => Err(reason::ERR_SNAT_PORTS),
+    if best_age == 0 {
+        return Err(reason::ERR_SNAT_PORTS);
     }
+    let _ = C::map().remove(&best_fwd);
+    count(reason::SNAT_RECLAIMED);
+    Ok(best_port.to_be())
 }
 
 /// A FIN or RST went `ct`'s way (`key` is its conntrack key): mark the entry closing once.
 /// A RST ends the flow both ways (the peer will send no FIN), so it marks the entry of the
 /// other direction too: its key is the rewritten tuple of this one, reversed.
 #[inline(always)]
-fn ct_mark_closing(key: &CtKey, ct: &CtEntry, closing: u8) {
+fn ct_mark_closing<C: CtTable>(key: &CtKey, ct: &CtEntry, closing: u8) {
     let first = ct.flags & ct_flags::CLOSING == 0;
     // Nothing to mark: no FIN/RST, or a FIN on an entry already closing.
     if closing == CLOSE_NONE || (!first && closing != CLOSE_RST) {
@@ -202,18 +232,18 @@ fn ct_mark_closing(key: &CtKey, ct: &CtEntry, closing: u8) {
     // SAFETY: plain helper call.
     let stamp = ct_flags::CLOSING | ct_flags::closed_at(unsafe { bpf_ktime_get_ns() });
     if first {
-        ct_set_closing(key, stamp);
+        ct_set_closing::<C>(key, stamp);
     }
     if closing == CLOSE_RST {
-        ct_set_closing(&ct.peer_key(key.proto), stamp);
+        ct_set_closing::<C>(&ct.peer_key(), stamp);
     }
 }
 
 /// Mark `key`'s entry closing with `stamp` (CLOSING | closed_at), once: a later FIN or RST
 /// keeps the first stamp.
 #[inline(always)]
-fn ct_set_closing(key: &CtKey, stamp: u32) {
-    if let Some(p) = CONNTRACK.get_ptr_mut(key) {
+fn ct_set_closing<C: CtTable>(key: &CtKey, stamp: u32) {
+    if let Some(p) = C::map().get_ptr_mut(key) {
         // SAFETY: a live map value; racing writers can only write a stamp of about the same
         // time.
         unsafe {
@@ -233,7 +263,7 @@ fn ct_set_closing(key: &CtKey, stamp: u32) {
 /// and a port of the SNAT range (Swarm's ingress does the same SNAT). A local backend sees
 /// the client's own address.
 #[inline(always)]
-pub fn ct_create4(
+pub fn ct_create4<C: CtTable>(
     key: &CtKey,
     fe: &Frontend,
     be_id: u32,
@@ -245,7 +275,7 @@ pub fn ct_create4(
     let be_port = if be.port == 0 { key.dport } else { be.port };
     let (saddr, sport) = match CONFIG.get(0) {
         Some(cfg) if !local && cfg.snat_addr != 0 => {
-            let p = snat_port(cfg.snat_addr, cfg.snat_port_min, cfg.snat_port_max, be.addr, be_port, key.proto)?;
+            let p = snat_port::<C>(cfg.snat_addr, cfg.snat_port_min, cfg.snat_port_max, be.addr, be_port)?;
             count(reason::SNAT);
             (cfg.snat_addr, p)
         }
@@ -263,7 +293,7 @@ pub fn ct_create4(
         backend_id: be_id,
         flags: ct_flags::FORWARD,
     };
-    let rev_key = fwd.peer_key(key.proto);
+    let rev_key = fwd.peer_key();
     let rev = CtEntry {
         saddr: key.daddr,
         daddr: key.saddr,
@@ -277,11 +307,9 @@ pub fn ct_create4(
         flags: ct_flags::REPLY,
     };
     // Reply entry first: once the forward entry exists the backend may answer at once.
-    CONNTRACK
-        .insert(rev_key, rev, 0)
-        .map_err(|_| reason::ERR_CT_INSERT)?;
-    if CONNTRACK.insert(key, fwd, 0).is_err() {
-        let _ = CONNTRACK.remove(rev_key);
+    C::map().insert(rev_key, rev, 0).map_err(|_| reason::ERR_CT_INSERT)?;
+    if C::map().insert(key, fwd, 0).is_err() {
+        let _ = C::map().remove(rev_key);
         return Err(reason::ERR_CT_INSERT);
     }
     Ok(fwd)
@@ -328,12 +356,17 @@ pub fn lb4_account_sock(svc_id: u32, be_id: u32) {
 /// reply of a flow this node balanced: returns the entry to rewrite the packet with and the
 /// verdict reason, or `Err(reason)` to pass it untouched.
 #[inline(always)]
-pub fn lb4_ingress(key: &CtKey, closing: u8, bytes: u64, origin: impl FnOnce() -> Origin) -> Result<(CtEntry, u32), u32> {
+pub fn lb4_ingress<C: CtTable>(
+    key: &CtKey,
+    closing: u8,
+    bytes: u64,
+    origin: impl FnOnce() -> Origin,
+) -> Result<(CtEntry, u32), u32> {
     if !lb4_port_wanted(key.dport) {
         return Err(reason::PASS_NO_SERVICE);
     }
-    if let Some(ct) = ct_lookup4(key) {
-        ct_mark_closing(key, &ct, closing);
+    if let Some(ct) = ct_lookup4::<C>(key) {
+        ct_mark_closing::<C>(key, &ct, closing);
         if ct.flags & ct_flags::FORWARD == 0 {
             lb4_account(&ct, bytes, false);
             return Ok((ct, reason::REPLY));
@@ -346,24 +379,24 @@ pub fn lb4_ingress(key: &CtKey, closing: u8, bytes: u64, origin: impl FnOnce() -
         // the new backend rather than silence).
         crate::maps::count(reason::BACKEND_GONE);
     }
-    let fe = lb4_lookup_published(key).ok_or(reason::PASS_NO_SERVICE)?;
-    lb4_new_flow(key, &fe, bytes, &origin())
+    let fe = lb4_lookup_published(C::PROTO, key).ok_or(reason::PASS_NO_SERVICE)?;
+    lb4_new_flow::<C>(key, &fe, bytes, &origin())
 }
 
 /// Pick a backend for a new flow to `fe`, create its conntrack entries and count it.
 #[inline(always)]
-pub fn lb4_new_flow(key: &CtKey, fe: &Frontend, bytes: u64, origin: &Origin) -> Result<(CtEntry, u32), u32> {
+pub fn lb4_new_flow<C: CtTable>(key: &CtKey, fe: &Frontend, bytes: u64, origin: &Origin) -> Result<(CtEntry, u32), u32> {
     let (be_id, be) = lb4_select_backend(fe).ok_or(reason::PASS_NO_BACKEND)?;
-    let ct = ct_create4(key, fe, be_id, &be, origin)?;
+    let ct = ct_create4::<C>(key, fe, be_id, &be, origin)?;
     lb4_account(&ct, bytes, true);
     Ok((ct, reason::NEW_FLOW))
 }
 
 /// Reply path at a task's interface: only flows this node balanced are rewritten.
 #[inline(always)]
-pub fn lb4_from_task(key: &CtKey, closing: u8, bytes: u64) -> Result<(CtEntry, u32), u32> {
-    let ct = ct_lookup4(key).ok_or(reason::PASS_NO_SERVICE)?;
-    ct_mark_closing(key, &ct, closing);
+pub fn lb4_from_task<C: CtTable>(key: &CtKey, closing: u8, bytes: u64) -> Result<(CtEntry, u32), u32> {
+    let ct = ct_lookup4::<C>(key).ok_or(reason::PASS_NO_SERVICE)?;
+    ct_mark_closing::<C>(key, &ct, closing);
     lb4_account(&ct, bytes, false);
     let r = if ct.flags & ct_flags::REPLY != 0 {
         reason::REPLY

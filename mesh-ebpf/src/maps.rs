@@ -26,9 +26,11 @@ pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
 #[map(name = "RR_V1")]
 pub static RR: Array<u64> = Array::pinned(MAX_SERVICES, 0);
 
-#[map(name = "CONNTRACK_V1")]
-pub static CONNTRACK: LruHashMap<CtKey, CtEntry> =
-    LruHashMap::pinned(MAX_CONNTRACK, BPF_F_NO_COMMON_LRU);
+#[map(name = "CT_TCP_V2")]
+pub static CT_TCP: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(MAX_CT_TCP, BPF_F_NO_COMMON_LRU);
+
+#[map(name = "CT_UDP_V2")]
+pub static CT_UDP: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(MAX_CT_UDP, BPF_F_NO_COMMON_LRU);
 
 #[map(name = "NODE_ADDRS_V1")]
 pub static NODE_ADDRS: HashMap<u32, u32> = HashMap::pinned(MAX_NODE_ADDRS, 0);

@@ -27,8 +27,10 @@ pub fn ptr_at<T>(data: usize, data_end: usize, off: usize) -> Result<*mut T, u32
 /// What the load balancer needs from an IPv4 TCP/UDP packet.
 #[derive(Clone, Copy)]
 pub struct Pkt {
-    /// The 5-tuple as seen on the wire (raw network-order fields).
+    /// Addresses and ports as seen on the wire (raw network-order fields).
     pub key: CtKey,
+    /// [`proto::TCP`] or [`proto::UDP`]: which conntrack table `key` belongs to.
+    pub proto: u8,
     /// Offset of the L4 header from the start of the frame (IHL-derived).
     pub l4_off: usize,
     /// TCP end of flow seen in this packet: [`CLOSE_NONE`], [`CLOSE_FIN`] (the sender is
@@ -44,7 +46,7 @@ impl Pkt {
     /// Offset of the L4 checksum field from the start of the frame.
     #[inline(always)]
     pub fn l4_csum_off(&self) -> usize {
-        if self.key.proto == proto::TCP {
+        if self.proto == proto::TCP {
             self.l4_off + TCP_CSUM_OFF
         } else {
             self.l4_off + UDP_CSUM_OFF
@@ -131,9 +133,8 @@ pub fn parse_ipv4(data: usize, data_end: usize, frame_len: usize) -> Result<Pkt,
             daddr,
             sport,
             dport,
-            proto: l4proto,
-            _pad: [0; 3],
         },
+        proto: l4proto,
         l4_off,
         closing,
     })

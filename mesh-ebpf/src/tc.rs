@@ -13,7 +13,7 @@ use aya_ebpf::{
 use mesh_common::{CtEntry, csum, proto, reason};
 
 use crate::{
-    lb::{self, Origin},
+    lb::{self, Origin, Tcp, Udp},
     maps::count,
     parse::{
         ETH_LEN, IP_CSUM_OFF, L4_SPORT_OFF, Pkt, ipv4_daddr, parse_ipv4, ptr_at,
@@ -51,7 +51,12 @@ fn pull(ctx: &TcContext) -> Result<Pkt, u32> {
 pub fn tc_ingress(ctx: &TcContext) -> Result<i32, u32> {
     let pkt = pull(ctx)?;
     let bytes = ctx.len() as u64;
-    let (ct, why) = lb::lb4_ingress(&pkt.key, pkt.closing, bytes, || tc_origin(ctx))?;
+    let origin = || tc_origin(ctx);
+    let (ct, why) = if pkt.proto == proto::TCP {
+        lb::lb4_ingress::<Tcp>(&pkt.key, pkt.closing, bytes, origin)
+    } else {
+        lb::lb4_ingress::<Udp>(&pkt.key, pkt.closing, bytes, origin)
+    }?;
     count(why);
     let how = if why == reason::REPLY {
         Deliver::Egress
@@ -66,7 +71,11 @@ pub fn tc_ingress(ctx: &TcContext) -> Result<i32, u32> {
 #[inline(always)]
 pub fn tc_from_task(ctx: &TcContext) -> Result<i32, u32> {
     let why = match pull(ctx) {
-        Ok(pkt) => match lb::lb4_from_task(&pkt.key, pkt.closing, ctx.len() as u64) {
+        Ok(pkt) => match if pkt.proto == proto::TCP {
+            lb::lb4_from_task::<Tcp>(&pkt.key, pkt.closing, ctx.len() as u64)
+        } else {
+            lb::lb4_from_task::<Udp>(&pkt.key, pkt.closing, ctx.len() as u64)
+        } {
             Ok((ct, why)) => {
                 count(why);
                 return tc_nat(ctx, &pkt, &ct, Deliver::Egress);
@@ -117,7 +126,7 @@ fn tc_origin(ctx: &TcContext) -> Origin {
 #[inline(always)]
 fn tc_rewrite_tuple(ctx: &TcContext, pkt: &Pkt, ct: &CtEntry) -> Result<(), u32> {
     let k = &pkt.key;
-    let mangled = if k.proto == proto::UDP { BPF_F_MARK_MANGLED_0 } else { 0 };
+    let mangled = if pkt.proto == proto::UDP { BPF_F_MARK_MANGLED_0 } else { 0 };
     let csum_off = pkt.l4_csum_off();
     if k.saddr != ct.saddr || k.daddr != ct.daddr {
         let ip: *const Ipv4Hdr = ptr_at(ctx.data(), ctx.data_end(), ETH_LEN)?;
@@ -192,7 +201,7 @@ pub fn tc_nat(ctx: &TcContext, pkt: &Pkt, ct: &CtEntry, how: Deliver) -> Result<
         return Ok(TC_ACT_SHOT);
     }
     if ct.ifindex == 0 {
-        return Ok(tc_route_out(ctx, ct, pkt.key.proto));
+        return Ok(tc_route_out(ctx, ct, pkt.proto));
     }
     let mut macs = [0u8; 12];
     macs[0..6].copy_from_slice(&ct.dmac);

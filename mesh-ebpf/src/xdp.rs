@@ -14,7 +14,7 @@ use mesh_common::{CtEntry, csum, proto};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
 use crate::{
-    lb::{self, Origin},
+    lb::{self, Origin, Tcp, Udp},
     maps::count,
     parse::{ETH_LEN, Pkt, parse_ipv4, ptr_at},
 };
@@ -25,7 +25,12 @@ pub fn xdp_ingress(ctx: &XdpContext) -> Result<u32, u32> {
     let (data, end) = (ctx.data(), ctx.data_end());
     let pkt = parse_ipv4(data, end, end - data)?;
     let bytes = (end - data) as u64;
-    let (ct, why) = lb::lb4_ingress(&pkt.key, pkt.closing, bytes, || xdp_origin(ctx))?;
+    let origin = || xdp_origin(ctx);
+    let (ct, why) = if pkt.proto == proto::TCP {
+        lb::lb4_ingress::<Tcp>(&pkt.key, pkt.closing, bytes, origin)
+    } else {
+        lb::lb4_ingress::<Udp>(&pkt.key, pkt.closing, bytes, origin)
+    }?;
     count(why);
     xdp_nat(ctx, &pkt, &ct)
 }
@@ -57,7 +62,7 @@ pub fn xdp_nat(ctx: &XdpContext, pkt: &Pkt, ct: &CtEntry) -> Result<u32, u32> {
     // SAFETY: every pointer below was bounds-checked by ptr_at; fields are byte arrays.
     unsafe {
         let mut ipc = u16::from_ne_bytes((*ip).check);
-        if k.proto == proto::TCP {
+        if pkt.proto == proto::TCP {
             let tcp: *mut TcpHdr = ptr_at(data, end, pkt.l4_off)?;
             let mut c = u16::from_ne_bytes((*tcp).check);
             if k.saddr != ct.saddr {

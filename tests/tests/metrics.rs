@@ -84,7 +84,7 @@ fn metrics_count_exactly_the_traffic_sent() {
     assert!(get("mesh_syncs_total") >= 1.0);
     assert_eq!(get("mesh_ready"), 1.0);
     assert_eq!(get("mesh_build_info"), 1.0);
-    assert!(rows.iter().any(|(n, l, _)| n == "mesh_map_max_entries" && l.get("map").map(String::as_str) == Some("conntrack")));
+    assert!(rows.iter().any(|(n, l, _)| n == "mesh_map_max_entries" && l.get("map").map(String::as_str) == Some("conntrack_tcp")));
 
     // Settled and nothing to retry: resync ticks (every 300 ms here) leave the tables alone;
     // a full reconcile comes only every FULL_RESYNC (30 s).

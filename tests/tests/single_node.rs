@@ -266,7 +266,7 @@ fn shutdown_leaves_nothing_behind() {
     assert!(links.iter().filter(|l| l.starts_with("mv")).count() == 2, "veths made: {links:?}");
     let xdp = String::from_utf8_lossy(&bed.node.ip(&["-d", "link", "show", "ext0"]).stdout).to_string();
     assert!(xdp.contains("xdp"), "XDP attached: {xdp}");
-    assert!(agent.pin_dir.join("CONNTRACK_V1").exists());
+    assert!(agent.pin_dir.join(mesh_common::maps::CT_TCP).exists());
 
     assert!(agent.stop(), "agent exits cleanly on SIGTERM:\n{}", agent.log());
     let links = bed.node.links();

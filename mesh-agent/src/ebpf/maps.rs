@@ -20,7 +20,10 @@ pub struct Maps {
     pub slots: HashMap<MapData, SlotKey, u32>,
     pub backends: Array<MapData, Backend>,
     pub rr: Array<MapData, u64>,
-    pub conntrack: HashMap<MapData, CtKey, CtEntry>,
+    /// Conntrack of TCP flows.
+    pub ct_tcp: HashMap<MapData, CtKey, CtEntry>,
+    /// Conntrack of UDP flows.
+    pub ct_udp: HashMap<MapData, CtKey, CtEntry>,
     pub node_addrs: HashMap<MapData, u32, u32>,
     pub ports: Array<MapData, u32>,
     pub verdicts: PerCpuArray<MapData, u64>,
@@ -65,7 +68,8 @@ impl Maps {
             slots: typed(names::SLOTS, get(names::SLOTS))?,
             backends: typed(names::BACKENDS, get(names::BACKENDS))?,
             rr: typed(names::RR, get(names::RR))?,
-            conntrack: typed(names::CONNTRACK, get(names::CONNTRACK))?,
+            ct_tcp: typed(names::CT_TCP, get(names::CT_TCP))?,
+            ct_udp: typed(names::CT_UDP, get(names::CT_UDP))?,
             node_addrs: typed(names::NODE_ADDRS, get(names::NODE_ADDRS))?,
             ports: typed(names::PORTS, get(names::PORTS))?,
             verdicts: typed(names::VERDICTS, get(names::VERDICTS))?,
@@ -271,9 +275,19 @@ impl Maps {
         out
     }
 
-    /// Number of live conntrack entries (both directions).
+    /// Number of live conntrack entries (both directions), TCP and UDP.
+    pub fn conntrack_lens(&self) -> [usize; 2] {
+        [&self.ct_tcp, &self.ct_udp].map(|m| m.keys().filter(|k| k.is_ok()).count())
+    }
+
+    /// Number of live conntrack entries (both directions) of both protocols.
     pub fn conntrack_len(&self) -> usize {
-        self.conntrack.keys().filter(|k| k.is_ok()).count()
+        self.conntrack_lens().iter().sum()
+    }
+
+    /// The conntrack table of `proto` ([`mesh_common::proto`]).
+    pub fn conntrack(&mut self, proto: u8) -> &mut HashMap<MapData, CtKey, CtEntry> {
+        if proto == mesh_common::proto::UDP { &mut self.ct_udp } else { &mut self.ct_tcp }
     }
 }
 

@@ -594,3 +594,30 @@ fn snat_port_of_a_flow_closed_both_ways_is_reclaimed() {
         "the old flow's last ACK is not sent as the new flow's (no port for it: passed untouched)"
     );
 }
+
+#[test]
+fn a_tcp_and_a_udp_flow_on_one_tuple_are_tracked_apart() {
+    let mut f = Fixture::new();
+    let mut s = state(3, &[1, 2, 3]);
+    s.services.get_mut("whoami").unwrap().ports.push(PortSpec { published: 8053, target: 53, protocol: Protocol::Tcp });
+    f.program(&s, 3);
+    // UDP then TCP from the same client port to the same published port: two flows. (Each
+    // frontend has its own round-robin cursor: a first UDP flow from another port moves the
+    // UDP one on, so the two flows of the tuple land on different tasks.)
+    assert_eq!(f.xdp(&Frame::udp(CLIENT, 4999, NODE, 8053, b"q").build()).0, XDP_REDIRECT);
+    let (rc, out) = f.xdp(&Frame::udp(CLIENT, 5000, NODE, 8053, b"q").build());
+    assert_eq!(rc, XDP_REDIRECT);
+    let udp_task = checked(&out).dst;
+    let (rc, out) = f.xdp(&Frame::tcp(CLIENT, 5000, NODE, 8053, TCP_SYN).build());
+    assert_eq!(rc, XDP_REDIRECT);
+    let tcp_task = checked(&out).dst;
+    assert_eq!(f.verdict("new_flow"), 3, "the TCP SYN is a new flow, not the UDP flow's packet");
+    assert_ne!(tcp_task, udp_task);
+    assert_eq!(f.dp().maps.conntrack_lens(), [2, 4], "two entries per flow, each in its protocol's table");
+    // Each keeps its own task.
+    for _ in 0..3 {
+        assert_eq!(checked(&f.xdp(&Frame::udp(CLIENT, 5000, NODE, 8053, b"q").build()).1).dst, udp_task);
+        assert_eq!(checked(&f.xdp(&Frame::tcp(CLIENT, 5000, NODE, 8053, TCP_ACK).build()).1).dst, tcp_task);
+    }
+    assert_eq!(f.verdict("established"), 6);
+}

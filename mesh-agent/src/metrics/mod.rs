@@ -133,8 +133,8 @@ pub trait MapStats: Send {
     fn backend(&self, id: u32) -> TrafficStats;
     /// Packets per verdict reason (the names of [`mesh_common::reason::NAMES`]).
     fn verdicts(&self) -> BTreeMap<&'static str, u64>;
-    /// Live conntrack entries (two per flow).
-    fn conntrack_len(&self) -> usize;
+    /// Live conntrack entries (two per flow): TCP, UDP.
+    fn conntrack_lens(&self) -> [usize; 2];
     /// Entries of the frontends map.
     fn frontends_len(&self) -> usize;
     /// Backend slots in use (one per backend of each frontend).
@@ -151,8 +151,8 @@ impl MapStats for Maps {
     fn verdicts(&self) -> BTreeMap<&'static str, u64> {
         Maps::verdicts(self)
     }
-    fn conntrack_len(&self) -> usize {
-        Maps::conntrack_len(self)
+    fn conntrack_lens(&self) -> [usize; 2] {
+        Maps::conntrack_lens(self)
     }
     fn frontends_len(&self) -> usize {
         self.frontends.keys().filter(|k| k.is_ok()).count()
@@ -163,7 +163,7 @@ impl MapStats for Maps {
 }
 
 /// Capacities reported as `mesh_map_max_entries`: what the agent can program (ids 0 are
-/// never used), and the conntrack LRU's size.
+/// never used), and the sizes of the conntrack LRUs.
 pub const FRONTENDS_CAPACITY: u32 = if names::MAX_FRONTENDS < names::MAX_SERVICES - 1 {
     names::MAX_FRONTENDS
 } else {
@@ -174,7 +174,8 @@ pub const BACKENDS_CAPACITY: u32 = if names::MAX_SLOTS < names::MAX_BACKENDS - 1
 } else {
     names::MAX_BACKENDS - 1
 };
-pub const CONNTRACK_CAPACITY: u32 = names::MAX_CONNTRACK;
+pub const CT_TCP_CAPACITY: u32 = names::MAX_CT_TCP;
+pub const CT_UDP_CAPACITY: u32 = names::MAX_CT_UDP;
 
 /// The `verdict` label of a verdict reason (see the module documentation).
 pub fn verdict_of(reason: &str) -> &'static str {
@@ -568,10 +569,12 @@ fn encode_maps(enc: &mut DescriptorEncoder, maps: &dyn MapStats, cat: &Catalog) 
             .map(|(reason, n)| ([("reason", reason), ("verdict", verdict_of(reason))], n)),
     )?;
 
+    let [ct_tcp, ct_udp] = maps.conntrack_lens();
     let sizes = [
         ("frontends", maps.frontends_len() as u64, FRONTENDS_CAPACITY),
         ("backends", maps.backends_len() as u64, BACKENDS_CAPACITY),
-        ("conntrack", maps.conntrack_len() as u64, CONNTRACK_CAPACITY),
+        ("conntrack_tcp", ct_tcp as u64, CT_TCP_CAPACITY),
+        ("conntrack_udp", ct_udp as u64, CT_UDP_CAPACITY),
     ];
     gauge_rows(
         enc,

@@ -174,7 +174,7 @@ struct FakeData {
     services: HashMap<u32, TrafficStats>,
     backends: HashMap<u32, TrafficStats>,
     verdicts: BTreeMap<&'static str, u64>,
-    conntrack: usize,
+    conntrack: [usize; 2],
     frontends: usize,
     slots: usize,
 }
@@ -208,7 +208,7 @@ impl MapStats for Fake {
             .map(|n| (*n, d.verdicts.get(n).copied().unwrap_or(0)))
             .collect()
     }
-    fn conntrack_len(&self) -> usize {
+    fn conntrack_lens(&self) -> [usize; 2] {
         self.0.lock().unwrap().conntrack
     }
     fn frontends_len(&self) -> usize {
@@ -293,7 +293,7 @@ fn fake() -> Fake {
         d.verdicts.insert("drop_other_network", 3);
         d.verdicts.insert("err_ct_insert", 1);
         d.verdicts.insert("sock_translated", 4);
-        d.conntrack = 12;
+        d.conntrack = [12, 2];
         d.frontends = 3;
         d.slots = 4;
     }
@@ -492,12 +492,13 @@ fn verdicts_maps_and_build_info() {
     let e = |map: &str| p.get("mesh_map_entries", &[("map", map)]);
     let c = |map: &str| p.get("mesh_map_max_entries", &[("map", map)]);
     assert_eq!(
-        (e("frontends"), e("backends"), e("conntrack")),
-        (3.0, 4.0, 12.0)
+        (e("frontends"), e("backends"), e("conntrack_tcp"), e("conntrack_udp")),
+        (3.0, 4.0, 12.0, 2.0)
     );
     assert_eq!(c("frontends"), 65_535.0);
     assert_eq!(c("backends"), 262_143.0);
-    assert_eq!(c("conntrack"), mesh_common::maps::MAX_CONNTRACK as f64);
+    assert_eq!(c("conntrack_tcp"), mesh_common::maps::MAX_CT_TCP as f64);
+    assert_eq!(c("conntrack_udp"), mesh_common::maps::MAX_CT_UDP as f64);
 
     assert_eq!(p.kind("mesh_build_info"), "gauge");
     assert_eq!(
@@ -537,10 +538,10 @@ fn counters_are_read_at_each_scrape_and_the_catalog_can_change() {
         .unwrap()
         .services
         .insert(1, ts(11, 1100, 9, 4100, 4));
-    f.0.lock().unwrap().conntrack = 14;
+    f.0.lock().unwrap().conntrack = [14, 0];
     let p = scrape(&m);
     assert_eq!(p.get("mesh_service_flows_total", &WEB), 4.0);
-    assert_eq!(p.get("mesh_map_entries", &[("map", "conntrack")]), 14.0);
+    assert_eq!(p.get("mesh_map_entries", &[("map", "conntrack_tcp")]), 14.0);
     // A sync removed the VIP and the dns service.
     let mut cat = catalog();
     cat.frontends.truncate(1);
@@ -1165,7 +1166,7 @@ mod datapath {
             (6.0, acks as f64, 6.0)
         );
         let e = |map: &str| p.get("mesh_map_entries", &[("map", map)]);
-        assert_eq!(e("conntrack"), 12.0, "two entries per flow");
+        assert_eq!(e("conntrack_tcp"), 12.0, "two entries per flow");
         // Map entries: a TCP+UDP VIP is one frontend under two keys.
         let keys: usize = cat.frontends.iter().map(|f| if f.protocol == "tcp+udp" { 2 } else { 1 }).sum();
         assert_eq!(e("frontends"), keys as f64);
@@ -1185,7 +1186,7 @@ mod datapath {
         let p = scrape(&m);
         assert_eq!(p.get("mesh_maps_available", &[]), 1.0);
         assert_eq!(p.get("mesh_service_flows_total", &fe), 0.0);
-        assert_eq!(p.get("mesh_map_entries", &[("map", "conntrack")]), 0.0);
+        assert_eq!(p.get("mesh_map_entries", &[("map", "conntrack_tcp")]), 0.0);
         dp.unpin().unwrap();
     }
 }

@@ -710,7 +710,9 @@ fn curls(bed: &mut Bed, url: &str, n: usize) -> Value {
     util::curls(&bed.client.name, url, n)
 }
 
-fn run_mode(ctx: &Ctx, bed: &mut Bed, mode: Mode) -> Value {
+/// `profile`: also run the `Connection: close` and keep-alive loads once more under a
+/// system-wide profile (extra runs, not measured).
+fn run_mode(ctx: &Ctx, bed: &mut Bed, mode: Mode, profile: bool) -> Value {
     let running = setup(ctx, bed, mode);
     let pins = match &running {
         Running::Agent(a) => Some(a.pin_dir.clone()),
@@ -722,6 +724,12 @@ fn run_mode(ctx: &Ctx, bed: &mut Bed, mode: Mode) -> Value {
     r["close"] = wrk(ctx, bed, pins, &url, 16, true, false);
     r["keepalive"] = wrk(ctx, bed, pins, &url, 16, false, false);
     r["latency"] = wrk(ctx, bed, pins, &url, 1, false, true);
+    if profile {
+        for (key, close) in [("profile_close", true), ("profile_keepalive", false)] {
+            bed.fresh_source();
+            r[key] = util::wrk_profiled(ctx, &bed.client.name, &url, 16, close);
+        }
+    }
     r["bulk"] = iperf(ctx, bed, &host, port);
     if mode != Mode::Direct {
         r["rr"] = curls(bed, &url, 30);
@@ -994,7 +1002,8 @@ pub fn run(ctx: &mut Ctx) -> Section {
         for mode in MODES {
             util::check_interrupt();
             let t = Instant::now();
-            let v = run_mode(ctx, &mut bed, mode);
+            // The profiles come from the second round.
+            let v = run_mode(ctx, &mut bed, mode, round == 1);
             util::log(
                 ctx.start,
                 format!(
@@ -1378,6 +1387,8 @@ fn report(ctx: &mut Ctx, rounds: Vec<BTreeMap<&'static str, Value>>) -> Section 
         &rows_lat,
         if ctx.quick { "; --quick leaves out the one-backend runs" } else { "" },
     ));
+    let titles: Vec<(&str, &str)> = MODES.iter().map(|m| (m.key(), m.title())).collect();
+    md.push_str(&util::md_profile_table(&rounds, &titles));
     md.push_str("\n**Bulk, one TCP stream** (iperf3 -t, to task 4 in every mode)\n\n");
     md.push_str(&md_table(&["mode", "Gbit/s", "× direct"], &rows_bulk));
     md.push_str("\n**Round robin**: 30 sequential requests (one curl, a new connection each) to the 3-task service, answers per task, each round\n\n");

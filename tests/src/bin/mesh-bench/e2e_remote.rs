@@ -704,7 +704,9 @@ fn setup(ctx: &Ctx, bed: &mut Bed, mode: Mode) -> Value {
     first
 }
 
-fn run_mode(ctx: &Ctx, bed: &mut Bed, mode: Mode) -> Value {
+/// `profile`: also run the `Connection: close` and keep-alive loads once more under a
+/// system-wide profile (extra runs, not measured).
+fn run_mode(ctx: &Ctx, bed: &mut Bed, mode: Mode, profile: bool) -> Value {
     let r = catch_unwind(AssertUnwindSafe(|| {
         let first = setup(ctx, bed, mode);
         let pins: Option<PathBuf> = bed.c.nodes[0].agent.as_ref().map(|a| a.pin_dir.clone());
@@ -717,6 +719,12 @@ fn run_mode(ctx: &Ctx, bed: &mut Bed, mode: Mode) -> Value {
         r["close"] = load(ctx, bed, pins, &url, 16, true, false);
         r["keepalive"] = load(ctx, bed, pins, &url, 16, false, false);
         r["latency"] = load(ctx, bed, pins, &url, 1, false, true);
+        if profile {
+            for (key, close) in [("profile_close", true), ("profile_keepalive", false)] {
+                bed.fresh_source();
+                r[key] = util::wrk_profiled(ctx, bed.client_ns(), &url, 16, close);
+            }
+        }
         if mode != Mode::Direct {
             bed.fresh_source();
             let (s0, _) = bed.tcp_counters();
@@ -773,7 +781,8 @@ pub fn run(ctx: &mut Ctx) -> Section {
         for mode in MODES {
             util::check_interrupt();
             let t = Instant::now();
-            let v = run_mode(ctx, &mut bed, mode);
+            // The profiles come from the second round (every run has one).
+            let v = run_mode(ctx, &mut bed, mode, round == 1);
             let syn: u64 = ["close", "keepalive", "latency", "rr"]
                 .iter()
                 .filter_map(|l| v[l]["syn_retrans"].as_u64())
@@ -1111,7 +1120,7 @@ fn report(
                 TASK_NODES.len(),
                 fmt_num(range as f64, 0),
                 fmt_num(full as f64, 0),
-                fmt_num(mesh_common::maps::MAX_CONNTRACK as f64, 0),
+                fmt_num(mesh_common::maps::MAX_CT_TCP as f64, 0),
                 fmt_num(full as f64, 0),
             ));
         }
@@ -1215,6 +1224,8 @@ fn report(
         }
     ));
     md.push_str(&util::md_load_tables(&rows_conn, &rows_ka, &rows_lat, ""));
+    let titles: Vec<(&str, &str)> = MODES.iter().map(|m| (m.key(), m.title())).collect();
+    md.push_str(&util::md_profile_table(&rounds, &titles));
     md.push_str(
         "\n**Round robin**: 30 sequential requests (one curl, a new connection each) through A, answers per task \
          (task@node), each round\n\n",

@@ -578,6 +578,40 @@ pub fn md_load_tables(conn: &[Vec<String>], ka: &[Vec<String>], lat: &[Vec<Strin
     md
 }
 
+/// The "where the extra CPU goes" table of an end-to-end section: for every mode but direct
+/// (`(key, title)`), each profiled load against direct's in the round that has profiles.
+pub fn md_profile_table(rounds: &[std::collections::BTreeMap<&'static str, Value>], modes: &[(&str, &str)]) -> String {
+    let Some(r) = rounds.iter().find(|r| r.get("direct").is_some_and(|d| d.get("profile_close").is_some())) else {
+        return String::new();
+    };
+    let d = &r["direct"];
+    let mut rows = Vec::new();
+    for (key, title) in modes.iter().filter(|(k, _)| *k != "direct") {
+        let Some(m) = r.get(key) else { continue };
+        for (load, name) in [("profile_close", "new connection"), ("profile_keepalive", "keep-alive request")] {
+            if let Some((text, mt, dt)) = profile_diff(&m[load], &d[load], 6) {
+                rows.push(vec![
+                    title.to_string(),
+                    name.to_string(),
+                    format!("{} / {}", fmt_num(mt, 2), fmt_num(dt, 2)),
+                    text,
+                ]);
+            }
+        }
+    }
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut md = format!(
+        "\n**Where the CPU above direct goes**: each load run once more under `perf record -a -e cpu-clock -F {}` \
+         (extra runs of the second round, not the measured ones), CPU time per request by symbol (idle loops left out; \
+         JIT'd BPF programs by name), the mode's minus direct's, biggest first\n\n",
+        PROFILE_HZ as u32
+    );
+    md.push_str(&md_table(&["mode", "per", "profiled µs (mode / direct)", "most above direct, µs"], &rows));
+    md
+}
+
 pub fn yes_no(m: Option<bool>) -> &'static str {
     match m {
         Some(true) => "yes",
@@ -1010,9 +1044,110 @@ pub fn wrk_once(
     close: bool,
     latency: bool,
 ) -> Value {
+    wrk_run(ctx, client_ns, pins, url, conns, close, latency, None)
+}
+
+/// Samples per second of the system-wide profiles of [`wrk_profiled`].
+const PROFILE_HZ: f64 = 1999.0;
+
+/// Idle loops of a CPU with nothing to do (left out of a profile's CPU time).
+fn is_idle_symbol(sym: &str) -> bool {
+    sym.contains("idle") || sym.contains("safe_halt") || sym == "cpu_startup_entry"
+}
+
+/// A keep-alive or `Connection: close` load (as [`wrk_once`]) under a system-wide CPU profile
+/// (`perf record -a -e cpu-clock` for exactly the load's duration): the load's figures, plus
+/// `profile`: per symbol the CPU time it took per request (µs; idle loops left out; JIT'd BPF
+/// programs by name), and their sum. Sampling costs a little CPU, so these loads are extra
+/// runs, never the measured ones.
+pub fn wrk_profiled(ctx: &crate::Ctx, client_ns: &str, url: &str, conns: u32, close: bool) -> Value {
+    let Ok(dir) = tempfile::tempdir() else {
+        return json!({"error": "no temporary directory"});
+    };
+    let data = dir.path().join("perf.data");
+    let mut v = wrk_run(ctx, client_ns, None, url, conns, close, false, Some(&data));
+    let Some(req) = v["requests"].as_f64().filter(|r| *r > 0.0) else {
+        return v;
+    };
+    let data_s = data.to_string_lossy().to_string();
+    let out = run_bounded(
+        None,
+        "perf",
+        &["report", "-i", &data_s, "--stdio", "--sort", "sym", "-n", "--percent-limit", "0.05"],
+        Duration::from_secs(120),
+    );
+    let mut syms = serde_json::Map::new();
+    let mut total = 0.0;
+    for l in String::from_utf8_lossy(&out.stdout).lines() {
+        let l = l.trim();
+        if l.starts_with('#') || !l.contains('%') {
+            continue;
+        }
+        // "12.34%  5678  [k] symbol"
+        let mut it = l.split_whitespace();
+        let (Some(_pct), Some(n), Some(_kind)) = (it.next(), it.next(), it.next()) else { continue };
+        let Ok(n) = n.parse::<f64>() else { continue };
+        let sym = it.collect::<Vec<_>>().join(" ");
+        let sym = match sym.strip_prefix("bpf_prog_") {
+            Some(r) => r.split_once('_').map(|x| x.1).unwrap_or(r).to_string(),
+            None => sym.chars().take(80).collect(),
+        };
+        if is_idle_symbol(&sym) {
+            continue;
+        }
+        let us = n / PROFILE_HZ * 1e6 / req;
+        total += us;
+        let e = syms.entry(sym).or_insert(json!(0.0));
+        *e = json!(e.as_f64().unwrap_or(0.0) + us);
+    }
+    v["profile"] = json!({"us_per_req": syms, "total_us_per_req": total, "hz": PROFILE_HZ});
+    v
+}
+
+/// Where one mode's extra CPU per request goes: symbols whose µs per request (from
+/// [`wrk_profiled`]) exceed the baseline's the most, as "`sym` +x.xx" (top `n`), and the
+/// profiled totals (mode, baseline).
+pub fn profile_diff(mode: &Value, base: &Value, n: usize) -> Option<(String, f64, f64)> {
+    let (m, b) = (mode.get("profile")?, base.get("profile")?);
+    let (mu, bu) = (m["us_per_req"].as_object()?, b["us_per_req"].as_object()?);
+    let mut d: Vec<(f64, &str)> = mu
+        .iter()
+        .map(|(k, v)| (v.as_f64().unwrap_or(0.0) - bu.get(k).and_then(Value::as_f64).unwrap_or(0.0), k.as_str()))
+        .chain(bu.iter().filter(|(k, _)| !mu.contains_key(*k)).map(|(k, v)| (-v.as_f64().unwrap_or(0.0), k.as_str())))
+        .collect();
+    d.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let top = d
+        .iter()
+        .take(n)
+        .filter(|x| x.0 > 0.0)
+        .map(|(x, k)| format!("`{k}` {}", fmt_signed(*x, 2)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let less = d.iter().rev().take(3).filter(|x| x.0 < 0.0).map(|(x, k)| format!("`{k}` {}", fmt_signed(*x, 2))).collect::<Vec<_>>().join(", ");
+    let text = if less.is_empty() { top } else { format!("{top}; less: {less}") };
+    Some((text, m["total_us_per_req"].as_f64()?, b["total_us_per_req"].as_f64()?))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn wrk_run(
+    ctx: &crate::Ctx,
+    client_ns: &str,
+    pins: Option<&Path>,
+    url: &str,
+    conns: u32,
+    close: bool,
+    latency: bool,
+    perf_data: Option<&Path>,
+) -> Value {
     let d = format!("{}s", ctx.e2e_secs);
     let c = conns.to_string();
-    let mut args = vec!["-c", "0", "wrk", "-t1", "-c", &c, "-d", &d];
+    let hz = format!("{}", PROFILE_HZ as u32);
+    let data_s = perf_data.map(|p| p.to_string_lossy().to_string()).unwrap_or_default();
+    let mut args: Vec<&str> = Vec::new();
+    if perf_data.is_some() {
+        args.extend(["record", "-a", "-q", "-e", "cpu-clock", "-F", &hz, "-o", &data_s, "--", "taskset"]);
+    }
+    args.extend(["-c", "0", "wrk", "-t1", "-c", &c, "-d", &d]);
     if close {
         args.extend(["-H", "Connection: close"]);
     }
@@ -1025,7 +1160,7 @@ pub fn wrk_once(
     let t = Instant::now();
     let out = run_bounded(
         Some(client_ns),
-        "taskset",
+        if perf_data.is_some() { "perf" } else { "taskset" },
         &args,
         Duration::from_secs(ctx.e2e_secs as u64 + 20),
     );

@@ -402,16 +402,12 @@ impl Fixture {
                 daddr: ne(NODE),
                 sport,
                 dport: 8080u16.to_be(),
-                proto: 6,
-                _pad: [0; 3],
             };
             let rev = CtKey {
                 saddr: ne(task_addr(1)),
                 daddr: ne(c),
                 sport: 80u16.to_be(),
                 dport: sport,
-                proto: 6,
-                _pad: [0; 3],
             };
             let fe = CtEntry {
                 saddr: ne(c),
@@ -438,11 +434,11 @@ impl Fixture {
                 flags: ct_flags::REPLY,
             };
             dp.maps
-                .conntrack
+                .ct_tcp
                 .insert(fwd, fe, 0)
                 .expect("conntrack insert");
             dp.maps
-                .conntrack
+                .ct_tcp
                 .insert(rev, re, 0)
                 .expect("conntrack insert");
         }
@@ -484,8 +480,6 @@ impl Fixture {
             daddr: ne(d),
             sport: sp,
             dport: dp_.to_be(),
-            proto: 6,
-            _pad: [0; 3],
         };
         let entry =
             |s: Ipv4Addr, sp: u16, d: Ipv4Addr, dport: u16, smac, dmac, be_id, flags| CtEntry {
@@ -500,7 +494,7 @@ impl Fixture {
                 backend_id: be_id,
                 flags,
             };
-        let ct = &mut dp.maps.conntrack;
+        let ct = &mut dp.maps.ct_tcp;
         // Forward: A = client → node:8080 ⇒ task1:80; B = client → task1:80 ⇒ node:8080.
         ct.insert(
             key(CLIENT, sport, NODE, 8080),
@@ -538,16 +532,12 @@ impl Fixture {
             daddr: ne(CLIENT),
             sport: 80u16.to_be(),
             dport: sport,
-            proto: 6,
-            _pad: [0; 3],
         };
         let r2 = CtKey {
             saddr: ne(NODE),
             daddr: ne(CLIENT),
             sport: 8080u16.to_be(),
             dport: sport,
-            proto: 6,
-            _pad: [0; 3],
         };
         let rep = |s: Ipv4Addr, p: u16| CtEntry {
             saddr: ne(s),
