@@ -163,7 +163,9 @@ fn ports_word(sport: u16, dport: u16) -> u32 {
 /// overlay, or through Docker's): send it out of the route's interface at once. Handing it
 /// back to the input path instead would make the kernel drop a SNATed packet (its source is
 /// now a local address: a martian) unless `accept_local` is set, which a containerised agent
-/// cannot do. Falls back to the stack when the FIB has no answer.
+/// cannot do. Falls back to the stack when the FIB has no answer. (A route to a task on
+/// another node leads to the overlay's bridge; the frame is addressed to the task's MAC, which
+/// the bridge's static FDB entry sends over VXLAN.)
 #[inline(always)]
 fn tc_route_out(ctx: &TcContext, ct: &CtEntry, proto: u8) -> i32 {
     const AF_INET: u8 = 2;
@@ -183,7 +185,21 @@ fn tc_route_out(ctx: &TcContext, ct: &CtEntry, proto: u8) -> i32 {
     let rc = unsafe {
         fib_lookup(ctx.as_ptr(), &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0)
     };
-    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 || rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        // The lookup resolved the next hop's MAC too: address the frame and send it out of
+        // the route's device (bpf_redirect_neigh would look the route and neighbour up again).
+        let mut macs = [0u8; 12];
+        macs[0..6].copy_from_slice(&p.dmac);
+        macs[6..12].copy_from_slice(&p.smac);
+        if ctx.store(0, &macs, 0).is_err() {
+            count(reason::DROP_REWRITE);
+            return TC_ACT_SHOT;
+        }
+        count(reason::REDIRECT);
+        // SAFETY: plain helper call.
+        return unsafe { bpf_redirect(p.ifindex, 0) } as i32;
+    }
+    if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         count(reason::REDIRECT);
         // SAFETY: helper call; NULL params: the kernel resolves the next hop's neighbour.
         return unsafe { bpf_redirect_neigh(p.ifindex, core::ptr::null_mut(), 0, 0) } as i32;

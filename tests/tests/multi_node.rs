@@ -71,7 +71,18 @@ fn wait_external_set(c: &Cluster, want: &BTreeSet<String>) {
 
 #[test]
 fn published_port_on_every_node_reaches_all_tasks_round_robin() {
-    let c = cluster();
+    published_port_round_robin(cluster(), false);
+}
+
+/// The same through the TC hook, whose rewritten packets to remote tasks leave by
+/// `bpf_fib_lookup` + `bpf_redirect` into the overlay's bridge (XDP hands them to the kernel).
+#[test]
+fn published_port_through_the_tc_hook_reaches_all_tasks_round_robin() {
+    let c = cluster_with(&["--hook", "tc"]);
+    published_port_round_robin(c, true);
+}
+
+fn published_port_round_robin(c: Cluster, tc: bool) {
     let want = web_names(&c);
     assert_eq!(want.len(), 5);
     wait_external_set(&c, &want);
@@ -90,6 +101,11 @@ fn published_port_on_every_node_reaches_all_tasks_round_robin() {
     let fe = st["frontends"].as_array().unwrap().iter().find(|f| f["port"] == 8080).unwrap();
     assert_eq!(fe["backends"].as_array().unwrap().len(), 5);
     assert!(st["verdicts"]["snat"].as_u64().unwrap() > 0);
+    if tc {
+        // Every rewritten packet was sent on by the program itself, none left to the kernel.
+        assert_eq!(st["verdicts"]["pass_rewritten"], 0, "{}", st["verdicts"]);
+        assert!(st["verdicts"]["redirect"].as_u64().unwrap() > 0);
+    }
 }
 
 #[test]
