@@ -159,10 +159,13 @@ pub mod reason {
     pub const DROP_OTHER_NETWORK: u32 = 20;
     /// A new flow took over the SNAT port of a flow closed both ways (no free port probed).
     pub const SNAT_RECLAIMED: u32 = 21;
+    /// A SYN reused the tuple of a flow that had closed: balanced again as a new flow (also
+    /// counted `new_flow`).
+    pub const REOPENED: u32 = 22;
     pub const COUNT: u32 = 32;
 
     /// Human-readable names, index = reason code.
-    pub const NAMES: [&str; 22] = [
+    pub const NAMES: [&str; 23] = [
         "pass_not_ipv4",
         "pass_fragment",
         "pass_ip_options",
@@ -185,6 +188,7 @@ pub mod reason {
         "err_snat_ports",
         "drop_other_network",
         "snat_reclaimed",
+        "reopened",
     ];
 }
 

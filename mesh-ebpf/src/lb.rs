@@ -11,7 +11,7 @@ use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 
 use aya_ebpf::maps::{LruHashMap, lpm_trie::Key as LpmKey};
 
-use crate::parse::{CLOSE_NONE, CLOSE_RST};
+use crate::parse::{CLOSE_FIN, CLOSE_RST, OPEN_SYN};
 use crate::maps::{
     BACKENDS, BE_STATS, CONFIG, CT_TCP, CT_UDP, FRONTENDS, IFACE_NET, NODE_ADDRS, PORTS, RR, SLOTS,
     SUBNETS, SVC_STATS, count,
@@ -226,7 +226,7 @@ fn snat_port<C: CtTable>(snat_addr: u32, min: u16, max: u16, be_addr: u32, be_po
 fn ct_mark_closing<C: CtTable>(key: &CtKey, ct: &CtEntry, closing: u8) {
     let first = ct.flags & ct_flags::CLOSING == 0;
     // Nothing to mark: no FIN/RST, or a FIN on an entry already closing.
-    if closing == CLOSE_NONE || (!first && closing != CLOSE_RST) {
+    if (closing != CLOSE_FIN && closing != CLOSE_RST) || (!first && closing != CLOSE_RST) {
         return;
     }
     // SAFETY: plain helper call.
@@ -358,7 +358,7 @@ pub fn lb4_account_sock(svc_id: u32, be_id: u32) {
 #[inline(always)]
 pub fn lb4_ingress<C: CtTable>(
     key: &CtKey,
-    closing: u8,
+    tcp: u8,
     bytes: u64,
     origin: impl FnOnce() -> Origin,
 ) -> Result<(CtEntry, u32), u32> {
@@ -366,18 +366,35 @@ pub fn lb4_ingress<C: CtTable>(
         return Err(reason::PASS_NO_SERVICE);
     }
     if let Some(ct) = ct_lookup4::<C>(key) {
-        ct_mark_closing::<C>(key, &ct, closing);
         if ct.flags & ct_flags::FORWARD == 0 {
+            ct_mark_closing::<C>(key, &ct, tcp);
             lb4_account(&ct, bytes, false);
             return Ok((ct, reason::REPLY));
         }
-        if lb4_backend_alive(&ct) {
+        if tcp == OPEN_SYN && ct.flags & ct_flags::CLOSING != 0 {
+            // A new connection on the tuple of a flow that closed (the client reuses its
+            // port): balanced again, as IPVS (conn_reuse_mode 1) and the kernel's conntrack
+            // (a SYN in TIME_WAIT) do, rather than stuck to the old flow's task. The old
+            // flow's reply entry goes (if it is still that flow's: it restores this tuple);
+            // the new flow's entries overwrite the forward one. A SYN on an open flow is a
+            // retransmission and stays with its task.
+            let rk = ct.peer_key();
+            if let Some(rev) = ct_lookup4::<C>(&rk) {
+                let back = rev.peer_key();
+                if back.saddr == key.saddr && back.sport == key.sport && back.daddr == key.daddr && back.dport == key.dport {
+                    let _ = C::map().remove(&rk);
+                }
+            }
+            crate::maps::count(reason::REOPENED);
+        } else if lb4_backend_alive(&ct) {
+            ct_mark_closing::<C>(key, &ct, tcp);
             lb4_account(&ct, bytes, false);
             return Ok((ct, reason::ESTABLISHED));
+        } else {
+            // Its task is gone: the flow is balanced again below (a TCP peer will get a RST
+            // from the new backend rather than silence).
+            crate::maps::count(reason::BACKEND_GONE);
         }
-        // Its task is gone: the flow is balanced again below (a TCP peer will get a RST from
-        // the new backend rather than silence).
-        crate::maps::count(reason::BACKEND_GONE);
     }
     let fe = lb4_lookup_published(C::PROTO, key).ok_or(reason::PASS_NO_SERVICE)?;
     lb4_new_flow::<C>(key, &fe, bytes, &origin())
@@ -394,9 +411,9 @@ pub fn lb4_new_flow<C: CtTable>(key: &CtKey, fe: &Frontend, bytes: u64, origin: 
 
 /// Reply path at a task's interface: only flows this node balanced are rewritten.
 #[inline(always)]
-pub fn lb4_from_task<C: CtTable>(key: &CtKey, closing: u8, bytes: u64) -> Result<(CtEntry, u32), u32> {
+pub fn lb4_from_task<C: CtTable>(key: &CtKey, tcp: u8, bytes: u64) -> Result<(CtEntry, u32), u32> {
     let ct = ct_lookup4::<C>(key).ok_or(reason::PASS_NO_SERVICE)?;
-    ct_mark_closing::<C>(key, &ct, closing);
+    ct_mark_closing::<C>(key, &ct, tcp);
     lb4_account(&ct, bytes, false);
     let r = if ct.flags & ct_flags::REPLY != 0 {
         reason::REPLY

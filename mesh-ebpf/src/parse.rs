@@ -33,14 +33,17 @@ pub struct Pkt {
     pub proto: u8,
     /// Offset of the L4 header from the start of the frame (IHL-derived).
     pub l4_off: usize,
-    /// TCP end of flow seen in this packet: [`CLOSE_NONE`], [`CLOSE_FIN`] (the sender is
-    /// done sending) or [`CLOSE_RST`] (the flow is over both ways).
-    pub closing: u8,
+    /// What this TCP packet does to its flow: [`CLOSE_NONE`], [`CLOSE_FIN`] (the sender is
+    /// done sending), [`CLOSE_RST`] (the flow is over both ways) or [`OPEN_SYN`] (a pure SYN:
+    /// the sender opens a connection). Always [`CLOSE_NONE`] for UDP.
+    pub tcp: u8,
 }
 
 pub const CLOSE_NONE: u8 = 0;
 pub const CLOSE_FIN: u8 = 1;
 pub const CLOSE_RST: u8 = 2;
+/// SYN without ACK, FIN or RST: the first packet of a connection (or its retransmission).
+pub const OPEN_SYN: u8 = 3;
 
 impl Pkt {
     /// Offset of the L4 checksum field from the start of the frame.
@@ -98,23 +101,27 @@ pub fn parse_ipv4(data: usize, data_end: usize, frame_len: usize) -> Result<Pkt,
     if tot_len < ihl * 4 || ETH_LEN + tot_len > frame_len {
         return Err(reason::PASS_MALFORMED);
     }
-    let (sport, dport, closing) = match l4proto {
+    let (sport, dport, tcp) = match l4proto {
         proto::TCP => {
             let tcp: *const TcpHdr = ptr_at(data, data_end, l4_off)?;
             // SAFETY: bounds checked by ptr_at.
-            let (s, d, doff, fin, rst) =
-                unsafe { ((*tcp).source, (*tcp).dest, (*tcp).doff(), (*tcp).fin(), (*tcp).rst()) };
+            let (s, d, doff, fin, rst, syn, ack) = unsafe {
+                let t = &*tcp;
+                (t.source, t.dest, t.doff(), t.fin(), t.rst(), t.syn(), t.ack())
+            };
             if doff < 5 || tot_len < ihl * 4 + TcpHdr::LEN {
                 return Err(reason::PASS_MALFORMED);
             }
-            let closing = if rst != 0 {
+            let event = if rst != 0 {
                 CLOSE_RST
             } else if fin != 0 {
                 CLOSE_FIN
+            } else if syn != 0 && ack == 0 {
+                OPEN_SYN
             } else {
                 CLOSE_NONE
             };
-            (u16::from_ne_bytes(s), u16::from_ne_bytes(d), closing)
+            (u16::from_ne_bytes(s), u16::from_ne_bytes(d), event)
         }
         proto::UDP => {
             let udp: *const UdpHdr = ptr_at(data, data_end, l4_off)?;
@@ -136,7 +143,7 @@ pub fn parse_ipv4(data: usize, data_end: usize, frame_len: usize) -> Result<Pkt,
         },
         proto: l4proto,
         l4_off,
-        closing,
+        tcp,
     })
 }
 

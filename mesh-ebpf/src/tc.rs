@@ -53,9 +53,9 @@ pub fn tc_ingress(ctx: &TcContext) -> Result<i32, u32> {
     let bytes = ctx.len() as u64;
     let origin = || tc_origin(ctx);
     let (ct, why) = if pkt.proto == proto::TCP {
-        lb::lb4_ingress::<Tcp>(&pkt.key, pkt.closing, bytes, origin)
+        lb::lb4_ingress::<Tcp>(&pkt.key, pkt.tcp, bytes, origin)
     } else {
-        lb::lb4_ingress::<Udp>(&pkt.key, pkt.closing, bytes, origin)
+        lb::lb4_ingress::<Udp>(&pkt.key, pkt.tcp, bytes, origin)
     }?;
     count(why);
     let how = if why == reason::REPLY {
@@ -72,9 +72,9 @@ pub fn tc_ingress(ctx: &TcContext) -> Result<i32, u32> {
 pub fn tc_from_task(ctx: &TcContext) -> Result<i32, u32> {
     let why = match pull(ctx) {
         Ok(pkt) => match if pkt.proto == proto::TCP {
-            lb::lb4_from_task::<Tcp>(&pkt.key, pkt.closing, ctx.len() as u64)
+            lb::lb4_from_task::<Tcp>(&pkt.key, pkt.tcp, ctx.len() as u64)
         } else {
-            lb::lb4_from_task::<Udp>(&pkt.key, pkt.closing, ctx.len() as u64)
+            lb::lb4_from_task::<Udp>(&pkt.key, pkt.tcp, ctx.len() as u64)
         } {
             Ok((ct, why)) => {
                 count(why);

@@ -27,9 +27,9 @@ pub fn xdp_ingress(ctx: &XdpContext) -> Result<u32, u32> {
     let bytes = (end - data) as u64;
     let origin = || xdp_origin(ctx);
     let (ct, why) = if pkt.proto == proto::TCP {
-        lb::lb4_ingress::<Tcp>(&pkt.key, pkt.closing, bytes, origin)
+        lb::lb4_ingress::<Tcp>(&pkt.key, pkt.tcp, bytes, origin)
     } else {
-        lb::lb4_ingress::<Udp>(&pkt.key, pkt.closing, bytes, origin)
+        lb::lb4_ingress::<Udp>(&pkt.key, pkt.tcp, bytes, origin)
     }?;
     count(why);
     xdp_nat(ctx, &pkt, &ct)

@@ -217,6 +217,43 @@ fn established_flow_sticks_and_new_flows_round_robin() {
     assert!(seq.windows(2).all(|w| w[0] != w[1]), "consecutive flows go to different tasks");
 }
 
+/// A client that reuses the port of a connection it closed opens a new connection: balanced
+/// again (round-robin moves on, as IPVS and the kernel's conntrack do), not stuck to the old
+/// flow's task; the old flow's reply entry goes. A SYN retransmitted on an open flow is the
+/// same connection and stays with its task.
+#[test]
+fn a_syn_on_the_tuple_of_a_closed_flow_is_balanced_again() {
+    for hook in [None, Some(progs::TC_INGRESS)] {
+        let mut f = Fixture::new();
+        let send = |f: &mut Fixture, fr: Frame| match hook {
+            None => f.xdp(&fr.build()),
+            Some(p) => f.tc(p, &fr.build()),
+        };
+        let first = checked(&send(&mut f, syn(40000)).1).dst;
+        let again = checked(&send(&mut f, syn(40000)).1).dst;
+        assert_eq!(again, first, "{hook:?}: a retransmitted SYN stays with its task");
+        assert_eq!((f.verdict("new_flow"), f.verdict("established")), (1, 1));
+        // A SYN on a flow the task closed but the client did not is a retransmission too.
+        let (rc, out) = f.tc(progs::TC_TASK, &Frame::tcp(first, 80, CLIENT, 40000, TCP_FIN | TCP_ACK).build());
+        assert_eq!((rc, checked(&out).sport), (TC_ACT_REDIRECT, 8080), "the task's FIN reaches the client");
+        assert_eq!(checked(&send(&mut f, syn(40000)).1).dst, first);
+        // The client closes too, then opens a new connection from the same port.
+        assert_eq!(checked(&send(&mut f, Frame::tcp(CLIENT, 40000, NODE, 8080, TCP_FIN | TCP_ACK)).1).dst, first);
+        let next = checked(&send(&mut f, syn(40000)).1).dst;
+        assert_ne!(next, first, "{hook:?}: the new connection is balanced again");
+        assert_eq!((f.verdict("new_flow"), f.verdict("reopened")), (2, 1));
+        assert_eq!(f.dp().maps.conntrack_len(), 2, "the old flow's entries are gone");
+        // The new task's answer is reverse-NATed; a late packet of the old task is not.
+        let (rc, out) = f.tc(progs::TC_TASK, &Frame::tcp(next, 80, CLIENT, 40000, TCP_SYN | TCP_ACK).build());
+        assert_eq!((rc, checked(&out).src, checked(&out).sport), (TC_ACT_REDIRECT, NODE, 8080));
+        let late = Frame::tcp(first, 80, CLIENT, 40000, TCP_ACK).build();
+        assert_eq!(f.tc(progs::TC_TASK, &late), (TC_ACT_OK, late.clone()));
+        // And the new flow is established on its task.
+        let (_, out) = send(&mut f, Frame::tcp(CLIENT, 40000, NODE, 8080, TCP_ACK));
+        assert_eq!(checked(&out).dst, next);
+    }
+}
+
 #[test]
 fn reply_from_task_is_reverse_nated_to_the_node_address_and_client_mac() {
     let mut f = Fixture::new();

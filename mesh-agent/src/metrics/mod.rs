@@ -180,7 +180,7 @@ pub const CT_UDP_CAPACITY: u32 = names::MAX_CT_UDP;
 /// The `verdict` label of a verdict reason (see the module documentation).
 pub fn verdict_of(reason: &str) -> &'static str {
     match reason {
-        "new_flow" | "established" | "reply" | "backend_gone" | "snat" | "snat_reclaimed" => "balance",
+        "new_flow" | "established" | "reply" | "backend_gone" | "reopened" | "snat" | "snat_reclaimed" => "balance",
         "redirect" => "redirect",
         "sock_translated" | "sock_no_backend" => "socket",
         r if r.starts_with("pass_") => "pass",

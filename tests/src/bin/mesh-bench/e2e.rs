@@ -1314,17 +1314,21 @@ fn report(ctx: &mut Ctx, rounds: Vec<BTreeMap<&'static str, Value>>) -> Section 
         ("mesh-tc", ""),
         ("mesh-tc", "_1be"),
     ] {
-        let shares: Vec<f64> = rounds
-            .iter()
-            .filter_map(|r| {
-                let x = &r.get(mode)?[format!("close{sfx}")];
-                Some(x["new_flows"].as_f64()? / x["requests"].as_f64()?)
-            })
-            .collect();
+        let mut shares = Vec::new();
+        let mut reused = Vec::new();
+        for r in &rounds {
+            let Some(x) = r.get(mode).map(|m| &m[format!("close{sfx}")]) else { continue };
+            let (Some(nf), Some(req)) = (x["new_flows"].as_f64(), x["requests"].as_f64()) else { continue };
+            shares.push(nf / req);
+            if let Some(re) = x["reopened"].as_f64() {
+                reused.push(re / req);
+            }
+        }
         if !shares.is_empty() {
             nf_rows.push(vec![
                 format!("{mode}{}", if sfx.is_empty() { "" } else { " (1 backend)" }),
                 stat(&shares).show(3),
+                if reused.is_empty() { "–".into() } else { stat(&reused).show(3) },
             ]);
         }
     }
@@ -1403,11 +1407,12 @@ fn report(ctx: &mut Ctx, rounds: Vec<BTreeMap<&'static str, Value>>) -> Section 
     ));
     md.push_str(
         "\n**How mesh balanced the `Connection: close` runs**: share of connections that took the new-flow path \
-         (verdict counters); the rest reused a client port whose 5-tuple was still in mesh's conntrack (entries \
-         of closed connections stay until the LRU evicts them), so their SYN took the established path to the \
-         task that served the previous connection with that tuple.\n\n",
+         (verdict counters), and the share of connections whose SYN reused the client port of a connection the \
+         client had closed while its entries were still in mesh's conntrack (`reopened`: balanced again as a new \
+         flow, as IPVS and the kernel's conntrack do, rather than sent to the task of the old connection). Below \
+         1 in the first column: SYNs that took the established path (retransmissions).\n\n",
     );
-    md.push_str(&md_table(&["mode", "new flows / connections"], &nf_rows));
+    md.push_str(&md_table(&["mode", "new flows / connections", "of them on a reused tuple (reopened)"], &nf_rows));
     let json = json!({
         "rounds": rounds.iter().map(|r| json!(r)).collect::<Vec<_>>(),
         "summary": jmodes,

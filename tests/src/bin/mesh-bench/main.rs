@@ -115,7 +115,7 @@ fn main() -> ExitCode {
         start: Instant::now(),
         out: Outcome::default(),
         xdp_repeat: if quick { 200_000 } else { 1_000_000 },
-        xdp_rounds: if quick { 3 } else { 5 },
+        xdp_rounds: if quick { 3 } else { 11 },
         xdp_distinct: if quick { 20_000 } else { 100_000 },
         e2e_secs: if quick { 1 } else { 3 },
         e2e_rounds: if quick { 3 } else { 4 },

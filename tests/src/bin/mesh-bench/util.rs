@@ -1216,6 +1216,7 @@ fn wrk_run(
     if let (Some(a), Some(b)) = (v0, v1) {
         v["new_flows"] = json!(b["new_flow"] - a["new_flow"]);
         v["established_pkts"] = json!(b["established"] - a["established"]);
+        v["reopened"] = json!(b["reopened"] - a["reopened"]);
     }
     v
 }
