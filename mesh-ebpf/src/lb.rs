@@ -168,7 +168,12 @@ pub struct Origin {
 /// is not in conntrack yet (random start, a few linear probes), or else, of the probed ones
 /// whose flow has closed both ways ([`ct_flags::CLOSING`] on both entries), the one closed
 /// longest ago (its task's TIME_WAIT for that tuple is the likeliest to be over): its forward
-/// entry is removed and the reply entry is overwritten by the caller.
+/// entry is removed and the reply entry is overwritten by the caller. A closing reply entry
+/// whose client tuple now belongs to a newer flow (the client reopened it, see
+/// [`lb4_ingress`]) is closed too; that newer flow's forward entry stays.
+///
+/// A closed flow's reply entry is this node's memory of the task's TIME_WAIT for the port:
+/// it is never removed early, so a free port is one no recent flow used.
 #[inline(always)]
 fn snat_port<C: CtTable>(snat_addr: u32, min: u16, max: u16, be_addr: u32, be_port: u16) -> Result<u16, u32> {
     if max < min {
@@ -180,7 +185,7 @@ fn snat_port<C: CtTable>(snat_addr: u32, min: u16, max: u16, be_addr: u32, be_po
     // The best port to reclaim so far: its port, its forward entry's key, how long it has
     // been closing (0: none yet). Plain initialised values, not an `Option` of a tuple: LLVM
     // moves a `None`'s uninitialised payload through registers, which the verifier refuses.
-    let (mut best_port, mut best_age) = (0u16, 0u32);
+    let (mut best_port, mut best_age, mut best_owned) = (0u16, 0u32, false);
     let mut best_fwd = CtKey { saddr: 0, daddr: 0, sport: 0, dport: 0 };
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -201,12 +206,16 @@ fn snat_port<C: CtTable>(snat_addr: u32, min: u16, max: u16, be_addr: u32, be_po
                 }
                 // The forward entry's key: the client tuple the reply entry restores.
                 let fk = rev.peer_key();
-                let closed = match ct_lookup4::<C>(&fk) {
-                    Some(fwd) => fwd.flags & ct_flags::CLOSING != 0,
-                    None => true,
+                // Is the client tuple's forward entry still this port's flow?
+                let (closed, owned) = match ct_lookup4::<C>(&fk) {
+                    Some(fwd) => {
+                        let owned = fwd.sport == p.to_be() && fwd.saddr == snat_addr && fwd.daddr == be_addr;
+                        (!owned || fwd.flags & ct_flags::CLOSING != 0, owned)
+                    }
+                    None => (true, false),
                 };
                 if closed {
-                    (best_port, best_fwd, best_age) = (p, fk, age);
+                    (best_port, best_fwd, best_age, best_owned) = (p, fk, age, owned);
                 }
             }
         }
@@ -214,14 +223,19 @@ fn snat_port<C: CtTable>(snat_addr: u32, min: u16, max: u16, be_addr: u32, be_po
     if best_age == 0 {
         return Err(reason::ERR_SNAT_PORTS);
     }
-    let _ = C::map().remove(&best_fwd);
+    if best_owned {
+        let _ = C::map().remove(&best_fwd);
+    }
     count(reason::SNAT_RECLAIMED);
     Ok(best_port.to_be())
 }
 
 /// A FIN or RST went `ct`'s way (`key` is its conntrack key): mark the entry closing once.
 /// A RST ends the flow both ways (the peer will send no FIN), so it marks the entry of the
-/// other direction too: its key is the rewritten tuple of this one, reversed.
+/// other direction too: its key is the rewritten tuple of this one, reversed, and it is
+/// marked only if it still leads back to `key` (after a client reopened its tuple, the old
+/// flow's reply entry points at the new flow's forward entry, which a RST of the old task
+/// must not close).
 #[inline(always)]
 fn ct_mark_closing<C: CtTable>(key: &CtKey, ct: &CtEntry, closing: u8) {
     let first = ct.flags & ct_flags::CLOSING == 0;
@@ -232,21 +246,28 @@ fn ct_mark_closing<C: CtTable>(key: &CtKey, ct: &CtEntry, closing: u8) {
     // SAFETY: plain helper call.
     let stamp = ct_flags::CLOSING | ct_flags::closed_at(unsafe { bpf_ktime_get_ns() });
     if first {
-        ct_set_closing::<C>(key, stamp);
+        ct_set_closing::<C>(key, stamp, None);
     }
     if closing == CLOSE_RST {
-        ct_set_closing::<C>(&ct.peer_key(), stamp);
+        ct_set_closing::<C>(&ct.peer_key(), stamp, Some(key));
     }
 }
 
 /// Mark `key`'s entry closing with `stamp` (CLOSING | closed_at), once: a later FIN or RST
-/// keeps the first stamp.
+/// keeps the first stamp. With `back_to`, only if the entry's rewritten tuple, reversed, is
+/// that key.
 #[inline(always)]
-fn ct_set_closing<C: CtTable>(key: &CtKey, stamp: u32) {
+fn ct_set_closing<C: CtTable>(key: &CtKey, stamp: u32, back_to: Option<&CtKey>) {
     if let Some(p) = C::map().get_ptr_mut(key) {
         // SAFETY: a live map value; racing writers can only write a stamp of about the same
         // time.
         unsafe {
+            if let Some(k) = back_to {
+                let b = (*p).peer_key();
+                if b.saddr != k.saddr || b.daddr != k.daddr || b.sport != k.sport || b.dport != k.dport {
+                    return;
+                }
+            }
             let f = (*p).flags;
             if f & ct_flags::CLOSING == 0 {
                 (*p).flags = (f & ct_flags::FLAG_MASK) | stamp;
@@ -374,17 +395,12 @@ pub fn lb4_ingress<C: CtTable>(
         if tcp == OPEN_SYN && ct.flags & ct_flags::CLOSING != 0 {
             // A new connection on the tuple of a flow that closed (the client reuses its
             // port): balanced again, as IPVS (conn_reuse_mode 1) and the kernel's conntrack
-            // (a SYN in TIME_WAIT) do, rather than stuck to the old flow's task. The old
-            // flow's reply entry goes (if it is still that flow's: it restores this tuple);
-            // the new flow's entries overwrite the forward one. A SYN on an open flow is a
+            // (a SYN in TIME_WAIT) do, rather than stuck to the old flow's task. The new
+            // flow's entries overwrite the forward one; the old flow's reply entry stays
+            // until the LRU or a SNAT reclaim takes it: the old task's last packets (a FIN
+            // sent again from its TIME_WAIT) still reach the client, and a SNAT port is not
+            // handed out while the task may hold it in TIME_WAIT. A SYN on an open flow is a
             // retransmission and stays with its task.
-            let rk = ct.peer_key();
-            if let Some(rev) = ct_lookup4::<C>(&rk) {
-                let back = rev.peer_key();
-                if back.saddr == key.saddr && back.sport == key.sport && back.daddr == key.daddr && back.dport == key.dport {
-                    let _ = C::map().remove(&rk);
-                }
-            }
             crate::maps::count(reason::REOPENED);
         } else if lb4_backend_alive(&ct) {
             ct_mark_closing::<C>(key, &ct, tcp);

@@ -219,8 +219,8 @@ fn established_flow_sticks_and_new_flows_round_robin() {
 
 /// A client that reuses the port of a connection it closed opens a new connection: balanced
 /// again (round-robin moves on, as IPVS and the kernel's conntrack do), not stuck to the old
-/// flow's task; the old flow's reply entry goes. A SYN retransmitted on an open flow is the
-/// same connection and stays with its task.
+/// flow's task. A SYN retransmitted on an open flow is the same connection and stays with
+/// its task.
 #[test]
 fn a_syn_on_the_tuple_of_a_closed_flow_is_balanced_again() {
     for hook in [None, Some(progs::TC_INGRESS)] {
@@ -242,12 +242,19 @@ fn a_syn_on_the_tuple_of_a_closed_flow_is_balanced_again() {
         let next = checked(&send(&mut f, syn(40000)).1).dst;
         assert_ne!(next, first, "{hook:?}: the new connection is balanced again");
         assert_eq!((f.verdict("new_flow"), f.verdict("reopened")), (2, 1));
-        assert_eq!(f.dp().maps.conntrack_len(), 2, "the old flow's entries are gone");
-        // The new task's answer is reverse-NATed; a late packet of the old task is not.
-        let (rc, out) = f.tc(progs::TC_TASK, &Frame::tcp(next, 80, CLIENT, 40000, TCP_SYN | TCP_ACK).build());
-        assert_eq!((rc, checked(&out).src, checked(&out).sport), (TC_ACT_REDIRECT, NODE, 8080));
-        let late = Frame::tcp(first, 80, CLIENT, 40000, TCP_ACK).build();
-        assert_eq!(f.tc(progs::TC_TASK, &late), (TC_ACT_OK, late.clone()));
+        assert_eq!(f.dp().maps.conntrack_len(), 3, "the new flow's two entries and the old flow's reply entry");
+        // The new task's answer is reverse-NATed, and so is the old task's last FIN (sent
+        // again from its TIME_WAIT): the client must see it from the published address.
+        for task in [next, first] {
+            let (rc, out) = f.tc(progs::TC_TASK, &Frame::tcp(task, 80, CLIENT, 40000, TCP_FIN | TCP_ACK).build());
+            assert_eq!((rc, checked(&out).src, checked(&out).sport), (TC_ACT_REDIRECT, NODE, 8080));
+        }
+        // A RST from the old task reaches the client too, but does not close the new flow:
+        // a SYN sent again on it is still a retransmission.
+        let (rc, _) = f.tc(progs::TC_TASK, &Frame::tcp(first, 80, CLIENT, 40000, TCP_RST).build());
+        assert_eq!(rc, TC_ACT_REDIRECT);
+        assert_eq!(checked(&send(&mut f, syn(40000)).1).dst, next);
+        assert_eq!(f.verdict("reopened"), 1, "{hook:?}: the old task's RST closed the new flow");
         // And the new flow is established on its task.
         let (_, out) = send(&mut f, Frame::tcp(CLIENT, 40000, NODE, 8080, TCP_ACK));
         assert_eq!(checked(&out).dst, next);
@@ -630,6 +637,35 @@ fn snat_port_of_a_flow_closed_both_ways_is_reclaimed() {
         (XDP_PASS, 40_001),
         "the old flow's last ACK is not sent as the new flow's (no port for it: passed untouched)"
     );
+}
+
+/// A client reopens its tuple after a SNATed flow closed both ways: the new flow takes a free
+/// port, and the old flow's reply entry (the task may still hold that port in TIME_WAIT)
+/// stays. That orphaned port is reclaimable for another client without touching the
+/// reopened flow, whose forward entry now has the client tuple.
+#[test]
+fn a_reopened_tuple_keeps_its_new_snat_port_when_the_old_one_is_reclaimed() {
+    let mut f = snat_fixture(2);
+    let (_, out) = client_to_node(&mut f, 40_001, TCP_SYN);
+    let p = checked(&out);
+    let (old_port, task) = (p.sport, p.dst);
+    client_to_node(&mut f, 40_001, TCP_FIN | TCP_ACK);
+    f.xdp(&Frame::tcp(task, 80, NODE, old_port, TCP_FIN | TCP_ACK).build());
+    let (_, out) = client_to_node(&mut f, 40_001, TCP_SYN);
+    let new_port = checked(&out).sport;
+    assert_ne!(new_port, old_port, "the free port, not the one the task may hold in TIME_WAIT");
+    assert_eq!((f.verdict("reopened"), f.verdict("snat_reclaimed")), (1, 0));
+    // Another client: the only port left is the old flow's.
+    let (_, out) = client_to_node(&mut f, 40_002, TCP_SYN);
+    assert_eq!(checked(&out).sport, old_port, "the orphaned closed port is reclaimed");
+    assert_eq!(f.verdict("snat_reclaimed"), 1);
+    // The reopened flow is untouched, both ways.
+    let (_, out) = client_to_node(&mut f, 40_001, TCP_ACK);
+    assert_eq!(checked(&out).sport, new_port);
+    let (_, out) = f.xdp(&Frame::tcp(task, 80, NODE, new_port, TCP_ACK).build());
+    assert_eq!(checked(&out).dport, 40_001);
+    let (_, out) = f.xdp(&Frame::tcp(task, 80, NODE, old_port, TCP_ACK).build());
+    assert_eq!(checked(&out).dport, 40_002);
 }
 
 #[test]

@@ -1001,10 +1001,21 @@ fn report(
                 Some(even),
             );
             if !even {
+                // SYN retransmits of each round's 30 connections: a refused SYN that the
+                // client answered with a RST is balanced again when it is sent again.
+                let retrans: Vec<String> = runs
+                    .iter()
+                    .map(|v| v["rr"]["syn_retrans"].as_u64().map_or("?".into(), |n| n.to_string()))
+                    .collect();
                 ctx.out.finding(format!(
-                    "{}, tasks on other nodes: round-robin is not exactly even: {}",
+                    "{}, tasks on other nodes: round-robin is not exactly even: {} (SYN retransmits of the 30 \
+                     connections per round: {}). A SYN the task refuses (`PAWSTimewait`: a SNAT tuple it still holds \
+                     in TIME_WAIT, its port reclaimed or evicted from conntrack before that 60 s ended) gets a bare ACK, the \
+                     client resets and sends its SYN again 1 s later, and mesh balances that SYN as a new flow (the \
+                     RST closed the tuple), as the kernel's conntrack does: one task is skipped or taken twice",
                     m.key(),
-                    tallies.join(" / ")
+                    tallies.join(" / "),
+                    retrans.join(", ")
                 ));
             }
         }
