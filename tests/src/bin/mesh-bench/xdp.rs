@@ -15,7 +15,9 @@
 //!   whose backends are remote (so the agent's SNAT applies) and whose addresses are node
 //!   addresses on the published port: every rewrite gives the packet a fresh random SNAT
 //!   source port, so the next iteration misses conntrack again and balances, SNATs and
-//!   inserts two entries anew.
+//!   inserts two entries anew. (a) and (b) run with conntrack full, so every insert evicts
+//!   (what a conntrack without garbage collection does in a steady state); (a') repeats (a)
+//!   into a conntrack with free entries, so the difference is the cost of eviction.
 
 use std::{net::Ipv4Addr, path::PathBuf, time::Instant};
 
@@ -443,6 +445,23 @@ impl Fixture {
                 .expect("conntrack insert");
         }
         self.ct_filled = self.dp().maps.conntrack_len();
+    }
+
+    /// The TCP conntrack keys there are now (the fixture's own entries), for
+    /// [`Fixture::clear_flows`].
+    fn ct_keys(&mut self) -> std::collections::HashSet<CtKey> {
+        self.dp().maps.ct_tcp.keys().filter_map(Result::ok).collect()
+    }
+
+    /// Delete every TCP conntrack entry that is not one of `keep` (the flows the measured
+    /// paths made). Returns the entries left.
+    fn clear_flows(&mut self, keep: &std::collections::HashSet<CtKey>) -> usize {
+        let ct = &mut self.dp().maps.ct_tcp;
+        let keys: Vec<CtKey> = ct.keys().filter_map(Result::ok).filter(|k| !keep.contains(k)).collect();
+        for k in &keys {
+            let _ = ct.remove(k);
+        }
+        self.dp().maps.conntrack_lens()[0]
     }
 
     /// The established and reply ping-pongs (see the module doc).
@@ -919,6 +938,7 @@ fn run_fixture(ctx: &Ctx, big: bool) -> FixtureResult {
             util::fmt_dur(t.elapsed())
         ),
     );
+    let fixture_keys = f.ct_keys();
     let ps = paths();
     for p in &ps {
         verify(&mut f, p);
@@ -1061,6 +1081,91 @@ fn run_fixture(ctx: &Ctx, big: bool) -> FixtureResult {
         ),
     });
 
+    // New flow (a'), as (a) but into a conntrack with free entries: before each round the
+    // entries the measured flows made are deleted (the fixture's stay), and a round inserts fewer flows than this CPU's
+    // LRU lists then hold free (per-CPU lists: the map's entries are split evenly over the
+    // possible CPUs, and this thread inserts on one). No insert evicts: the difference to (a)
+    // is what evicting costs, i.e. what a conntrack that deletes closed flows would save.
+    let per_cpu = mapnames::MAX_CT_TCP as usize / possible_cpus().max(1);
+    let mut free_ns = Vec::new();
+    let mut free_share = f64::INFINITY;
+    let mut free_n = Vec::new();
+    for r in 0..rounds {
+        util::check_interrupt();
+        let live = f.clear_flows(&fixture_keys);
+        // Two entries per flow; 80% of what is free, at most half of (a)'s count.
+        let n = (per_cpu.saturating_sub(live) * 2 / 5).min(n1 / 2);
+        if n < 1_000 {
+            break;
+        }
+        let (mean, share) = new_flow_distinct(&mut f, n, rounds + r);
+        free_share = free_share.min(share);
+        free_ns.push(mean - overhead);
+        free_n.push(n as f64);
+    }
+    if !free_ns.is_empty() {
+        let at = results.iter().position(|r| r.key == "new_flow").map_or(results.len(), |i| i + 1);
+        results.insert(at, PathResult {
+            key: "new_flow_free",
+            title: "published-port SYN, new flow (local backend), conntrack with free entries",
+            prog: Prog::Xdp,
+            ns: stat(&free_ns),
+            share: free_share,
+            target_ns: None,
+            how: format!(
+                "as the distinct SYNs above (local backend), but each round first deletes every conntrack entry \
+                 the measured flows made (the fixture's stay) and then sends {} fresh SYNs, fewer than the free nodes of this CPU's LRU lists ({} entries per \
+                 CPU: per-CPU lists split the map's {} entries over the possible CPUs): no insert evicts. \
+                 Minus the same timer overhead. The difference to that row is the cost of evicting from a \
+                 full table",
+                stat(&free_n).show(0),
+                fmt_num(per_cpu as f64, 0),
+                fmt_num(mapnames::MAX_CT_TCP as f64, 0)
+            ),
+        });
+    }
+
+    // New flow (b'), as (b) but into a conntrack with free entries: one run per round, after
+    // the same deletion, of fewer iterations (two entries each) than there are free nodes.
+    let mut snat_free = Vec::new();
+    let mut snat_free_share = f64::INFINITY;
+    let mut snat_free_n = Vec::new();
+    for _ in 0..rounds {
+        util::check_interrupt();
+        let live = f.clear_flows(&fixture_keys);
+        let n = (per_cpu.saturating_sub(live) * 2 / 5).min(SNAT_CHUNK as usize) as u32;
+        if n < 1_000 {
+            break;
+        }
+        let before = f.verdicts()["new_flow"];
+        let (rc, ns, _) = f.run(Prog::Xdp, &snat_seed(&mut seed), n);
+        assert_eq!(rc, XDP_PASS);
+        let share = (f.verdicts()["new_flow"] - before) as f64 / n as f64;
+        if share >= 0.99 {
+            snat_free_share = snat_free_share.min(share);
+            snat_free.push(ns);
+            snat_free_n.push(n as f64);
+        }
+    }
+    if !snat_free.is_empty() {
+        let at = results.iter().position(|r| r.key == "new_flow_snat").map_or(results.len(), |i| i + 1);
+        results.insert(at, PathResult {
+            key: "new_flow_snat_free",
+            title: "new flow, remote backend + SNAT (full repeat), conntrack with free entries",
+            prog: Prog::Xdp,
+            ns: stat(&snat_free),
+            share: snat_free_share,
+            target_ns: None,
+            how: format!(
+                "as the SNAT new flows above, but each round first deletes every conntrack entry the measured \
+                 flows made (the fixture's stay) and then makes one run of {} iterations, fewer than the free \
+                 nodes of this CPU's LRU lists: no insert evicts. The difference to that row is the cost of \
+                 evicting from a full table",
+                stat(&snat_free_n).show(0)
+            ),
+        });
+    }
+
     // Cheap profiles of the paths that miss their target (small tables only).
     let mut profiles = Vec::new();
     if !big {
@@ -1164,8 +1269,9 @@ pub fn run(ctx: &mut Ctx) -> Section {
         "–".into(),
     ]];
     let mut jpaths = Vec::new();
-    for (i, r) in small.paths.iter().enumerate() {
-        let b = &big.paths[i];
+    for r in &small.paths {
+        // Rows are matched by path: a fixture may skip one (no room for the free-entries run).
+        let Some(b) = big.paths.iter().find(|b| b.key == r.key) else { continue };
         let target = r
             .target_ns
             .map(|t| format!("≤ {t} ns"))
@@ -1237,6 +1343,35 @@ pub fn run(ctx: &mut Ctx) -> Section {
                 fmt_num(b.ns.median, 1)
             ));
         }
+    }
+    // What evicting from a full conntrack costs: each new-flow path against its twin run into
+    // a conntrack with free entries (small tables).
+    let by_key = |k: &str| small.paths.iter().find(|r| r.key == k).map(|r| r.ns.median);
+    let pairs: Vec<(f64, f64)> = [("new_flow", "new_flow_free"), ("new_flow_snat", "new_flow_snat_free")]
+        .iter()
+        .filter_map(|(full, free)| Some((by_key(full)?, by_key(free)?)))
+        .collect();
+    if !pairs.is_empty() {
+        let shown = pairs
+            .iter()
+            .map(|(full, free)| format!("{} ns full vs {} ns with free entries", fmt_num(*full, 0), fmt_num(*free, 0)))
+            .collect::<Vec<_>>()
+            .join("; SNAT: ");
+        let saves = pairs.iter().all(|(full, free)| *free < 0.9 * *full);
+        ctx.out.finding(if saves {
+            format!(
+                "XDP new flows: evicting from the full conntrack costs {} ns per new flow (local backend: {shown}): a \
+                 conntrack that deleted closed flows (garbage collection) would save that much.",
+                pairs.iter().map(|(full, free)| fmt_num(full - free, 0)).collect::<Vec<_>>().join(" / ")
+            )
+        } else {
+            format!(
+                "XDP new flows: evicting is not what makes a new flow expensive (local backend: {shown}). Popping a \
+                 node from a free list costs as much as evicting one or more: either way the insert touches cold memory (the \
+                 map element it reuses, its LRU list neighbours, two buckets; the profile's `bpf_lru_pop_free` and \
+                 `lookup_nulls_elem_raw`), so a conntrack garbage collector would not make new flows cheaper here."
+            )
+        });
     }
     rows.push(vec![
         "VIP packet path".into(),
@@ -1345,4 +1480,23 @@ fn program_sizes(p: &Value) -> String {
         })
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// The kernel's possible CPUs (`/sys/devices/system/cpu/possible`, e.g. `0-1`): what per-CPU
+/// LRU lists are split over.
+fn possible_cpus() -> usize {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap_or_default();
+    let n: usize = text
+        .trim()
+        .split(',')
+        .filter_map(|r| {
+            let mut it = r.split('-').map(|x| x.trim().parse::<usize>().ok());
+            match (it.next().flatten(), it.next().flatten()) {
+                (Some(a), Some(b)) if b >= a => Some(b - a + 1),
+                (Some(_), None) => Some(1),
+                _ => None,
+            }
+        })
+        .sum();
+    if n == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { n }
 }
