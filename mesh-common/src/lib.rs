@@ -27,9 +27,9 @@ pub mod maps {
     pub const RR: &str = "RR_V1";
     /// LRU conntrack of TCP flows: [`crate::CtKey`] → [`crate::CtEntry`], one entry per
     /// direction. One table per protocol keeps the key at 12 bytes (three words to hash).
-    pub const CT_TCP: &str = "CT_TCP_V2";
+    pub const CT_TCP: &str = "CT_TCP_V3";
     /// LRU conntrack of UDP flows, as [`CT_TCP`].
-    pub const CT_UDP: &str = "CT_UDP_V2";
+    pub const CT_UDP: &str = "CT_UDP_V3";
     /// IPv4 addresses of the node (network order) → 1. Published ports answer on these.
     pub const NODE_ADDRS: &str = "NODE_ADDRS_V1";
     /// Bitmap of frontend ports (host order): word `port >> 5`, bit `port & 31`.

@@ -11,8 +11,6 @@ use mesh_common::{
     TaskNetKey, TrafficStats, maps::*, reason,
 };
 
-/// `BPF_F_NO_COMMON_LRU`: per-CPU LRU lists, so a flow insert does not take a global lock.
-const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 
 #[map(name = "FRONTENDS_V1")]
 pub static FRONTENDS: HashMap<FrontendKey, Frontend> = HashMap::pinned(MAX_FRONTENDS, 0);
@@ -26,11 +24,17 @@ pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
 #[map(name = "RR_V1")]
 pub static RR: Array<u64> = Array::pinned(MAX_SERVICES, 0);
 
-#[map(name = "CT_TCP_V2")]
-pub static CT_TCP: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(MAX_CT_TCP, BPF_F_NO_COMMON_LRU);
+/// Conntrack, one table per protocol. One LRU list for the whole map (no
+/// `BPF_F_NO_COMMON_LRU`): with per-CPU lists the kernel splits the entries evenly over the
+/// possible CPUs and a CPU evicts only from its own share, so when new flows arrive on few
+/// CPUs (a veth's packets are handled on the sender's CPU) live flows are evicted with the
+/// map mostly empty: 1/64 of its size on a 64-CPU node. Each CPU still takes free entries
+/// from the shared list in batches, so the list's lock is not taken per flow.
+#[map(name = "CT_TCP_V3")]
+pub static CT_TCP: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(MAX_CT_TCP, 0);
 
-#[map(name = "CT_UDP_V2")]
-pub static CT_UDP: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(MAX_CT_UDP, BPF_F_NO_COMMON_LRU);
+#[map(name = "CT_UDP_V3")]
+pub static CT_UDP: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(MAX_CT_UDP, 0);
 
 #[map(name = "NODE_ADDRS_V1")]
 pub static NODE_ADDRS: HashMap<u32, u32> = HashMap::pinned(MAX_NODE_ADDRS, 0);

@@ -668,6 +668,35 @@ fn a_reopened_tuple_keeps_its_new_snat_port_when_the_old_one_is_reclaimed() {
     assert_eq!(checked(&out).dport, 40_002);
 }
 
+/// Conntrack keeps a live flow while the map has room, however the flows are spread over
+/// the CPUs: here every flow is made on one CPU (a veth's packets are handled on the
+/// sender's CPU). With per-CPU LRU lists the kernel would give each possible CPU an equal
+/// share of the entries and this CPU would evict its oldest flows once its share was used.
+#[test]
+fn flows_made_on_one_cpu_can_use_the_whole_conntrack() {
+    let me = nix::unistd::Pid::from_raw(0);
+    let old = nix::sched::sched_getaffinity(me).expect("affinity");
+    let mut one = nix::sched::CpuSet::new();
+    let cpu = (0..nix::sched::CpuSet::count()).find(|c| old.is_set(*c).unwrap_or(false)).unwrap_or(0);
+    one.set(cpu).unwrap();
+    nix::sched::sched_setaffinity(me, &one).expect("pin to one CPU");
+    let mut f = Fixture::new();
+    let first = checked(&f.xdp(&syn(40000).build()).1).dst;
+    // Three quarters of the map, two entries per flow.
+    let flows = mesh_common::maps::MAX_CT_TCP as usize * 3 / 8;
+    for i in 0..flows {
+        let src = Ipv4Addr::new(198, 19, (i >> 8) as u8, i as u8);
+        let (rc, _) = f.xdp(&Frame::tcp(src, 10_000 + (i >> 16) as u16, NODE, 8080, TCP_SYN).build());
+        assert_eq!(rc, XDP_REDIRECT);
+    }
+    nix::sched::sched_setaffinity(me, &old).expect("restore affinity");
+    assert_eq!(f.dp().maps.conntrack_lens()[0], 2 * flows + 2, "no flow was evicted");
+    let est = f.verdict("established");
+    let (_, out) = f.xdp(&Frame::tcp(CLIENT, 40000, NODE, 8080, TCP_ACK).build());
+    assert_eq!(checked(&out).dst, first);
+    assert_eq!(f.verdict("established"), est + 1, "the first flow is still known");
+}
+
 #[test]
 fn a_tcp_and_a_udp_flow_on_one_tuple_are_tracked_apart() {
     let mut f = Fixture::new();

@@ -1082,11 +1082,11 @@ fn run_fixture(ctx: &Ctx, big: bool) -> FixtureResult {
     });
 
     // New flow (a'), as (a) but into a conntrack with free entries: before each round the
-    // entries the measured flows made are deleted (the fixture's stay), and a round inserts fewer flows than this CPU's
-    // LRU lists then hold free (per-CPU lists: the map's entries are split evenly over the
-    // possible CPUs, and this thread inserts on one). No insert evicts: the difference to (a)
-    // is what evicting costs, i.e. what a conntrack that deletes closed flows would save.
-    let per_cpu = mapnames::MAX_CT_TCP as usize / possible_cpus().max(1);
+    // entries the measured flows made are deleted (the fixture's stay), and a round inserts
+    // fewer flows than the map then has free entries (one LRU list for the whole map). No
+    // insert evicts: the difference to (a) is what evicting costs, i.e. what a conntrack that
+    // deletes closed flows would save.
+    let cap = mapnames::MAX_CT_TCP as usize;
     let mut free_ns = Vec::new();
     let mut free_share = f64::INFINITY;
     let mut free_n = Vec::new();
@@ -1094,7 +1094,7 @@ fn run_fixture(ctx: &Ctx, big: bool) -> FixtureResult {
         util::check_interrupt();
         let live = f.clear_flows(&fixture_keys);
         // Two entries per flow; 80% of what is free, at most half of (a)'s count.
-        let n = (per_cpu.saturating_sub(live) * 2 / 5).min(n1 / 2);
+        let n = (cap.saturating_sub(live) * 2 / 5).min(n1 / 2);
         if n < 1_000 {
             break;
         }
@@ -1114,13 +1114,11 @@ fn run_fixture(ctx: &Ctx, big: bool) -> FixtureResult {
             target_ns: None,
             how: format!(
                 "as the distinct SYNs above (local backend), but each round first deletes every conntrack entry \
-                 the measured flows made (the fixture's stay) and then sends {} fresh SYNs, fewer than the free nodes of this CPU's LRU lists ({} entries per \
-                 CPU: per-CPU lists split the map's {} entries over the possible CPUs): no insert evicts. \
-                 Minus the same timer overhead. The difference to that row is the cost of evicting from a \
-                 full table",
+                 the measured flows made (the fixture's stay) and then sends {} fresh SYNs, fewer than the map's free entries (of {}; one LRU list for the \
+                 whole map): no insert evicts. Minus the same timer overhead. The difference to that row is the \
+                 cost of evicting from a full table",
                 stat(&free_n).show(0),
-                fmt_num(per_cpu as f64, 0),
-                fmt_num(mapnames::MAX_CT_TCP as f64, 0)
+                fmt_num(cap as f64, 0)
             ),
         });
     }
@@ -1133,7 +1131,7 @@ fn run_fixture(ctx: &Ctx, big: bool) -> FixtureResult {
     for _ in 0..rounds {
         util::check_interrupt();
         let live = f.clear_flows(&fixture_keys);
-        let n = (per_cpu.saturating_sub(live) * 2 / 5).min(SNAT_CHUNK as usize) as u32;
+        let n = (cap.saturating_sub(live) * 2 / 5).min(SNAT_CHUNK as usize) as u32;
         if n < 1_000 {
             break;
         }
@@ -1158,8 +1156,8 @@ fn run_fixture(ctx: &Ctx, big: bool) -> FixtureResult {
             target_ns: None,
             how: format!(
                 "as the SNAT new flows above, but each round first deletes every conntrack entry the measured \
-                 flows made (the fixture's stay) and then makes one run of {} iterations, fewer than the free \
-                 nodes of this CPU's LRU lists: no insert evicts. The difference to that row is the cost of \
+                 flows made (the fixture's stay) and then makes one run of {} iterations, fewer than the map's \
+                 free entries: no insert evicts. The difference to that row is the cost of \
                  evicting from a full table",
                 stat(&snat_free_n).show(0)
             ),
@@ -1222,8 +1220,9 @@ fn run_fixture(ctx: &Ctx, big: bool) -> FixtureResult {
     }
 }
 
-/// This thread pinned to one CPU while alive (the conntrack map keeps per-CPU LRU lists:
-/// entries written from user space and by the programs then share one list), then back.
+/// This thread pinned to one CPU while alive (the conntrack map hands free entries to each
+/// CPU in batches: entries written from user space and by the programs then come from one
+/// CPU's batch, and the runs keep one CPU's caches), then back.
 struct Pinned(Option<nix::sched::CpuSet>);
 
 impl Pinned {
@@ -1482,21 +1481,3 @@ fn program_sizes(p: &Value) -> String {
         .join("; ")
 }
 
-/// The kernel's possible CPUs (`/sys/devices/system/cpu/possible`, e.g. `0-1`): what per-CPU
-/// LRU lists are split over.
-fn possible_cpus() -> usize {
-    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap_or_default();
-    let n: usize = text
-        .trim()
-        .split(',')
-        .filter_map(|r| {
-            let mut it = r.split('-').map(|x| x.trim().parse::<usize>().ok());
-            match (it.next().flatten(), it.next().flatten()) {
-                (Some(a), Some(b)) if b >= a => Some(b - a + 1),
-                (Some(_), None) => Some(1),
-                _ => None,
-            }
-        })
-        .sum();
-    if n == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { n }
-}
