@@ -206,10 +206,11 @@ fn snat_port<C: CtTable>(snat_addr: u32, min: u16, max: u16, be_addr: u32, be_po
                 }
                 // The forward entry's key: the client tuple the reply entry restores.
                 let fk = rev.peer_key();
-                // Is the client tuple's forward entry still this port's flow?
+                // Is the client tuple's forward entry still this port's flow (does it lead
+                // back to this reply entry)?
                 let (closed, owned) = match ct_lookup4::<C>(&fk) {
                     Some(fwd) => {
-                        let owned = fwd.sport == p.to_be() && fwd.saddr == snat_addr && fwd.daddr == be_addr;
+                        let owned = fwd.peer_key() == rk;
                         (!owned || fwd.flags & ct_flags::CLOSING != 0, owned)
                     }
                     None => (true, false),
@@ -262,11 +263,8 @@ fn ct_set_closing<C: CtTable>(key: &CtKey, stamp: u32, back_to: Option<&CtKey>) 
         // SAFETY: a live map value; racing writers can only write a stamp of about the same
         // time.
         unsafe {
-            if let Some(k) = back_to {
-                let b = (*p).peer_key();
-                if b.saddr != k.saddr || b.daddr != k.daddr || b.sport != k.sport || b.dport != k.dport {
-                    return;
-                }
+            if back_to.is_some_and(|k| (*p).peer_key() != *k) {
+                return;
             }
             let f = (*p).flags;
             if f & ct_flags::CLOSING == 0 {

@@ -11,7 +11,6 @@ use mesh_common::{
     TaskNetKey, TrafficStats, maps::*, reason,
 };
 
-
 #[map(name = "FRONTENDS_V1")]
 pub static FRONTENDS: HashMap<FrontendKey, Frontend> = HashMap::pinned(MAX_FRONTENDS, 0);
 

@@ -1002,8 +1002,8 @@ pub fn run(ctx: &mut Ctx) -> Section {
         for mode in MODES {
             util::check_interrupt();
             let t = Instant::now();
-            // The profiles come from the second round.
-            // The profiled extra runs are for the full run: --quick stays within its 3 minutes.
+            // The profiles come from the second round, in the full run only (--quick stays
+            // within its 3 minutes).
             let v = run_mode(ctx, &mut bed, mode, round == 1 && !ctx.quick);
             util::log(
                 ctx.start,

@@ -781,8 +781,8 @@ pub fn run(ctx: &mut Ctx) -> Section {
         for mode in MODES {
             util::check_interrupt();
             let t = Instant::now();
-            // The profiles come from the second round (every run has one).
-            // The profiled extra runs are for the full run: --quick stays within its 3 minutes.
+            // The profiles come from the second round (every run has one), in the full run
+            // only (--quick stays within its 3 minutes).
             let v = run_mode(ctx, &mut bed, mode, round == 1 && !ctx.quick);
             let syn: u64 = ["close", "keepalive", "latency", "rr"]
                 .iter()

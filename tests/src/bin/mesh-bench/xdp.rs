@@ -1081,31 +1081,16 @@ fn run_fixture(ctx: &Ctx, big: bool) -> FixtureResult {
         ),
     });
 
-    // New flow (a'), as (a) but into a conntrack with free entries: before each round the
-    // entries the measured flows made are deleted (the fixture's stay), and a round inserts
-    // fewer flows than the map then has free entries (one LRU list for the whole map). No
-    // insert evicts: the difference to (a) is what evicting costs, i.e. what a conntrack that
-    // deletes closed flows would save.
+    // New flow (a'), as (a) but into a conntrack with free entries (see `free_entry_rounds`).
+    // No insert evicts: the difference to (a) is what evicting costs, i.e. what a conntrack
+    // that deletes closed flows would save.
     let cap = mapnames::MAX_CT_TCP as usize;
-    let mut free_ns = Vec::new();
-    let mut free_share = f64::INFINITY;
-    let mut free_n = Vec::new();
-    for r in 0..rounds {
-        util::check_interrupt();
-        let live = f.clear_flows(&fixture_keys);
-        // Two entries per flow; 80% of what is free, at most half of (a)'s count.
-        let n = (cap.saturating_sub(live) * 2 / 5).min(n1 / 2);
-        if n < 1_000 {
-            break;
-        }
-        let (mean, share) = new_flow_distinct(&mut f, n, rounds + r);
-        free_share = free_share.min(share);
-        free_ns.push(mean - overhead);
-        free_n.push(n as f64);
-    }
+    let (free_ns, free_share, free_n) = free_entry_rounds(&mut f, &fixture_keys, rounds, n1 / 2, |f, n, r| {
+        let (mean, share) = new_flow_distinct(f, n, rounds + r);
+        Some((mean - overhead, share))
+    });
     if !free_ns.is_empty() {
-        let at = results.iter().position(|r| r.key == "new_flow").map_or(results.len(), |i| i + 1);
-        results.insert(at, PathResult {
+        insert_after(&mut results, "new_flow", PathResult {
             key: "new_flow_free",
             title: "published-port SYN, new flow (local backend), conntrack with free entries",
             prog: Prog::Xdp,
@@ -1114,40 +1099,27 @@ fn run_fixture(ctx: &Ctx, big: bool) -> FixtureResult {
             target_ns: None,
             how: format!(
                 "as the distinct SYNs above (local backend), but each round first deletes every conntrack entry \
-                 the measured flows made (the fixture's stay) and then sends {} fresh SYNs, fewer than the map's free entries (of {}; one LRU list for the \
-                 whole map): no insert evicts. Minus the same timer overhead. The difference to that row is the \
-                 cost of evicting from a full table",
+                 the measured flows made (the fixture's stay) and then sends {} fresh SYNs, fewer than the map's \
+                 free entries (of {}; one LRU list for the whole map): no insert evicts. Minus the same timer \
+                 overhead. The difference to that row is the cost of evicting from a full table",
                 stat(&free_n).show(0),
                 fmt_num(cap as f64, 0)
             ),
         });
     }
 
-    // New flow (b'), as (b) but into a conntrack with free entries: one run per round, after
-    // the same deletion, of fewer iterations (two entries each) than there are free nodes.
-    let mut snat_free = Vec::new();
-    let mut snat_free_share = f64::INFINITY;
-    let mut snat_free_n = Vec::new();
-    for _ in 0..rounds {
-        util::check_interrupt();
-        let live = f.clear_flows(&fixture_keys);
-        let n = (cap.saturating_sub(live) * 2 / 5).min(SNAT_CHUNK as usize) as u32;
-        if n < 1_000 {
-            break;
-        }
-        let before = f.verdicts()["new_flow"];
-        let (rc, ns, _) = f.run(Prog::Xdp, &snat_seed(&mut seed), n);
-        assert_eq!(rc, XDP_PASS);
-        let share = (f.verdicts()["new_flow"] - before) as f64 / n as f64;
-        if share >= 0.99 {
-            snat_free_share = snat_free_share.min(share);
-            snat_free.push(ns);
-            snat_free_n.push(n as f64);
-        }
-    }
+    // New flow (b'), as (b) but into a conntrack with free entries: one run per round, of at
+    // most one chunk of iterations; runs that were not all new flows are discarded, as in (b).
+    let (snat_free, snat_free_share, snat_free_n) =
+        free_entry_rounds(&mut f, &fixture_keys, rounds, SNAT_CHUNK as usize, |f, n, _| {
+            let before = f.verdicts()["new_flow"];
+            let (rc, ns, _) = f.run(Prog::Xdp, &snat_seed(&mut seed), n as u32);
+            assert_eq!(rc, XDP_PASS);
+            let share = (f.verdicts()["new_flow"] - before) as f64 / n as f64;
+            (share >= 0.99).then_some((ns, share))
+        });
     if !snat_free.is_empty() {
-        let at = results.iter().position(|r| r.key == "new_flow_snat").map_or(results.len(), |i| i + 1);
-        results.insert(at, PathResult {
+        insert_after(&mut results, "new_flow_snat", PathResult {
             key: "new_flow_snat_free",
             title: "new flow, remote backend + SNAT (full repeat), conntrack with free entries",
             prog: Prog::Xdp,
@@ -1157,8 +1129,8 @@ fn run_fixture(ctx: &Ctx, big: bool) -> FixtureResult {
             how: format!(
                 "as the SNAT new flows above, but each round first deletes every conntrack entry the measured \
                  flows made (the fixture's stay) and then makes one run of {} iterations, fewer than the map's \
-                 free entries: no insert evicts. The difference to that row is the cost of \
-                 evicting from a full table",
+                 free entries: no insert evicts. The difference to that row is the cost of evicting from a \
+                 full table",
                 stat(&snat_free_n).show(0)
             ),
         });
@@ -1218,6 +1190,43 @@ fn run_fixture(ctx: &Ctx, big: bool) -> FixtureResult {
         calib,
         progs,
     }
+}
+
+/// Rounds of new flows into a conntrack with free entries: before each, every TCP entry the
+/// measured flows made is deleted (`keep`, the fixture's, stays), then `run(f, n, round)`
+/// makes `n` new flows, fewer than the map then has free (two entries per flow, 80% of the
+/// room, at most `max`); it returns ns per flow and the share counted `new_flow`, or `None`
+/// to discard the round. Stops early when there is no room for 1,000 flows. Returns the kept
+/// ns, their lowest share and the flow counts.
+fn free_entry_rounds(
+    f: &mut Fixture,
+    keep: &std::collections::HashSet<CtKey>,
+    rounds: usize,
+    max: usize,
+    mut run: impl FnMut(&mut Fixture, usize, usize) -> Option<(f64, f64)>,
+) -> (Vec<f64>, f64, Vec<f64>) {
+    let cap = mapnames::MAX_CT_TCP as usize;
+    let (mut ns, mut share, mut counts) = (Vec::new(), f64::INFINITY, Vec::new());
+    for r in 0..rounds {
+        util::check_interrupt();
+        let live = f.clear_flows(keep);
+        let n = (cap.saturating_sub(live) * 2 / 5).min(max);
+        if n < 1_000 {
+            break;
+        }
+        if let Some((x, s)) = run(f, n, r) {
+            ns.push(x);
+            share = share.min(s);
+            counts.push(n as f64);
+        }
+    }
+    (ns, share, counts)
+}
+
+/// Put `row` right after the row of path `key` (at the end if there is none).
+fn insert_after(results: &mut Vec<PathResult>, key: &str, row: PathResult) {
+    let at = results.iter().position(|r| r.key == key).map_or(results.len(), |i| i + 1);
+    results.insert(at, row);
 }
 
 /// This thread pinned to one CPU while alive (the conntrack map hands free entries to each
