@@ -763,14 +763,14 @@ fn run_mode(ctx: &Ctx, bed: &mut Bed, mode: Mode, profile: bool) -> Value {
 }
 
 pub fn run(ctx: &mut Ctx) -> Section {
-    // --quick: 2 rounds; full: the end-to-end rounds, fewer when the run's time is spent
-    // (never fewer than 2). Repeats of disturbed runs stop after 6 s (--quick) or 2 min.
-    let want = if ctx.quick { 2 } else { ctx.e2e_rounds.max(2) };
+    // The end-to-end rounds, fewer when the run's time is spent (never fewer than 3).
+    // Repeats of disturbed runs stop after 6 s (--quick) or 2 min.
+    let want = ctx.e2e_rounds.max(3);
     ctx.retry_until = Some(Instant::now() + Duration::from_secs(if ctx.quick { 6 } else { 120 }));
     let mut bed = Bed::new(ctx);
     let mut rounds: Vec<BTreeMap<&'static str, Value>> = Vec::new();
     for round in 0..want {
-        if round >= 2 && Instant::now() > ctx.deadline {
+        if round >= 3 && Instant::now() > ctx.deadline {
             util::log(
                 ctx.start,
                 format!("e2e-remote: the run's time is spent: {round} rounds"),
@@ -1202,7 +1202,7 @@ fn report(
          checksum offload off on every underlay port), nginx in each task (one worker, pinned to CPU 1; wrk and \
          curl on CPU 0). Each run uses a fresh client source address from 198.19.0.0/24, which every node routes \
          through A, so replies cross A in every mode.\n\n\
-         Modes, alternated within each round ({} rounds, {} s per load): **direct** = the client talks to web.1 \
+         Modes, alternated within each round ({} rounds, {} s per load{}): **direct** = the client talks to web.1 \
          at its overlay address, routed by A's kernel (A's bridge → VXLAN → B), the reply back over the underlay \
          through A's kernel forwarding: no load balancer, the same hops as the balanced modes (the ceiling); \
          **iptables** = kube-proxy-style rules on A: DNAT to the 3 remote tasks with `-m statistic --mode nth`, \
@@ -1227,6 +1227,7 @@ fn report(
          path (DNAT + SNAT on the entry node, VXLAN to the task's node) is what the iptables mode reproduces.\n\n",
         rounds.len(),
         ctx.e2e_secs,
+        util::load_note(ctx.e2e_secs),
         fmt_num(bg.median, 3),
         ctx.e2e_attempts,
         if ipvs {

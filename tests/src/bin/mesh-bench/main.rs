@@ -47,8 +47,9 @@ pub struct Ctx {
     pub xdp_repeat: u32,
     pub xdp_rounds: usize,
     pub xdp_distinct: usize,
-    /// Seconds per load and rounds of the end-to-end modes.
-    pub e2e_secs: u32,
+    /// Seconds per load (--quick: half a second, see [`util::load_args`]) and rounds of
+    /// the end-to-end modes.
+    pub e2e_secs: f64,
     pub e2e_rounds: usize,
     /// Attempts per load run when other work on the machine disturbs it, and until when
     /// repeating (and waiting for a quiet machine) is allowed: the run stays bounded.
@@ -117,7 +118,7 @@ fn main() -> ExitCode {
         xdp_repeat: if quick { 200_000 } else { 1_000_000 },
         xdp_rounds: if quick { 3 } else { 11 },
         xdp_distinct: if quick { 20_000 } else { 100_000 },
-        e2e_secs: if quick { 1 } else { 3 },
+        e2e_secs: if quick { 0.5 } else { 3.0 },
         e2e_rounds: if quick { 3 } else { 4 },
         e2e_attempts: if quick { 2 } else { 3 },
         retry_until: None,

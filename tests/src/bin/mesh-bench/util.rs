@@ -1024,6 +1024,30 @@ pub fn undisturbed(ctx: &crate::Ctx, mut once: impl FnMut() -> Value) -> Value {
     v
 }
 
+/// wrk's `-d` for a load of `secs`, and the command that goes before wrk to end it: wrk
+/// counts whole seconds only, so a sub-second load (--quick) is a longer `-d` ended by
+/// SIGINT from `timeout` after `secs`, on which wrk stops and reports what it did in the
+/// time it ran ("N requests in 500.70ms"; its rate is over that time).
+pub fn load_args(secs: f64) -> (String, Vec<String>) {
+    if secs.fract() == 0.0 {
+        (format!("{}s", secs as u64), Vec::new())
+    } else {
+        let cut = ["timeout", "--preserve-status", "-s", "INT"].map(String::from);
+        let mut cut = cut.to_vec();
+        cut.push(format!("{secs}"));
+        (format!("{}s", secs.ceil() as u64 + 5), cut)
+    }
+}
+
+/// How a load's length was kept, for the reports: "" for whole seconds.
+pub fn load_note(secs: f64) -> &'static str {
+    if secs.fract() == 0.0 {
+        ""
+    } else {
+        " (wrk counts whole seconds: it runs with a longer `-d` and is ended by SIGINT, on which it reports the requests of the time it ran)"
+    }
+}
+
 /// Per-reason packet counts of a running agent (its pinned maps), to tell how connections
 /// were balanced.
 fn verdicts(pins: Option<&Path>) -> Option<BTreeMap<&'static str, u64>> {
@@ -1139,7 +1163,7 @@ fn wrk_run(
     latency: bool,
     perf_data: Option<&Path>,
 ) -> Value {
-    let d = format!("{}s", ctx.e2e_secs);
+    let (d, cut) = load_args(ctx.e2e_secs);
     let c = conns.to_string();
     let hz = format!("{}", PROFILE_HZ as u32);
     let data_s = perf_data.map(|p| p.to_string_lossy().to_string()).unwrap_or_default();
@@ -1147,7 +1171,9 @@ fn wrk_run(
     if perf_data.is_some() {
         args.extend(["record", "-a", "-q", "-e", "cpu-clock", "-F", &hz, "-o", &data_s, "--", "taskset"]);
     }
-    args.extend(["-c", "0", "wrk", "-t1", "-c", &c, "-d", &d]);
+    args.extend(["-c", "0"]);
+    args.extend(cut.iter().map(String::as_str));
+    args.extend(["wrk", "-t1", "-c", &c, "-d", &d]);
     if close {
         args.extend(["-H", "Connection: close"]);
     }
@@ -1162,7 +1188,7 @@ fn wrk_run(
         Some(client_ns),
         if perf_data.is_some() { "perf" } else { "taskset" },
         &args,
-        Duration::from_secs(ctx.e2e_secs as u64 + 20),
+        Duration::from_secs_f64(ctx.e2e_secs + 20.0),
     );
     let wall = t.elapsed().as_secs_f64();
     let cpu = cpu_busy_secs(&before, &cpu_busy_ticks());
