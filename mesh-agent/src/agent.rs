@@ -33,6 +33,8 @@ pub struct AgentConfig {
     pub hook: Hook,
     /// Source ports of flows SNATed to tasks on other nodes.
     pub snat_ports: PortRange,
+    /// Sizes of the conntrack maps.
+    pub conntrack: crate::ebpf::CtSizes,
     /// bpffs directory of the pinned maps.
     pub pin_dir: PathBuf,
     /// Directory for the catalog that `status` reads (ids → names).
@@ -78,6 +80,7 @@ impl AgentConfig {
             interfaces: Vec::new(),
             hook: Hook::Xdp,
             snat_ports: PortRange::default(),
+            conntrack: crate::ebpf::CtSizes::default(),
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/mesh/{node}")),
             run_dir: PathBuf::from(format!("/run/mesh/{node}")),
             cgroup: crate::ebpf::default_cgroup(),
@@ -399,7 +402,7 @@ impl Agent {
             warn!(error = %e, "cannot enable IPv4 forwarding");
         }
         let pinned_before = cfg.pin_dir.join(mesh_common::maps::FRONTENDS).exists();
-        let mut dp = Datapath::load(&cfg.pin_dir)?;
+        let mut dp = Datapath::load_sized(&cfg.pin_dir, cfg.conntrack)?;
         let mut tables = if pinned_before {
             info!(pins = %cfg.pin_dir.display(), "reusing pinned maps: live connections are kept");
             dp.maps.adopt_tables()

@@ -61,6 +61,8 @@ fn metrics_count_exactly_the_traffic_sent() {
     for slot in 1..=3 {
         c.add_task("web", slot, 0);
     }
+    // A conntrack sized by flag (the UDP one left at its default).
+    c.agent_args.extend(["--conntrack-tcp-max".to_string(), "65536".to_string()]);
     c.start_agents();
     let node = &c.nodes[0].ns;
     assert_eq!(scrape(node, "/healthz"), (200, "ok".into()));
@@ -84,7 +86,13 @@ fn metrics_count_exactly_the_traffic_sent() {
     assert!(get("mesh_syncs_total") >= 1.0);
     assert_eq!(get("mesh_ready"), 1.0);
     assert_eq!(get("mesh_build_info"), 1.0);
-    assert!(rows.iter().any(|(n, l, _)| n == "mesh_map_max_entries" && l.get("map").map(String::as_str) == Some("conntrack_tcp")));
+    let max_entries = |map: &str| {
+        rows.iter()
+            .find(|(n, l, _)| n == "mesh_map_max_entries" && l.get("map").map(String::as_str) == Some(map))
+            .map(|r| r.2)
+    };
+    assert_eq!(max_entries("conntrack_tcp"), Some(65_536.0), "the map has the flag's size");
+    assert_eq!(max_entries("conntrack_udp"), Some(mesh_common::maps::MAX_CT_UDP as f64));
 
     // Settled and nothing to retry: resync ticks (every 300 ms here) leave the tables alone;
     // a full reconcile comes only every FULL_RESYNC (30 s).

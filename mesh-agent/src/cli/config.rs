@@ -16,6 +16,8 @@
 //! dns_upstreams = ["10.0.0.2:53"]
 //! reach = "cluster"         # local | cluster
 //! snat_ports = "10000-32767"
+//! conntrack_tcp_max = 1048576  # entries, two per flow
+//! conntrack_udp_max = 131072
 //! resync_ms = 2000
 //! reconcile_ms = 30000      # full drift repair when idle
 //! metrics_addr = "127.0.0.1:9464"  # or "none"
@@ -51,6 +53,8 @@ pub struct FileConfig {
     pub dns_upstreams: Option<Vec<SocketAddr>>,
     pub reach: Option<ReachName>,
     pub snat_ports: Option<String>,
+    pub conntrack_tcp_max: Option<u32>,
+    pub conntrack_udp_max: Option<u32>,
     pub resync_ms: Option<u64>,
     pub reconcile_ms: Option<u64>,
     pub metrics_addr: Option<String>,
@@ -128,6 +132,12 @@ pub fn parse(text: &str) -> Result<FileConfig, String> {
     if let Some(p) = &c.snat_ports {
         p.parse::<PortRange>().map_err(|e| format!("snat_ports: {e}"))?;
     }
+    if let Some(n) = c.conntrack_tcp_max {
+        crate::ebpf::check_ct_size("conntrack_tcp_max", n)?;
+    }
+    if let Some(n) = c.conntrack_udp_max {
+        crate::ebpf::check_ct_size("conntrack_udp_max", n)?;
+    }
     if c.resync_ms == Some(0) {
         return Err("resync_ms: must be at least 1".into());
     }
@@ -181,6 +191,8 @@ pub fn merge(args: &mut RunArgs, m: &ArgMatches, file: &FileConfig) {
     );
     // Validated by `parse`.
     take!("snat_ports", args.snat_ports, file.snat_ports.as_deref().and_then(|p| p.parse().ok()));
+    take!("conntrack_tcp_max", args.conntrack_tcp_max, file.conntrack_tcp_max);
+    take!("conntrack_udp_max", args.conntrack_udp_max, file.conntrack_udp_max);
     take!("resync_ms", args.resync_ms, file.resync_ms);
     take!("reconcile_ms", args.reconcile_ms, file.reconcile_ms);
     take!("metrics_addr", args.metrics_addr, file.metrics_addr.clone());
@@ -241,6 +253,8 @@ pub fn restart_needed(running: &RunArgs, file: &FileConfig) -> Vec<&'static str>
         "snat_ports",
         file.snat_ports.as_deref().is_some_and(|p| p.parse::<PortRange>().ok() != Some(running.snat_ports)),
     );
+    check("conntrack_tcp_max", file.conntrack_tcp_max.is_some_and(|n| n != running.conntrack_tcp_max));
+    check("conntrack_udp_max", file.conntrack_udp_max.is_some_and(|n| n != running.conntrack_udp_max));
     check("resync_ms", file.resync_ms.is_some_and(|r| r != running.resync_ms));
     check("reconcile_ms", file.reconcile_ms.is_some_and(|r| r != running.reconcile_ms));
     check("metrics_addr", file.metrics_addr.as_ref().is_some_and(|m| *m != running.metrics_addr));
@@ -296,6 +310,36 @@ mod tests {
         let (_, sub) = m.subcommand().unwrap();
         merge(&mut args, sub, &parse(file).unwrap());
         args
+    }
+
+    #[test]
+    fn conntrack_sizes_come_from_flags_env_or_file_within_bounds() {
+        use mesh_common::maps::{MAX_CT_TCP, MAX_CT_UDP};
+        let d = run_args(&["mesh-agent", "run"], "");
+        assert_eq!((d.conntrack_tcp_max, d.conntrack_udp_max), (MAX_CT_TCP, MAX_CT_UDP));
+        let file = "conntrack_tcp_max = 1048576\n";
+        let a = run_args(&["mesh-agent", "run"], file);
+        assert_eq!((a.conntrack_tcp_max, a.conntrack_udp_max), (1_048_576, MAX_CT_UDP));
+        let a = run_args(&["mesh-agent", "run", "--conntrack-tcp-max", "65_536", "--conntrack-udp-max", "4096"], file);
+        assert_eq!((a.conntrack_tcp_max, a.conntrack_udp_max), (65_536, 4_096), "flags win");
+        assert_eq!(
+            a.agent_config().conntrack,
+            crate::ebpf::CtSizes { tcp: 65_536, udp: 4_096 },
+            "handed to the agent"
+        );
+        let a = with_env("MESH_CONNTRACK_UDP_MAX", "8192", || run_args_unlocked(&["mesh-agent", "run"], ""));
+        assert_eq!(a.conntrack_udp_max, 8_192);
+        // Out of bounds, in the file or on the command line: an error naming the setting.
+        let e = parse("conntrack_udp_max = 10\n").unwrap_err();
+        assert!(e.contains("conntrack_udp_max") && e.contains("1024"), "{e}");
+        assert!(parse("conntrack_tcp_max = 33554432\n").unwrap_err().contains("conntrack_tcp_max"));
+        let e = Cli::command()
+            .try_get_matches_from(["mesh-agent", "run", "--conntrack-tcp-max", "100"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--conntrack-tcp-max"), "{e}");
+        // A new size in a reloaded file takes effect on restart only.
+        assert_eq!(restart_needed(&d, &parse(file).unwrap()), ["conntrack_tcp_max"]);
     }
 
     #[test]

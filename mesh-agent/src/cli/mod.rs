@@ -122,6 +122,16 @@ pub struct RunArgs {
     /// backend takes from this node before tuples are reused early.
     #[arg(long, env = "MESH_SNAT_PORTS", default_value_t = PortRange::default())]
     pub snat_ports: PortRange,
+    /// Entries of the TCP conntrack (two per flow; an LRU: when full, a new flow evicts the
+    /// least recently used entry). A flow should outlive its task's 60 s TIME_WAIT: size it
+    /// to about 2 × 60 × new connections per second through this node. Each entry takes
+    /// about 128 bytes of kernel memory, allocated up front. Changing it replaces the
+    /// pinned conntrack on restart (open flows are balanced again).
+    #[arg(long, env = "MESH_CONNTRACK_TCP_MAX", default_value_t = mesh_common::maps::MAX_CT_TCP, value_parser = ct_size)]
+    pub conntrack_tcp_max: u32,
+    /// Entries of the UDP conntrack (as --conntrack-tcp-max).
+    #[arg(long, env = "MESH_CONNTRACK_UDP_MAX", default_value_t = mesh_common::maps::MAX_CT_UDP, value_parser = ct_size)]
+    pub conntrack_udp_max: u32,
     /// cgroup-v2 directory for socket-level LB of local clients ("none" disables it;
     /// default: the cgroup-v2 root).
     #[arg(long, env = "MESH_CGROUP")]
@@ -302,6 +312,7 @@ impl RunArgs {
         cfg.interfaces = self.ifaces.clone();
         cfg.hook = self.hook;
         cfg.snat_ports = self.snat_ports;
+        cfg.conntrack = crate::ebpf::CtSizes { tcp: self.conntrack_tcp_max, udp: self.conntrack_udp_max };
         cfg.pin_dir = self.node.pin_dir();
         cfg.run_dir = self.node.run_dir();
         if self.runtime == RuntimeArg::Docker && self.node.node.is_none() {
@@ -434,4 +445,11 @@ impl crate::agent::TaskService for DnsService {
     fn dns_port(&self) -> Option<u16> {
         Some(self.0.config().port).filter(|p| *p != 53)
     }
+}
+
+/// A conntrack size flag: a number of entries within the bounds of [`crate::ebpf::CtSizes`].
+fn ct_size(v: &str) -> Result<u32, String> {
+    let n: u32 = v.replace('_', "").parse().map_err(|e| format!("`{v}`: {e}"))?;
+    crate::ebpf::check_ct_size("entries", n)?;
+    Ok(n)
 }

@@ -16,6 +16,10 @@ pub struct Status {
     pub node: String,
     pub frontends: Vec<FrontendStatus>,
     pub conntrack_entries: usize,
+    /// Sizes of the TCP and UDP conntrack maps (`--conntrack-*-max` of the agent that
+    /// created them).
+    pub conntrack_tcp_max: u32,
+    pub conntrack_udp_max: u32,
     pub verdicts: std::collections::BTreeMap<&'static str, u64>,
 }
 
@@ -99,6 +103,8 @@ pub fn collect(pin_dir: &Path, run_dir: &Path) -> Result<Status, StatusError> {
         node: cat.node,
         frontends,
         conntrack_entries: maps.conntrack_len(),
+        conntrack_tcp_max: maps.ct_capacity[0],
+        conntrack_udp_max: maps.ct_capacity[1],
         verdicts: maps.verdicts(),
     })
 }
@@ -139,7 +145,11 @@ pub fn render(s: &Status) -> String {
             );
         }
     }
-    let _ = writeln!(o, "conntrack entries: {}", s.conntrack_entries);
+    let _ = writeln!(
+        o,
+        "conntrack entries: {} (maps of {} TCP, {} UDP)",
+        s.conntrack_entries, s.conntrack_tcp_max, s.conntrack_udp_max
+    );
     let v: Vec<String> = s
         .verdicts
         .iter()

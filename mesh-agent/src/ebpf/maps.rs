@@ -33,6 +33,16 @@ pub struct Maps {
     pub task_nets: HashMap<MapData, TaskNetKey, u32>,
     pub subnets: LpmTrie<MapData, u32, u32>,
     pub iface_net: HashMap<MapData, u32, u32>,
+    /// Entries the TCP and UDP conntrack maps hold (as created or pinned).
+    pub ct_capacity: [u32; 2],
+}
+
+/// The `max_entries` of a map, 0 if unknown.
+fn capacity(map: &Option<Map>) -> u32 {
+    match map {
+        Some(Map::LruHashMap(d) | Map::HashMap(d)) => d.info().map(|i| i.max_entries()).unwrap_or(0),
+        _ => 0,
+    }
 }
 
 fn typed<T>(name: &'static str, map: Option<Map>) -> Result<T, DatapathError>
@@ -63,13 +73,16 @@ impl Maps {
     }
 
     fn build(mut get: impl FnMut(&str) -> Option<Map>) -> Result<Self, DatapathError> {
+        let (ct_tcp, ct_udp) = (get(names::CT_TCP), get(names::CT_UDP));
+        let ct_capacity = [capacity(&ct_tcp), capacity(&ct_udp)];
         Ok(Maps {
+            ct_capacity,
             frontends: typed(names::FRONTENDS, get(names::FRONTENDS))?,
             slots: typed(names::SLOTS, get(names::SLOTS))?,
             backends: typed(names::BACKENDS, get(names::BACKENDS))?,
             rr: typed(names::RR, get(names::RR))?,
-            ct_tcp: typed(names::CT_TCP, get(names::CT_TCP))?,
-            ct_udp: typed(names::CT_UDP, get(names::CT_UDP))?,
+            ct_tcp: typed(names::CT_TCP, ct_tcp)?,
+            ct_udp: typed(names::CT_UDP, ct_udp)?,
             node_addrs: typed(names::NODE_ADDRS, get(names::NODE_ADDRS))?,
             ports: typed(names::PORTS, get(names::PORTS))?,
             verdicts: typed(names::VERDICTS, get(names::VERDICTS))?,

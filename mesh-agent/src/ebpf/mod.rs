@@ -136,6 +136,66 @@ pub enum DatapathError {
     Cgroup { path: PathBuf, source: std::io::Error },
     #[error("cannot read the netns cookie: {0}")]
     NetnsCookie(std::io::Error),
+    #[error("{0}")]
+    CtSize(String),
+}
+
+/// Entries of the conntrack maps (two per flow: forward and reply).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtSizes {
+    pub tcp: u32,
+    pub udp: u32,
+}
+
+impl Default for CtSizes {
+    fn default() -> Self {
+        CtSizes { tcp: mesh_common::maps::MAX_CT_TCP, udp: mesh_common::maps::MAX_CT_UDP }
+    }
+}
+
+impl CtSizes {
+    /// Smallest size: a few hundred flows.
+    pub const MIN: u32 = 1_024;
+    /// Largest size: 2^24 entries, about 2 GiB of kernel memory per map (the kernel
+    /// preallocates every entry: 112 bytes of element plus a 16-byte bucket each).
+    pub const MAX: u32 = 1 << 24;
+
+    /// Both sizes within [`CtSizes::MIN`]..=[`CtSizes::MAX`]; the error names the setting.
+    pub fn validate(&self) -> Result<(), String> {
+        for (key, n) in [("conntrack_tcp_max", self.tcp), ("conntrack_udp_max", self.udp)] {
+            check_ct_size(key, n)?;
+        }
+        Ok(())
+    }
+}
+
+/// One conntrack size within bounds, or an error naming `key`.
+pub fn check_ct_size(key: &str, n: u32) -> Result<(), String> {
+    if !(CtSizes::MIN..=CtSizes::MAX).contains(&n) {
+        return Err(format!("{key}: {n} entries is outside {}..={}", CtSizes::MIN, CtSizes::MAX));
+    }
+    Ok(())
+}
+
+/// Remove the pin of map `name` in `dir` if the pinned map does not have `want` entries, so
+/// that loading creates it at that size (the old map lives on while programs of a previous
+/// agent hold it).
+fn unpin_if_resized(dir: &Path, name: &'static str, want: u32) -> Result<(), DatapathError> {
+    let path = dir.join(name);
+    let Ok(info) = aya::maps::MapInfo::from_pin(&path) else {
+        return Ok(());
+    };
+    let have = info.max_entries();
+    if have != want {
+        warn!(
+            map = name,
+            pinned = have,
+            wanted = want,
+            "conntrack size changed: the pinned map is replaced by an empty one; flows through this node are balanced again"
+        );
+        std::fs::remove_file(&path).map_err(|source| DatapathError::PinDir { path, source })?;
+    }
+    Ok(())
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -252,20 +312,36 @@ enum Attached {
 }
 
 impl Datapath {
-    /// Load the embedded object, creating or reusing the maps pinned in `pin_dir`.
+    /// Load the embedded object, creating or reusing the maps pinned in `pin_dir`, with the
+    /// default conntrack sizes.
     pub fn load(pin_dir: &Path) -> Result<Self, DatapathError> {
-        Self::load_object(OBJECT, pin_dir)
+        Self::load_sized(pin_dir, CtSizes::default())
     }
 
-    pub fn load_object(object: &[u8], pin_dir: &Path) -> Result<Self, DatapathError> {
+    /// [`Datapath::load`] with conntrack maps of `ct` entries. A pinned conntrack map of
+    /// another size is replaced by a new, empty one (the kernel cannot resize a map): the
+    /// flows it tracked are balanced again, as after Cilium changes `bpf-ct-global-*-max`.
+    pub fn load_sized(pin_dir: &Path, ct: CtSizes) -> Result<Self, DatapathError> {
+        Self::load_object(OBJECT, pin_dir, ct)
+    }
+
+    pub fn load_object(object: &[u8], pin_dir: &Path, ct: CtSizes) -> Result<Self, DatapathError> {
+        ct.validate().map_err(DatapathError::CtSize)?;
         ensure_bpffs()?;
         std::fs::create_dir_all(pin_dir).map_err(|source| DatapathError::PinDir {
             path: pin_dir.into(),
             source,
         })?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pin_dir)
-            .load(object)?;
+        let sizes = [(mesh_common::maps::CT_TCP, ct.tcp), (mesh_common::maps::CT_UDP, ct.udp)];
+        for (name, want) in sizes {
+            unpin_if_resized(pin_dir, name, want)?;
+        }
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(pin_dir);
+        for (name, want) in sizes {
+            loader.map_max_entries(name, want);
+        }
+        let mut ebpf = loader.load(object)?;
         let maps = Maps::take(&mut ebpf)?;
         Ok(Datapath {
             ebpf,

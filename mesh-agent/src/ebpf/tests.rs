@@ -12,7 +12,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use mesh_common::progs;
 
 use super::{
-    Datapath,
+    CtSizes, Datapath,
     packet::{self, Frame, L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 use crate::{
@@ -695,6 +695,72 @@ fn flows_made_on_one_cpu_can_use_the_whole_conntrack() {
     let (_, out) = f.xdp(&Frame::tcp(CLIENT, 40000, NODE, 8080, TCP_ACK).build());
     assert_eq!(checked(&out).dst, first);
     assert_eq!(f.verdict("established"), est + 1, "the first flow is still known");
+}
+
+/// Removes a pin directory when the test ends, passed or not.
+struct Pins(PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = super::remove_pins(&self.0);
+    }
+}
+
+/// `--conntrack-*-max` sizes the conntrack maps when they are created. The kernel cannot
+/// resize a map: an agent started with the pinned maps of one that had other sizes replaces
+/// the conntrack map whose size changed (empty) and keeps the other, with its flows.
+#[test]
+fn conntrack_is_sized_at_load_and_replaced_when_its_size_changes() {
+    let pins = Pins(PathBuf::from(format!(
+        "/sys/fs/bpf/mesh-unit-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )));
+    let small = CtSizes { tcp: 4_096, udp: 2_048 };
+    let key = |i: u32| mesh_common::CtKey { saddr: i, daddr: 7, sport: 1, dport: 2 };
+    let entry = |i: u32| mesh_common::CtEntry {
+        saddr: i,
+        daddr: 7,
+        sport: 1,
+        dport: 2,
+        ifindex: 0,
+        smac: [0; 6],
+        dmac: [0; 6],
+        svc_id: 1,
+        backend_id: 1,
+        flags: mesh_common::ct_flags::FORWARD,
+    };
+    {
+        let mut dp = Datapath::load_sized(&pins.0, small).expect("load (needs root)");
+        assert_eq!(dp.maps.ct_capacity, [4_096, 2_048], "created at the asked sizes");
+        for i in 0..3 {
+            dp.maps.ct_tcp.insert(key(i), entry(i), 0).unwrap();
+        }
+        dp.maps.ct_udp.insert(key(9), entry(9), 0).unwrap();
+        // The agent stops keeping its maps pinned (an upgrade).
+    }
+    {
+        let dp = Datapath::load_sized(&pins.0, small).expect("reload");
+        assert_eq!(dp.maps.conntrack_lens(), [3, 1], "same sizes: the pinned flows are kept");
+    }
+    let bigger = CtSizes { tcp: 8_192, ..small };
+    let mut dp = Datapath::load_sized(&pins.0, bigger).expect("reload at another size");
+    assert_eq!(dp.maps.ct_capacity, [8_192, 2_048]);
+    assert_eq!(dp.maps.conntrack_lens(), [0, 1], "the resized TCP conntrack starts empty, UDP kept");
+    // The new map holds what the old one could not: the kernel itself enforces the size.
+    for i in 0..6_000 {
+        dp.maps.ct_tcp.insert(key(i), entry(i), 0).unwrap();
+    }
+    assert_eq!(dp.maps.conntrack_lens()[0], 6_000, "more entries than the 4,096 of before, none evicted");
+    assert_eq!(
+        aya::maps::MapInfo::from_pin(pins.0.join(mesh_common::maps::CT_TCP)).unwrap().max_entries(),
+        8_192,
+        "the pin names the new map"
+    );
+    drop(dp);
+    // Out of bounds: a clear error naming the setting, nothing loaded.
+    let err = Datapath::load_sized(&pins.0, CtSizes { udp: 10, ..small }).err().expect("refused");
+    assert!(err.to_string().contains("conntrack_udp_max"), "{err}");
 }
 
 #[test]

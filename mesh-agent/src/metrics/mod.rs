@@ -135,6 +135,8 @@ pub trait MapStats: Send {
     fn verdicts(&self) -> BTreeMap<&'static str, u64>;
     /// Live conntrack entries (two per flow): TCP, UDP.
     fn conntrack_lens(&self) -> [usize; 2];
+    /// Capacity of the conntrack maps: TCP, UDP.
+    fn conntrack_capacity(&self) -> [u32; 2];
     /// Entries of the frontends map.
     fn frontends_len(&self) -> usize;
     /// Backend slots in use (one per backend of each frontend).
@@ -154,6 +156,9 @@ impl MapStats for Maps {
     fn conntrack_lens(&self) -> [usize; 2] {
         Maps::conntrack_lens(self)
     }
+    fn conntrack_capacity(&self) -> [u32; 2] {
+        self.ct_capacity
+    }
     fn frontends_len(&self) -> usize {
         self.frontends.keys().filter(|k| k.is_ok()).count()
     }
@@ -163,7 +168,7 @@ impl MapStats for Maps {
 }
 
 /// Capacities reported as `mesh_map_max_entries`: what the agent can program (ids 0 are
-/// never used), and the sizes of the conntrack LRUs.
+/// never used); the conntrack LRUs' come from the maps themselves (`--conntrack-*-max`).
 pub const FRONTENDS_CAPACITY: u32 = if names::MAX_FRONTENDS < names::MAX_SERVICES - 1 {
     names::MAX_FRONTENDS
 } else {
@@ -174,8 +179,6 @@ pub const BACKENDS_CAPACITY: u32 = if names::MAX_SLOTS < names::MAX_BACKENDS - 1
 } else {
     names::MAX_BACKENDS - 1
 };
-pub const CT_TCP_CAPACITY: u32 = names::MAX_CT_TCP;
-pub const CT_UDP_CAPACITY: u32 = names::MAX_CT_UDP;
 
 /// The `verdict` label of a verdict reason (see the module documentation).
 pub fn verdict_of(reason: &str) -> &'static str {
@@ -570,11 +573,12 @@ fn encode_maps(enc: &mut DescriptorEncoder, maps: &dyn MapStats, cat: &Catalog) 
     )?;
 
     let [ct_tcp, ct_udp] = maps.conntrack_lens();
+    let [cap_tcp, cap_udp] = maps.conntrack_capacity();
     let sizes = [
         ("frontends", maps.frontends_len() as u64, FRONTENDS_CAPACITY),
         ("backends", maps.backends_len() as u64, BACKENDS_CAPACITY),
-        ("conntrack_tcp", ct_tcp as u64, CT_TCP_CAPACITY),
-        ("conntrack_udp", ct_udp as u64, CT_UDP_CAPACITY),
+        ("conntrack_tcp", ct_tcp as u64, cap_tcp),
+        ("conntrack_udp", ct_udp as u64, cap_udp),
     ];
     gauge_rows(
         enc,

@@ -211,6 +211,10 @@ impl MapStats for Fake {
     fn conntrack_lens(&self) -> [usize; 2] {
         self.0.lock().unwrap().conntrack
     }
+    fn conntrack_capacity(&self) -> [u32; 2] {
+        // Sizes of a `--conntrack-tcp-max 4096 --conntrack-udp-max 2048` agent.
+        [4_096, 2_048]
+    }
     fn frontends_len(&self) -> usize {
         self.0.lock().unwrap().frontends
     }
@@ -497,8 +501,8 @@ fn verdicts_maps_and_build_info() {
     );
     assert_eq!(c("frontends"), 65_535.0);
     assert_eq!(c("backends"), 262_143.0);
-    assert_eq!(c("conntrack_tcp"), mesh_common::maps::MAX_CT_TCP as f64);
-    assert_eq!(c("conntrack_udp"), mesh_common::maps::MAX_CT_UDP as f64);
+    assert_eq!(c("conntrack_tcp"), 4_096.0, "the map's own size, not the default");
+    assert_eq!(c("conntrack_udp"), 2_048.0);
 
     assert_eq!(p.kind("mesh_build_info"), "gauge");
     assert_eq!(

@@ -772,7 +772,11 @@ fn agent_status(a: &AgentProc) -> Value {
         10 * SECOND,
     );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    json!({ "verdicts": v["verdicts"], "conntrack": v["conntrack"] })
+    json!({
+        "verdicts": v["verdicts"],
+        "conntrack": v["conntrack_entries"],
+        "conntrack_max": [v["conntrack_tcp_max"], v["conntrack_udp_max"]],
+    })
 }
 
 // ---------------------------------------------------------------------------------------

@@ -630,7 +630,11 @@ fn agent_status(bed: &Bed) -> Value {
         10 * SECOND,
     );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    json!({ "verdicts": v["verdicts"], "conntrack": v["conntrack"] })
+    json!({
+        "verdicts": v["verdicts"],
+        "conntrack": v["conntrack_entries"],
+        "conntrack_max": [v["conntrack_tcp_max"], v["conntrack_udp_max"]],
+    })
 }
 
 fn setup(ctx: &Ctx, bed: &mut Bed, mode: Mode) -> Value {
