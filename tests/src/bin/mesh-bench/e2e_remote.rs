@@ -1213,7 +1213,7 @@ fn report(
          the masquerade mark, and SNAT to A's underlay address `--random-fully` (MASQUERADE would take the overlay \
          bridge's address, the gateway every node holds, and replies would stay on B); **mesh-xdp / mesh-tc** = a \
          real `mesh-agent --reach cluster` on every node (`--no-dns --cgroup none`, and the cluster bed's \
-         `--resync-ms 300`: the agents' own CPU is in the figures): DNAT + SNAT to A:61000–65535 \
+         `--resync-ms 300`: the agents' own CPU is in the figures): DNAT + SNAT to A:{}–{} (the default `--snat-ports`) \
          in the program on A's underlay interface, the kernel routes onto the overlay, the reply comes back over \
          the underlay and is reverse-translated and redirected to the client on A. In the baseline modes the \
          benchmark lays out the overlay as the agent does (bridge with the gateway, VXLAN device without learning \
@@ -1232,6 +1232,8 @@ fn report(
         rounds.len(),
         ctx.e2e_secs,
         util::load_note(ctx.e2e_secs),
+        mesh_common::SNAT_PORT_MIN,
+        mesh_common::SNAT_PORT_MAX,
         fmt_num(bg.median, 3),
         ctx.e2e_attempts,
         if ipvs {

@@ -25,6 +25,8 @@ mod e2e;
 mod e2e_remote;
 mod report;
 mod states;
+#[cfg(test)]
+mod tests;
 mod util;
 mod xdp;
 

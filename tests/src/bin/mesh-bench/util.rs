@@ -980,6 +980,46 @@ fn parse_dur_us(s: &str) -> Option<f64> {
     num.parse::<f64>().ok().map(|x| x * mult)
 }
 
+/// What one wrk run reports.
+#[derive(Debug, Default, PartialEq)]
+pub struct WrkSummary {
+    /// Requests completed ("N requests in 3.00s" or, ended by SIGINT, "in 500.70ms").
+    pub requests: Option<f64>,
+    /// Requests/sec over the time it ran.
+    pub rps: Option<f64>,
+    /// Socket errors of every kind plus non-2xx/3xx answers.
+    pub errors: u64,
+    /// Latency percentiles in µs ("50", "90", "99"), with `--latency`.
+    pub pct: BTreeMap<String, f64>,
+}
+
+/// Parse wrk's text report.
+pub fn parse_wrk(text: &str, latency: bool) -> WrkSummary {
+    let mut w = WrkSummary::default();
+    for l in text.lines() {
+        let l = l.trim();
+        if l.contains("requests in") {
+            w.requests = l.split_whitespace().next().and_then(|x| x.parse::<f64>().ok());
+        } else if let Some(v) = l.strip_prefix("Requests/sec:") {
+            w.rps = v.trim().parse::<f64>().ok();
+        } else if let Some(v) = l.strip_prefix("Socket errors:") {
+            w.errors += v
+                .split(',')
+                .filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok())
+                .sum::<u64>();
+        } else if let Some(v) = l.strip_prefix("Non-2xx or 3xx responses:") {
+            w.errors += v.trim().parse::<u64>().unwrap_or(0);
+        } else if latency {
+            for p in ["50%", "90%", "99%"] {
+                if let Some(us) = l.strip_prefix(p).and_then(parse_dur_us) {
+                    w.pct.insert(p.trim_end_matches('%').to_string(), us);
+                }
+            }
+        }
+    }
+    w
+}
+
 /// Run `once` until it is not disturbed by other work on the machine (CPU used by foreign
 /// processes under 5% of one CPU over the run), at most `ctx.e2e_attempts` times; keep the
 /// least disturbed attempt. Every attempt starts after a bounded wait for a quiet machine.
@@ -1193,37 +1233,7 @@ fn wrk_run(
     let wall = t.elapsed().as_secs_f64();
     let cpu = cpu_busy_secs(&before, &cpu_busy_ticks());
     let v1 = verdicts(pins);
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let mut requests = None;
-    let mut rps = None;
-    let mut errors = 0u64;
-    let mut pct = BTreeMap::new();
-    for l in text.lines() {
-        let l = l.trim();
-        if l.contains("requests in") {
-            requests = l
-                .split_whitespace()
-                .next()
-                .and_then(|x| x.parse::<f64>().ok());
-        } else if let Some(v) = l.strip_prefix("Requests/sec:") {
-            rps = v.trim().parse::<f64>().ok();
-        } else if let Some(v) = l.strip_prefix("Socket errors:") {
-            errors += v
-                .split(',')
-                .filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok())
-                .sum::<u64>();
-        } else if let Some(v) = l.strip_prefix("Non-2xx or 3xx responses:") {
-            errors += v.trim().parse::<u64>().unwrap_or(0);
-        } else if latency {
-            for p in ["50%", "90%", "99%"] {
-                if let Some(v) = l.strip_prefix(p) {
-                    if let Some(us) = parse_dur_us(v) {
-                        pct.insert(p.trim_end_matches('%').to_string(), us);
-                    }
-                }
-            }
-        }
-    }
+    let WrkSummary { requests, rps, errors, pct } = parse_wrk(&String::from_utf8_lossy(&out.stdout), latency);
     if !out.status.success() || requests.is_none() {
         return json!({"error": format!("wrk failed ({}): {}", out.status, crate::util::text(&out).chars().take(400).collect::<String>())});
     }

@@ -1,0 +1,148 @@
+//! The benchmark's pure logic: statistics, per-round comparisons with the baseline, the
+//! parsing of wrk's report, the sub-second loads of --quick, number formatting.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Value, json};
+
+use crate::{
+    e2e::{of, per_round, share_above_direct},
+    util::{fmt_num, fmt_signed, load_args, parse_wrk, stat},
+};
+
+/// One round: mode → its runs (load → figures).
+fn round(modes: &[(&'static str, Value)]) -> BTreeMap<&'static str, Value> {
+    modes.iter().cloned().collect()
+}
+
+fn close_cpu(us: f64) -> Value {
+    json!({ "close": { "cpu_us_per_req": us, "rps": 10_000.0 } })
+}
+
+#[test]
+fn stat_is_the_median_with_the_spread_and_skips_what_is_not_a_number() {
+    let s = stat(&[3.0, 1.0, 2.0]);
+    assert_eq!((s.median, s.min, s.max, s.n), (2.0, 1.0, 3.0, 3));
+    assert_eq!(stat(&[4.0, 1.0, 2.0, 3.0]).median, 2.5, "even count: mean of the middle two");
+    let s = stat(&[f64::NAN, 5.0, f64::INFINITY]);
+    assert_eq!((s.median, s.n), (5.0, 1));
+    assert_eq!(s.show(1), "5.0", "one sample: no spread shown");
+    let none = stat(&[]);
+    assert_eq!(none.n, 0);
+    assert_eq!(none.show(1), "n/a");
+    assert_eq!(stat(&[1.0, 2.0, 30.0]).show(0), "2 (1–30)");
+}
+
+/// "Ratios and differences against a baseline are computed per round, then their median is
+/// taken": not the difference of the medians, which pairs runs of different rounds.
+#[test]
+fn differences_to_direct_are_taken_per_round_then_the_median() {
+    // direct is noisy (100, 140, 120); mesh stays 5 µs above it in every round.
+    let rounds = vec![
+        round(&[("direct", close_cpu(100.0)), ("mesh-tc", close_cpu(105.0))]),
+        round(&[("direct", close_cpu(140.0)), ("mesh-tc", close_cpu(145.0))]),
+        round(&[("direct", close_cpu(120.0)), ("mesh-tc", close_cpu(125.0))]),
+    ];
+    let (d, clean) = per_round(&rounds, "mesh-tc", "close", "close", "cpu_us_per_req", |m, d| m - d);
+    assert!(clean);
+    assert_eq!((d.median, d.min, d.max, d.n), (5.0, 5.0, 5.0, 3));
+    let (r, _) = per_round(&rounds, "mesh-tc", "close", "close", "rps", |m, d| m / d);
+    assert_eq!(r.median, 1.0);
+    assert_eq!(of(&rounds, "direct", "close", "cpu_us_per_req").median, 120.0);
+}
+
+#[test]
+fn a_round_disturbed_by_other_work_is_left_out_of_the_comparison() {
+    let mut noisy = close_cpu(180.0);
+    noisy["close"]["disturbed"] = json!(true);
+    let rounds = vec![
+        round(&[("direct", close_cpu(100.0)), ("mesh-xdp", close_cpu(102.0))]),
+        round(&[("direct", close_cpu(100.0)), ("mesh-xdp", noisy.clone())]),
+        round(&[("direct", close_cpu(100.0)), ("mesh-xdp", close_cpu(104.0))]),
+    ];
+    let (d, clean) = per_round(&rounds, "mesh-xdp", "close", "close", "cpu_us_per_req", |m, d| m - d);
+    assert!(clean);
+    assert_eq!((d.median, d.n), (3.0, 2), "the disturbed round (+80) is not judged");
+    assert_eq!(of(&rounds, "mesh-xdp", "close", "cpu_us_per_req").n, 2);
+    // Every round disturbed: all are shown, flagged as not clean (the report marks them †
+    // and does not judge the target).
+    let all: Vec<_> = (0..3).map(|_| round(&[("direct", close_cpu(100.0)), ("mesh-xdp", noisy.clone())])).collect();
+    let (d, clean) = per_round(&all, "mesh-xdp", "close", "close", "cpu_us_per_req", |m, d| m - d);
+    assert!(!clean);
+    assert_eq!((d.median, d.n), (80.0, 3));
+    // A failed run has no figure: the round drops out.
+    let failed = vec![round(&[("direct", close_cpu(100.0)), ("mesh-xdp", json!({"close": {"error": "wrk failed"}}))])];
+    assert_eq!(per_round(&failed, "mesh-xdp", "close", "close", "cpu_us_per_req", |m, d| m - d).0.n, 0);
+}
+
+#[test]
+fn the_share_of_iptables_cost_compares_the_cost_above_direct_of_both() {
+    let rounds = vec![
+        // mesh +2 µs, iptables +10 µs above direct: 0.2 ("5× less").
+        round(&[("direct", close_cpu(100.0)), ("iptables", close_cpu(110.0)), ("mesh-tc", close_cpu(102.0))]),
+        round(&[("direct", close_cpu(120.0)), ("iptables", close_cpu(140.0)), ("mesh-tc", close_cpu(122.0))]),
+        // iptables at or below direct in this round: no share to take.
+        round(&[("direct", close_cpu(100.0)), ("iptables", close_cpu(99.0)), ("mesh-tc", close_cpu(101.0))]),
+    ];
+    let (s, clean) = share_above_direct(&rounds, "mesh-tc", "iptables", "close");
+    assert!(clean);
+    assert_eq!(s.n, 2);
+    assert!((s.median - 0.15).abs() < 1e-9, "median of 0.2 and 0.1: {}", s.median);
+}
+
+#[test]
+fn wrk_reports_are_parsed_also_when_ended_by_sigint() {
+    // wrk 4.1 ended by SIGINT after 0.5 s (--quick): the time it ran, not -d.
+    let cut = "Running 6s test @ http://198.18.0.1:8080/
+  1 threads and 16 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     5.31ms    2.34ms  15.09ms   67.64%
+    Req/Sec   744.80     24.41   770.00     60.00%
+  371 requests in 500.70ms, 806.49KB read
+Requests/sec:    740.96
+Transfer/sec:      1.57MB
+";
+    let w = parse_wrk(cut, false);
+    assert_eq!((w.requests, w.rps, w.errors), (Some(371.0), Some(740.96), 0));
+    assert!(w.pct.is_empty());
+    let full = "Running 3s test @ http://198.18.0.1:8080/
+  1 threads and 1 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    80.12us   30.01us   1.20ms   90.00%
+  Latency Distribution
+     50%   75.00us
+     75%   80.00us
+     90%    1.10ms
+     99%    2.00s
+  36000 requests in 3.00s, 5.00MB read
+  Socket errors: connect 0, read 2, write 1, timeout 3
+  Non-2xx or 3xx responses: 4
+Requests/sec:  12000.00
+";
+    let w = parse_wrk(full, true);
+    assert_eq!((w.requests, w.rps), (Some(36_000.0), Some(12_000.0)));
+    assert_eq!(w.errors, 10, "socket errors of every kind plus non-2xx answers");
+    let pct: Vec<(&str, f64)> = w.pct.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    assert_eq!(pct, [("50", 75.0), ("90", 1_100.0), ("99", 2_000_000.0)]);
+    assert_eq!(parse_wrk("unable to connect to 198.18.0.1:8080 Connection refused\n", false).requests, None);
+}
+
+#[test]
+fn sub_second_loads_are_a_longer_wrk_ended_by_sigint() {
+    let (d, cut) = load_args(3.0);
+    assert_eq!(d, "3s");
+    assert!(cut.is_empty(), "whole seconds: wrk's own -d");
+    let (d, cut) = load_args(0.5);
+    assert_eq!(d, "6s", "longer than the load, so SIGINT ends it");
+    assert_eq!(cut, ["timeout", "--preserve-status", "-s", "INT", "0.5"]);
+}
+
+#[test]
+fn numbers_are_formatted_with_separators_and_signs() {
+    assert_eq!(fmt_num(1_234_567.0, 0), "1,234,567");
+    assert_eq!(fmt_num(-1_234.5, 1), "-1,234.5");
+    assert_eq!(fmt_num(-0.001, 2), "0.00", "no minus on a value shown as zero");
+    assert_eq!(fmt_num(f64::NAN, 1), "n/a");
+    assert_eq!(fmt_signed(2.0, 2), "+2.00");
+    assert_eq!(fmt_signed(-14.29, 2), "-14.29");
+}
