@@ -944,8 +944,13 @@ struct LruInsertProg {
 
 impl LruInsertProg {
     fn load(entries: u32) -> Option<LruInsertProg> {
+        Self::load_typed(9, entries) // BPF_MAP_TYPE_LRU_HASH, common LRU
+    }
+
+    /// The same program inserting into a map of `map_type` (1: a plain preallocated hash).
+    fn load_typed(map_type: u32, entries: u32) -> Option<LruInsertProg> {
         let counter = RawMap::create(2, 4, 8, 1)?; // BPF_MAP_TYPE_ARRAY
-        let lru = RawMap::create(9, 12, 44, entries)?; // BPF_MAP_TYPE_LRU_HASH, common LRU
+        let lru = RawMap::create(map_type, 12, 44, entries)?;
         let ld_map = |dst: u8, fd: i32| [insn(0x18, dst, 1, 0, fd), 0]; // BPF_PSEUDO_MAP_FD
         let mut p = vec![insn(0x62, 10, 0, -4, 0)]; // *(u32 *)(fp - 4) = 0: the counter's index
         p.extend(ld_map(1, counter.0));
@@ -1014,6 +1019,17 @@ fn the_lru_floor_program_inserts_one_new_key_per_run_into_a_full_map() {
     // many sit free at any time).
     let len = raw_map_len(&p._maps.1, 12);
     assert!((1_024 - 128..=1_024).contains(&len), "full, evicting: {len}");
+}
+
+/// ns per insert of [`LruInsertProg`] into a fresh map of `map_type` with free entries: one
+/// run of `entries / 2` inserts per round, each round in a new map (nothing evicts, nothing
+/// fails): LRU (9) against a plain preallocated hash (1), which pops a per-CPU free list and
+/// keeps no LRU lists, but never evicts (a conntrack on it needs a garbage collector).
+fn insert_floor_free(frame: &[u8], map_type: u32, entries: u32, rounds: usize) -> Option<Stat> {
+    let ns: Vec<f64> = (0..rounds)
+        .filter_map(|_| LruInsertProg::load_typed(map_type, entries)?.prog.run(frame, entries / 2))
+        .collect();
+    (!ns.is_empty()).then(|| stat(&ns))
 }
 
 /// ns per LRU insert (net of nothing: the harness floor is reported beside it) at `repeat`
@@ -1395,6 +1411,9 @@ struct SizeResult {
     share: f64,
     /// ns per run of [`LruInsertProg`] into a full map of this size (one LRU insert).
     lru_insert: Option<Stat>,
+    /// At the default size only: one insert into an LRU map with free entries, and into a
+    /// plain preallocated hash (see [`insert_floor_free`]).
+    free_inserts: Option<(Stat, Stat)>,
 }
 
 /// Sizes of the sweep: a map whose elements fit this machine's caches (2 MiB), the default,
@@ -1440,7 +1459,10 @@ fn ct_size_sweep(ctx: &Ctx) -> Vec<SizeResult> {
         );
         drop(f);
         let lru_insert = lru_insert_floor(&pass, &[entries], ctx.xdp_repeat, rounds).pop().map(|x| x.1);
-        out.push(SizeResult { entries, ns: stat(&ns), share, lru_insert });
+        let free_inserts = (entries == mapnames::MAX_CT_TCP)
+            .then(|| Some((insert_floor_free(&pass, 9, entries, rounds)?, insert_floor_free(&pass, 1, entries, rounds)?)))
+            .flatten();
+        out.push(SizeResult { entries, ns: stat(&ns), share, lru_insert, free_inserts });
     }
     out
 }
@@ -1653,6 +1675,7 @@ pub fn run(ctx: &mut Ctx) -> Section {
         "new_flow_by_conntrack_size": sweep.iter().map(|r| json!({
             "conntrack_tcp_max": r.entries, "ns_per_new_flow": r.ns, "path_share": r.share,
             "one_lru_insert_ns": r.lru_insert,
+            "one_insert_free_entries_ns": r.free_inserts.as_ref().map(|(l, h)| json!({"lru": l, "hash": h})),
         })).collect::<Vec<_>>(),
         "profiles": small.profiles.iter().map(|(t, p)| json!({"path": t, "top": p.iter().map(|(pct, s)| json!({"symbol": s, "pct": pct})).collect::<Vec<_>>()})).collect::<Vec<_>>(),
     });
@@ -1738,6 +1761,20 @@ fn sweep_markdown(ctx: &mut Ctx, sweep: &[SizeResult]) -> String {
                 )
             })
             .unwrap_or_default();
+        let free = d
+            .free_inserts
+            .as_ref()
+            .map(|(lru, hash)| {
+                format!(
+                    " Into a map of that size with free entries, an insert costs {} ns (LRU) and {} ns (a plain \
+                     preallocated hash, which pops a per-CPU free list and keeps no LRU lists but never evicts: a \
+                     conntrack on it needs a garbage collector, as Cilium's non-LRU mode has).",
+                    fmt_num(lru.median, 0),
+                    fmt_num(hash.median, 0)
+                )
+            })
+            .unwrap_or_default();
+        let floor = floor + &free;
         ctx.out.finding(if d.ns.median >= 1.15 * small.ns.median {
             format!(
                 "XDP new flows by conntrack size (`--conntrack-tcp-max`): {shown}. The size of the map costs a new \
