@@ -20,6 +20,7 @@
 
 mod control;
 mod dns;
+mod dns_load;
 mod docker_dns;
 mod e2e;
 mod e2e_remote;

@@ -146,3 +146,90 @@ fn numbers_are_formatted_with_separators_and_signs() {
     assert_eq!(fmt_signed(2.0, 2), "+2.00");
     assert_eq!(fmt_signed(-14.29, 2), "-14.29");
 }
+
+/// A toy DNS server for the load's tests: 127.0.0.11:53 in its own namespace, answering each
+/// query with `reply(query)` (`None`: silence) until dropped.
+struct ToyDns {
+    _ns: mesh_tests::Netns,
+    path: std::path::PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ToyDns {
+    fn start(reply: fn(&[u8]) -> Option<Vec<u8>>) -> ToyDns {
+        use std::{os::fd::AsFd, sync::atomic::Ordering};
+        let ns = mesh_tests::Netns::new("dl");
+        let path = ns.path();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let (file, halt) = (std::fs::File::open(&path).expect("open the netns"), stop.clone());
+        let thread = std::thread::spawn(move || {
+            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            let s = std::net::UdpSocket::bind("127.0.0.11:53").expect("bind 127.0.0.11:53");
+            s.set_read_timeout(Some(std::time::Duration::from_millis(20))).expect("timeout");
+            ready_tx.send(()).expect("signal ready");
+            let mut buf = [0u8; 512];
+            while !halt.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = s.recv_from(&mut buf) {
+                    if let Some(r) = reply(&buf[..n]) {
+                        let _ = s.send_to(&r, from);
+                    }
+                }
+            }
+        });
+        ready.recv().expect("the toy server started");
+        ToyDns { _ns: ns, path, stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for ToyDns {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The query with QR set and one A record for `addr` appended.
+fn answer_with(q: &[u8], addr: [u8; 4]) -> Vec<u8> {
+    let mut r = q.to_vec();
+    r[2] |= 0x80;
+    r[6..8].copy_from_slice(&1u16.to_be_bytes());
+    r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+    r.extend_from_slice(&addr);
+    r
+}
+
+fn saturate_toy(reply: fn(&[u8]) -> Option<Vec<u8>>, secs: f64) -> crate::dns_load::LoadCounts {
+    let toy = ToyDns::start(reply);
+    let expect = [10, 0, 0, 1];
+    let (c, took) = crate::dns_load::saturate(&toy.path, secs, crate::dns::query(0), move |r| {
+        r.len() >= 2 && crate::dns::answers(r, u16::from_be_bytes([r[0], r[1]]), expect)
+    })
+    .expect("the load ran");
+    assert!(took >= secs && took < secs + 1.0, "bounded in time: {took} s for {secs} s");
+    c
+}
+
+/// The saturating DNS load counts only correct answers, keeps at most its window outstanding,
+/// and counts wrong answers and silence as such.
+#[test]
+fn the_batched_dns_load_counts_correct_answers_wrong_ones_and_silence() {
+    use crate::dns_load::{SOCKETS, WINDOW};
+    let outstanding = (SOCKETS * WINDOW) as u64;
+    let c = saturate_toy(|q| Some(answer_with(q, [10, 0, 0, 1])), 0.3);
+    assert!(c.answered > 1_000, "a correct server is answered many times: {c:?}");
+    assert_eq!((c.wrong, c.lost), (0, 0), "{c:?}");
+    assert!(c.sent >= c.answered && c.sent - c.answered <= outstanding, "at most the window in flight: {c:?}");
+
+    let c = saturate_toy(|q| Some(answer_with(q, [10, 0, 0, 9])), 0.3);
+    assert_eq!(c.answered, 0, "another address is not an answer: {c:?}");
+    assert!(c.wrong > 1_000, "{c:?}");
+
+    // Silence: the first window goes out, is given up on after the stall, and is asked again.
+    let c = saturate_toy(|_| None, 0.5);
+    assert_eq!((c.answered, c.wrong), (0, 0));
+    assert!(c.lost >= outstanding && c.sent >= c.lost + outstanding, "window lost, then resent: {c:?}");
+}

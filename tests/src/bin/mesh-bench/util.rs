@@ -169,6 +169,16 @@ pub fn cpu_busy_secs(before: &[u64], after: &[u64]) -> f64 {
     ticks as f64 / clock_ticks_per_sec()
 }
 
+/// Busy share (0..1) of each CPU between two samples taken `secs` apart.
+pub fn cpu_busy_each(before: &[u64], after: &[u64], secs: f64) -> Vec<f64> {
+    let tick = clock_ticks_per_sec();
+    after
+        .iter()
+        .zip(before)
+        .map(|(a, b)| a.saturating_sub(*b) as f64 / tick / secs)
+        .collect()
+}
+
 // ---------------------------------------------------------------------------------------
 // Bounded commands
 // ---------------------------------------------------------------------------------------
