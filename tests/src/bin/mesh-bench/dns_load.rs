@@ -92,7 +92,8 @@ pub fn saturate(
         let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
         let mut socks = Vec::with_capacity(SOCKETS);
         for _ in 0..SOCKETS {
-            let s = UdpSocket::bind("127.0.0.1:0").map_err(|e| format!("bind a UDP socket: {e}"))?;
+            let s =
+                UdpSocket::bind("127.0.0.1:0").map_err(|e| format!("bind a UDP socket: {e}"))?;
             s.connect("127.0.0.11:53")
                 .map_err(|e| format!("connect to 127.0.0.11:53: {e}"))?;
             s.set_nonblocking(true)
@@ -123,7 +124,13 @@ pub fn saturate(
                 rx.point(BATCH, |_| 512);
                 // SAFETY: the headers point at buffers owned by `rx` that outlive the call.
                 let n = unsafe {
-                    libc::recvmmsg(fd, rx.hdrs.as_mut_ptr(), BATCH as u32, libc::MSG_DONTWAIT, std::ptr::null_mut())
+                    libc::recvmmsg(
+                        fd,
+                        rx.hdrs.as_mut_ptr(),
+                        BATCH as u32,
+                        libc::MSG_DONTWAIT,
+                        std::ptr::null_mut(),
+                    )
                 };
                 if n > 0 {
                     let n = n as usize;
@@ -152,7 +159,9 @@ pub fn saturate(
                 }
                 tx.point(want, |_| qlen);
                 // SAFETY: the first `want` headers point at buffers owned by `tx`.
-                let sent = unsafe { libc::sendmmsg(fd, tx.hdrs.as_mut_ptr(), want as u32, libc::MSG_DONTWAIT) };
+                let sent = unsafe {
+                    libc::sendmmsg(fd, tx.hdrs.as_mut_ptr(), want as u32, libc::MSG_DONTWAIT)
+                };
                 if sent > 0 {
                     if outstanding[i] == 0 {
                         last_answer[i] = now;
@@ -166,7 +175,11 @@ pub fn saturate(
                 // Nothing to read and every window full: wait for an answer (bounded).
                 let mut fds: Vec<libc::pollfd> = socks
                     .iter()
-                    .map(|s| libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLIN, revents: 0 })
+                    .map(|s| libc::pollfd {
+                        fd: s.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    })
                     .collect();
                 // SAFETY: `fds` is a valid array of pollfd for the call.
                 unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1) };
@@ -178,7 +191,12 @@ pub fn saturate(
 
 /// One saturating run with the CPUs' busy time around it: queries/s, the busy share of
 /// CPU 0 (the load) and CPU 1 (the server), and the server CPU's µs per answer.
-pub fn measure(netns: &Path, secs: f64, query: Vec<u8>, correct: impl Fn(&[u8]) -> bool + Send + 'static) -> Value {
+pub fn measure(
+    netns: &Path,
+    secs: f64,
+    query: Vec<u8>,
+    correct: impl Fn(&[u8]) -> bool + Send + 'static,
+) -> Value {
     let before = util::cpu_busy_ticks();
     match saturate(netns, secs, query, correct) {
         Ok((c, took)) => {
