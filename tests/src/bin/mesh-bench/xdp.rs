@@ -987,6 +987,105 @@ impl LruInsertProg {
     }
 }
 
+/// A raw XDP program of `body` followed by `r0 = XDP_PASS; exit`.
+fn load_raw_xdp(body: &[u64]) -> Option<EmptyProg> {
+    let mut p = body.to_vec();
+    p.extend([insn(0xb7, 0, 0, 0, 2), insn(0x95, 0, 0, 0, 0)]);
+    let license = b"GPL\0";
+    let mut a = [0u64; 16];
+    a[0] = 6 | (p.len() as u64) << 32; // BPF_PROG_TYPE_XDP
+    a[1] = p.as_ptr() as u64;
+    a[2] = license.as_ptr() as u64;
+    let fd = bpf(5, &mut a); // BPF_PROG_LOAD
+    (fd >= 0).then_some(EmptyProg { fd: fd as i32 })
+}
+
+/// Helper calls in [`CallCost::load`]'s program.
+const CALLS: usize = 8;
+
+/// What a function call costs on this machine, from two raw programs run beside the empty
+/// one: [`CALLS`] calls of `bpf_get_prandom_u32` (a call, a few instructions of work, a
+/// return), and one lookup that hits in a map of conntrack's layout (an LRU hash with a
+/// 12-byte key and 262,144 entries: the verifier turns it into a direct call of the map's
+/// lookup, which calls the hash and the bucket walk, which calls memcmp). The established
+/// path does such a lookup, and `bpf_redirect`.
+struct CallCost {
+    calls: EmptyProg,
+    lookup: EmptyProg,
+    _map: RawMap,
+}
+
+impl CallCost {
+    fn load() -> Option<CallCost> {
+        let calls = load_raw_xdp(&[insn(0x85, 0, 0, 0, 7); CALLS])?; // bpf_get_prandom_u32
+        let map = RawMap::create(9, 12, 44, mapnames::MAX_CT_TCP)?;
+        // The all-zero key, present.
+        let (key, value) = ([0u8; 12], [0u8; 44]);
+        let mut a = [0u64; 16];
+        a[0] = map.0 as u64;
+        a[1] = key.as_ptr() as u64;
+        a[2] = value.as_ptr() as u64;
+        if bpf(2, &mut a) != 0 {
+            return None; // BPF_MAP_UPDATE_ELEM
+        }
+        let p = [
+            insn(0x7a, 10, 0, -16, 0), // *(u64 *)(fp - 16) = 0
+            insn(0x62, 10, 0, -8, 0),  // *(u32 *)(fp - 8) = 0: the 12-byte key
+            insn(0x18, 1, 1, 0, map.0), // r1 = map (BPF_PSEUDO_MAP_FD)
+            0,
+            insn(0xbf, 2, 10, 0, 0), // r2 = fp
+            insn(0x07, 2, 0, 0, -16), // r2 -= 16
+            insn(0x85, 0, 0, 0, 1),  // bpf_map_lookup_elem(map, &key)
+        ];
+        let lookup = load_raw_xdp(&p)?;
+        Some(CallCost { calls, lookup, _map: map })
+    }
+
+    /// Per round, interleaved with the empty program: (empty, calls, lookup) ns per run.
+    fn measure(frame: &[u8], repeat: u32, rounds: usize) -> Option<CallCostResult> {
+        let c = CallCost::load()?;
+        let empty = EmptyProg::load()?;
+        let (mut e, mut k, mut l) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            util::check_interrupt();
+            e.push(empty.run(frame, repeat)?);
+            k.push(c.calls.run(frame, repeat)?);
+            l.push(c.lookup.run(frame, repeat)?);
+        }
+        let per_call: Vec<f64> = e.iter().zip(&k).map(|(e, k)| (k - e) / CALLS as f64).collect();
+        let lookup: Vec<f64> = e.iter().zip(&l).map(|(e, l)| l - e).collect();
+        Some(CallCostResult { empty: stat(&e), per_call: stat(&per_call), lookup: stat(&lookup) })
+    }
+}
+
+/// [`CallCost::measure`]: the empty program, one helper call and one conntrack lookup (both
+/// net of the empty program), ns.
+struct CallCostResult {
+    empty: Stat,
+    per_call: Stat,
+    lookup: Stat,
+}
+
+/// This CPU's mitigations that make calls and returns expensive (the kernel's own report).
+fn call_mitigations() -> Vec<(String, String)> {
+    ["spec_rstack_overflow", "spectre_v2", "retbleed"]
+        .iter()
+        .filter_map(|v| {
+            let t = std::fs::read_to_string(format!("/sys/devices/system/cpu/vulnerabilities/{v}")).ok()?;
+            Some((v.to_string(), t.trim().to_string()))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+#[test]
+fn the_call_cost_programs_load_and_run() {
+    let frame = Frame::tcp(CLIENT, 40_000, NODE, 22, TCP_SYN).build();
+    let r = CallCost::measure(&frame, 1_000, 2).expect("the verifier accepts them (needs root)");
+    assert_eq!((r.empty.n, r.per_call.n, r.lookup.n), (2, 2, 2));
+    assert!(r.empty.median > 0.0);
+}
+
 /// Keys in a raw map of `key_size`-byte keys (BPF_MAP_GET_NEXT_KEY walk).
 #[cfg(test)]
 fn raw_map_len(m: &RawMap, key_size: usize) -> usize {
@@ -1478,6 +1577,8 @@ pub fn run(ctx: &mut Ctx) -> Section {
     let small = run_fixture(ctx, false);
     let big = run_fixture(ctx, true);
     let sweep = ct_size_sweep(ctx);
+    let pass = Frame::tcp(CLIENT, 40_000, NODE, 22, TCP_SYN).build();
+    let calls = CallCost::measure(&pass, ctx.xdp_repeat, ctx.xdp_rounds);
     let stats_was_on = stats.changed();
     drop(stats);
 
@@ -1653,6 +1754,7 @@ pub fn run(ctx: &mut Ctx) -> Section {
         }
     }
     md.push_str(&sweep_markdown(ctx, &sweep));
+    md.push_str(&calls_markdown(ctx, calls.as_ref(), &small));
     md.push_str(&format!(
         "\nPrograms as loaded (bytes of JIT code / translated BPF, verified instructions): {}\n",
         program_sizes(&small.progs)
@@ -1669,6 +1771,10 @@ pub fn run(ctx: &mut Ctx) -> Section {
         },
         "paths": jpaths,
         "empty_program_floor_ns": {"small": small.floor, "big": big.floor},
+        "call_cost": calls.as_ref().map(|c| json!({
+            "empty_ns": c.empty, "helper_call_ns": c.per_call, "conntrack_lookup_hit_ns": c.lookup,
+            "mitigations": call_mitigations().into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+        })),
         "vip_path": "n/a: VIPs are balanced per connection by the cgroup socket hooks (no per-packet work); BPF_PROG_TEST_RUN cannot run cgroup sock_addr programs",
         "new_flow_calibration": {"small": small.calib, "big": big.calib},
         "programs": small.progs,
@@ -1684,6 +1790,55 @@ pub fn run(ctx: &mut Ctx) -> Section {
         json,
         markdown: md,
     }
+}
+
+/// What calls cost on this machine, and the finding that explains the per-packet figures.
+fn calls_markdown(ctx: &mut Ctx, c: Option<&CallCostResult>, small: &FixtureResult) -> String {
+    let Some(c) = c else {
+        return "\nThe call-cost programs did not load: no figures for what a call costs here.\n".into();
+    };
+    let mit = call_mitigations();
+    let shown = mit.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join("; ");
+    let est = small.paths.iter().find(|r| r.key == "established").map(|r| r.ns.median);
+    let mut md = format!(
+        "\n**What a call costs here.** Raw XDP programs beside the empty one, interleaved, `repeat` = {}: {} calls of \
+         `bpf_get_prandom_u32` (a call, a few instructions, a return), and one lookup that hits in a 262,144-entry LRU \
+         hash of conntrack's layout (the verifier makes it a direct call of the map's lookup, which calls the hash \
+         function, the bucket walk and memcmp). CPU mitigations the kernel reports: {}.\n\n",
+        fmt_num(ctx.xdp_repeat as f64, 0),
+        CALLS,
+        if shown.is_empty() { "none read".into() } else { shown },
+    );
+    md.push_str(&md_table(
+        &["program", "ns per run", "net of the empty program"],
+        &[
+            vec!["empty (`return XDP_PASS`)".into(), c.empty.show(1), "–".into()],
+            vec![format!("{CALLS} × `bpf_get_prandom_u32`"), "–".into(), format!("{} per call", c.per_call.show(1))],
+            vec!["one conntrack lookup (hit)".into(), "–".into(), c.lookup.show(1)],
+        ],
+    ));
+    if let Some(est) = est {
+        ctx.out.finding(format!(
+            "XDP per-packet figures on this machine: one helper call and return costs {} ns and one conntrack lookup \
+             that hits {} ns (raw programs, net of the {} ns empty program){}. The established path is {} ns: the \
+             harness floor, one such lookup, the `bpf_redirect` call, and ≈ {} ns of mesh's own instructions \
+             (parse, port bitmap, backend check, counters, checksums, rewrite): the calls into the kernel, not the \
+             program, are most of a packet's cost on this machine, and they shrink on a CPU that returns cheaply.",
+            fmt_num(c.per_call.median, 1),
+            fmt_num(c.lookup.median, 1),
+            fmt_num(c.empty.median, 0),
+            match mit.iter().find(|(k, _)| k == "spec_rstack_overflow") {
+                Some((_, v)) if v.contains("Safe RET") => format!(
+                    "; this CPU returns from every kernel function through the SRSO mitigation's thunk \
+                     (spec_rstack_overflow: {v}), which is what makes calls, the harness's own included, dear here"
+                ),
+                _ => String::new(),
+            },
+            fmt_num(est, 0),
+            fmt_num(est - c.empty.median - c.lookup.median - c.per_call.median, 0),
+        ));
+    }
+    md
 }
 
 /// The conntrack-size table and its finding.
