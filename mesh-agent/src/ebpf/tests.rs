@@ -117,13 +117,18 @@ fn links(n: u8) -> LocalLinks {
         .collect()
 }
 
+/// A pin directory of this test process no other test uses.
+fn unit_pin_dir() -> PathBuf {
+    PathBuf::from(format!(
+        "/sys/fs/bpf/mesh-unit-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
 impl Fixture {
     fn new() -> Self {
-        let pins = PathBuf::from(format!(
-            "/sys/fs/bpf/mesh-unit-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
+        let pins = unit_pin_dir();
         let mut dp = Datapath::load(&pins).expect("load the embedded eBPF object (needs root)");
         dp.maps.set_node_addrs(&[NODE]).unwrap();
         let mut f = Fixture { dp: Some(dp), pins, tables: Tables::new() };
@@ -711,11 +716,7 @@ impl Drop for Pins {
 /// the conntrack map whose size changed (empty) and keeps the other, with its flows.
 #[test]
 fn conntrack_is_sized_at_load_and_replaced_when_its_size_changes() {
-    let pins = Pins(PathBuf::from(format!(
-        "/sys/fs/bpf/mesh-unit-{}-{}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    )));
+    let pins = Pins(unit_pin_dir());
     let small = CtSizes { tcp: 4_096, udp: 2_048 };
     let key = |i: u32| mesh_common::CtKey { saddr: i, daddr: 7, sport: 1, dport: 2 };
     let entry = |i: u32| mesh_common::CtEntry {

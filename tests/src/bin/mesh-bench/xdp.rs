@@ -675,7 +675,6 @@ struct Path {
 }
 
 fn paths() -> Vec<Path> {
-    let syn = |d: Ipv4Addr, p: u16| Frame::tcp(CLIENT, 40_000, d, p, TCP_SYN).build();
     let mut est = Frame::tcp(CLIENT, 40_000, NODE, 8080, TCP_ACK);
     est.src_mac = CLIENT_MAC;
     est.dst_mac = NODE_MAC;
@@ -684,7 +683,7 @@ fn paths() -> Vec<Path> {
             key: "pass",
             title: "non-matching packet (pass-through)",
             prog: Prog::Xdp,
-            frame: syn(NODE, 22),
+            frame: pass_frame(),
             reason: "pass_no_service",
             rc: XDP_PASS,
             target_ns: Some(20.0),
@@ -735,7 +734,7 @@ fn paths() -> Vec<Path> {
             key: "tc_pass",
             title: "non-matching packet, TC ingress hook",
             prog: Prog::TcIngress,
-            frame: syn(NODE, 22),
+            frame: pass_frame(),
             reason: "pass_no_service",
             rc: TC_ACT_OK,
             target_ns: None,
@@ -839,9 +838,15 @@ fn new_flow_distinct(f: &mut Fixture, n: usize, round: usize) -> (f64, f64) {
     (sum / n as f64, share)
 }
 
+/// A SYN to a port no frontend uses: the pass-through path's frame, and a frame for
+/// programs that do not read it.
+fn pass_frame() -> Vec<u8> {
+    Frame::tcp(CLIENT, 40_000, NODE, 22, TCP_SYN).build()
+}
+
 /// Mean duration of repeat-1 runs of the pass-through path (timer overhead calibration).
 fn pass_repeat1(f: &mut Fixture, n: usize) -> f64 {
-    let frame = Frame::tcp(CLIENT, 40_000, NODE, 22, TCP_SYN).build();
+    let frame = pass_frame();
     let mut sum = 0.0;
     for _ in 0..n {
         sum += f.run(Prog::Xdp, &frame, 1).1;
@@ -1080,7 +1085,7 @@ fn call_mitigations() -> Vec<(String, String)> {
 #[cfg(test)]
 #[test]
 fn the_call_cost_programs_load_and_run() {
-    let frame = Frame::tcp(CLIENT, 40_000, NODE, 22, TCP_SYN).build();
+    let frame = pass_frame();
     let r = CallCost::measure(&frame, 1_000, 2).expect("the verifier accepts them (needs root)");
     assert_eq!((r.empty.n, r.per_call.n, r.lookup.n), (2, 2, 2));
     assert!(r.empty.median > 0.0);
@@ -1108,7 +1113,7 @@ fn raw_map_len(m: &RawMap, key_size: usize) -> usize {
 #[test]
 fn the_lru_floor_program_inserts_one_new_key_per_run_into_a_full_map() {
     let p = LruInsertProg::load(1_024).expect("the verifier accepts it (needs root)");
-    let frame = Frame::tcp(CLIENT, 40_000, NODE, 22, TCP_SYN).build();
+    let frame = pass_frame();
     let ns = p.prog.run(&frame, 600).expect("BPF_PROG_TEST_RUN");
     assert!(ns > 0.0);
     assert_eq!(raw_map_len(&p._maps.1, 12), 600, "one new key per run");
@@ -1533,7 +1538,7 @@ fn ct_size_sweep(ctx: &Ctx) -> Vec<SizeResult> {
         let t = Instant::now();
         let mut f = Fixture::new(false, CtSizes { tcp: entries, ..CtSizes::default() });
         f.fill_conntrack(entries as usize);
-        let pass = Frame::tcp(CLIENT, 40_000, NODE, 22, TCP_SYN).build();
+        let pass = pass_frame();
         // Warm-up (JIT'd code, the tables): flows of a source range the rounds do not use.
         new_flow_distinct(&mut f, n / 10, rounds);
         let (mut ns, mut share) = (Vec::new(), f64::INFINITY);
@@ -1577,7 +1582,7 @@ pub fn run(ctx: &mut Ctx) -> Section {
     let small = run_fixture(ctx, false);
     let big = run_fixture(ctx, true);
     let sweep = ct_size_sweep(ctx);
-    let pass = Frame::tcp(CLIENT, 40_000, NODE, 22, TCP_SYN).build();
+    let pass = pass_frame();
     let calls = CallCost::measure(&pass, ctx.xdp_repeat, ctx.xdp_rounds);
     let stats_was_on = stats.changed();
     drop(stats);
