@@ -52,6 +52,10 @@ pub mod maps {
     pub const SUBNETS: &str = "SUBNETS_V1";
     /// Host-side veth ifindex of a task → id of the network that veth is on.
     pub const IFACE_NET: &str = "IFACE_NET_V1";
+    /// Array of u64 indexed by backend id: a cursor into the SNAT port range, so each
+    /// backend's SNAT ports are handed out in turn (the port reused is the one used longest
+    /// ago).
+    pub const SNAT_NEXT: &str = "SNAT_NEXT_V1";
 
     pub const MAX_FRONTENDS: u32 = 65_536;
     /// svc ids are 1..MAX_SERVICES (0 = none).
@@ -70,7 +74,7 @@ pub mod maps {
 
     /// All maps the agent pins, in a stable order (status, cleanup).
     /// Map names must stay within the kernel's 15 characters (BPF_OBJ_NAME_LEN - 1).
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
         FRONTENDS,
         SLOTS,
         BACKENDS,
@@ -87,6 +91,7 @@ pub mod maps {
         TASK_NETS,
         SUBNETS,
         IFACE_NET,
+        SNAT_NEXT,
     ];
 }
 
@@ -214,40 +219,12 @@ pub mod ct_flags {
     pub const FORWARD: u32 = 1;
     /// Entry for packets backend → client (reverse NAT).
     pub const REPLY: u32 = 2;
-    /// A TCP FIN or RST went this entry's way: that side is done sending. A SNAT port whose
-    /// two entries are both closing may be reclaimed for a new flow when no free port is
-    /// found (closed flows otherwise hold their port until the LRU evicts them): of the
-    /// probed ones, the one closed longest ago (see [`closed_at`]).
+    /// A TCP FIN or RST went this entry's way: that side is done sending. (Agents before
+    /// this one also wrote when, in bits 8..32; no flag uses those bits.) A SNAT port whose
+    /// two entries are both closing may be reclaimed for a new flow when its turn comes
+    /// (each backend's ports are handed out in turn; closed flows otherwise hold their port
+    /// until the LRU evicts them).
     pub const CLOSING: u32 = 4;
-    /// Bits 8..32 of a closing entry's flags: when it was marked closing, in units of 2^24 ns
-    /// (≈ 16.8 ms) of `bpf_ktime_get_ns`, modulo 2^24 (wraps after ≈ 78 h).
-    pub const CLOSED_AT_SHIFT: u32 = 8;
-    /// log2 of the stamp's unit in ns.
-    pub const CLOSED_AT_UNIT_LOG2: u32 = 24;
-    /// The flag bits below the stamp.
-    pub const FLAG_MASK: u32 = (1 << CLOSED_AT_SHIFT) - 1;
-    const STAMP_MASK: u32 = 0x00ff_ffff;
-
-    /// The closing stamp of `now_ns` (CLOCK_MONOTONIC), placed in the flag bits.
-    #[inline(always)]
-    pub const fn closed_at(now_ns: u64) -> u32 {
-        (((now_ns >> CLOSED_AT_UNIT_LOG2) as u32) & STAMP_MASK) << CLOSED_AT_SHIFT
-    }
-
-    /// How long (in stamp units) the entry with `flags` has been closing at `now_ns`; 0 when
-    /// it is not closing. The reuse of a closed flow's tuple is safest for the oldest one: the
-    /// task keeps the tuple in TIME_WAIT for 60 s, and a SYN on it with an older TCP timestamp
-    /// (another client) is refused until the client's retry.
-    #[inline(always)]
-    pub const fn closed_for(flags: u32, now_ns: u64) -> u32 {
-        if flags & CLOSING == 0 {
-            return 0;
-        }
-        let now = closed_at(now_ns) >> CLOSED_AT_SHIFT;
-        // At least 1: a closing entry beats an open one however recent.
-        let age = now.wrapping_sub(flags >> CLOSED_AT_SHIFT) & STAMP_MASK;
-        if age == 0 { 1 } else { age }
-    }
 }
 
 /// Key of the frontends map: what a client addresses.
@@ -505,22 +482,3 @@ const _: () = {
         i += 1;
     }
 };
-
-#[cfg(test)]
-mod ct_stamp_tests {
-    use super::ct_flags::*;
-
-    const UNIT: u64 = 1 << CLOSED_AT_UNIT_LOG2;
-
-    #[test]
-    fn a_closing_entry_ages_across_the_stamp_wrap() {
-        assert_eq!(closed_for(FORWARD | closed_at(5 * UNIT), 500 * UNIT), 0, "not closing: no age");
-        for t0 in [7 * UNIT, (0x00ff_ffff - 10) * UNIT] {
-            let f = FORWARD | CLOSING | closed_at(t0);
-            assert_eq!(f & FLAG_MASK, FORWARD | CLOSING, "the stamp leaves the flag bits alone");
-            assert_eq!(closed_for(f, t0), 1, "just closed: the minimum age");
-            assert_eq!(closed_for(f, t0 + 120 * UNIT), 120, "t0 = {t0}");
-            assert_eq!(closed_for(f, t0 + 120 * UNIT + UNIT / 2), 120, "whole units");
-        }
-    }
-}

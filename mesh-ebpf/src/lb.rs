@@ -7,14 +7,12 @@ use mesh_common::{
     fe_flags, reason,
 };
 
-use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
-
 use aya_ebpf::maps::{LruHashMap, lpm_trie::Key as LpmKey};
 
 use crate::parse::{CLOSE_FIN, CLOSE_RST, OPEN_SYN};
 use crate::maps::{
     BACKENDS, BE_STATS, CONFIG, CT_TCP, CT_UDP, FRONTENDS, IFACE_NET, NODE_ADDRS, PORTS, RR, SLOTS,
-    SUBNETS, SVC_STATS, count,
+    SNAT_NEXT, SUBNETS, SVC_STATS, count,
 };
 
 /// How many SNAT ports a new flow tries before giving up.
@@ -164,71 +162,62 @@ pub struct Origin {
     pub dst_mac: [u8; 6],
 }
 
-/// A SNAT source port (network order) for a flow to `be_addr:be_port`: one whose reply tuple
-/// is not in conntrack yet (random start, a few linear probes), or else, of the probed ones
-/// whose flow has closed both ways ([`ct_flags::CLOSING`] on both entries), the one closed
-/// longest ago (its task's TIME_WAIT for that tuple is the likeliest to be over): its forward
-/// entry is removed and the reply entry is overwritten by the caller. A closing reply entry
-/// whose client tuple now belongs to a newer flow (the client reopened it, see
-/// [`lb4_ingress`]) is closed too; that newer flow's forward entry stays.
+/// A SNAT source port (network order) for a flow to backend `be_id` at `be_addr:be_port`.
+/// Each backend's ports are handed out in turn (its cursor in [`SNAT_NEXT`], an atomic add
+/// per try): the port whose turn it is is the one this node used longest ago for that
+/// backend, so it is either free (no reply entry: taken) or held by an old flow. An old flow
+/// that has closed both ways ([`ct_flags::CLOSING`] on both entries) gives its port up: its
+/// forward entry is removed and the reply entry is overwritten by the caller. A closing reply
+/// entry whose client tuple now belongs to a newer flow (the client reopened it, see
+/// [`lb4_ingress`]) is closed too; that newer flow's forward entry stays. A flow still open
+/// keeps its port, and the next one is tried, up to [`SNAT_TRIES`].
 ///
 /// A closed flow's reply entry is this node's memory of the task's TIME_WAIT for the port:
-/// it is never removed early, so a free port is one no recent flow used.
+/// it is never removed early, and in turn order a port comes back only after every other
+/// port of the range was handed out (the longest any policy can wait at a given rate), so
+/// a free port is one no recent flow used. One lookup per try, two when the port is held:
+/// a random start with linear probes needed up to twice [`SNAT_TRIES`] lookups once the
+/// range was full of closed flows, and chose among those few.
 #[inline(always)]
-fn snat_port<C: CtTable>(snat_addr: u32, min: u16, max: u16, be_addr: u32, be_port: u16) -> Result<u16, u32> {
+fn snat_port<C: CtTable>(snat_addr: u32, min: u16, max: u16, be_id: u32, be_addr: u32, be_port: u16) -> Result<u16, u32> {
     if max < min {
         return Err(reason::ERR_SNAT_PORTS);
     }
-    let range = (max - min) as u32 + 1;
-    // SAFETY: plain helper call.
-    let start = unsafe { bpf_get_prandom_u32() } % range;
-    // The best port to reclaim so far: its port, its forward entry's key, how long it has
-    // been closing (0: none yet). Plain initialised values, not an `Option` of a tuple: LLVM
-    // moves a `None`'s uninitialised payload through registers, which the verifier refuses.
-    let (mut best_port, mut best_age, mut best_owned) = (0u16, 0u32, false);
-    let mut best_fwd = CtKey { saddr: 0, daddr: 0, sport: 0, dport: 0 };
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
-    for i in 0..SNAT_TRIES {
-        let p = (min as u32 + (start + i) % range) as u16;
+    let range = (max - min) as u64 + 1;
+    let cursor = SNAT_NEXT.get_ptr_mut(be_id).ok_or(reason::ERR_SNAT_PORTS)?;
+    for _ in 0..SNAT_TRIES {
+        let p = (min as u64 + atomic_fetch_add_u64(cursor, 1) % range) as u16;
         let rk = CtKey {
             saddr: be_addr,
             daddr: snat_addr,
             sport: be_port,
             dport: p.to_be(),
         };
-        match ct_lookup4::<C>(&rk) {
-            None => return Ok(p.to_be()),
-            Some(rev) => {
-                let age = ct_flags::closed_for(rev.flags, now);
-                if age <= best_age {
-                    continue;
-                }
-                // The forward entry's key: the client tuple the reply entry restores.
-                let fk = rev.peer_key();
-                // Is the client tuple's forward entry still this port's flow (does it lead
-                // back to this reply entry)?
-                let (closed, owned) = match ct_lookup4::<C>(&fk) {
-                    Some(fwd) => {
-                        let owned = fwd.peer_key() == rk;
-                        (!owned || fwd.flags & ct_flags::CLOSING != 0, owned)
-                    }
-                    None => (true, false),
-                };
-                if closed {
-                    (best_port, best_fwd, best_age, best_owned) = (p, fk, age, owned);
-                }
+        let Some(rev) = ct_lookup4::<C>(&rk) else {
+            return Ok(p.to_be());
+        };
+        if rev.flags & ct_flags::CLOSING == 0 {
+            continue;
+        }
+        // The forward entry's key: the client tuple the reply entry restores. Is it still
+        // this port's flow (does it lead back to this reply entry), and has it closed?
+        let fk = rev.peer_key();
+        let (closed, owned) = match ct_lookup4::<C>(&fk) {
+            Some(fwd) => {
+                let owned = fwd.peer_key() == rk;
+                (!owned || fwd.flags & ct_flags::CLOSING != 0, owned)
             }
+            None => (true, false),
+        };
+        if closed {
+            if owned {
+                let _ = C::map().remove(&fk);
+            }
+            count(reason::SNAT_RECLAIMED);
+            return Ok(p.to_be());
         }
     }
-    if best_age == 0 {
-        return Err(reason::ERR_SNAT_PORTS);
-    }
-    if best_owned {
-        let _ = C::map().remove(&best_fwd);
-    }
-    count(reason::SNAT_RECLAIMED);
-    Ok(best_port.to_be())
+    Err(reason::ERR_SNAT_PORTS)
 }
 
 /// A FIN or RST went `ct`'s way (`key` is its conntrack key): mark the entry closing once.
@@ -244,32 +233,25 @@ fn ct_mark_closing<C: CtTable>(key: &CtKey, ct: &CtEntry, closing: u8) {
     if (closing != CLOSE_FIN && closing != CLOSE_RST) || (!first && closing != CLOSE_RST) {
         return;
     }
-    // SAFETY: plain helper call.
-    let stamp = ct_flags::CLOSING | ct_flags::closed_at(unsafe { bpf_ktime_get_ns() });
     if first {
-        ct_set_closing::<C>(key, stamp, None);
+        ct_set_closing::<C>(key, None);
     }
     if closing == CLOSE_RST {
-        ct_set_closing::<C>(&ct.peer_key(), stamp, Some(key));
+        ct_set_closing::<C>(&ct.peer_key(), Some(key));
     }
 }
 
-/// Mark `key`'s entry closing with `stamp` (CLOSING | closed_at), once: a later FIN or RST
-/// keeps the first stamp. With `back_to`, only if the entry's rewritten tuple, reversed, is
-/// that key.
+/// Mark `key`'s entry [`ct_flags::CLOSING`]. With `back_to`, only if the entry's rewritten
+/// tuple, reversed, is that key.
 #[inline(always)]
-fn ct_set_closing<C: CtTable>(key: &CtKey, stamp: u32, back_to: Option<&CtKey>) {
+fn ct_set_closing<C: CtTable>(key: &CtKey, back_to: Option<&CtKey>) {
     if let Some(p) = C::map().get_ptr_mut(key) {
-        // SAFETY: a live map value; racing writers can only write a stamp of about the same
-        // time.
+        // SAFETY: a live map value; racing writers can only set the same bit.
         unsafe {
             if back_to.is_some_and(|k| (*p).peer_key() != *k) {
                 return;
             }
-            let f = (*p).flags;
-            if f & ct_flags::CLOSING == 0 {
-                (*p).flags = (f & ct_flags::FLAG_MASK) | stamp;
-            }
+            (*p).flags |= ct_flags::CLOSING;
         }
     }
 }
@@ -294,7 +276,7 @@ pub fn ct_create4<C: CtTable>(
     let be_port = if be.port == 0 { key.dport } else { be.port };
     let (saddr, sport) = match CONFIG.get(0) {
         Some(cfg) if !local && cfg.snat_addr != 0 => {
-            let p = snat_port::<C>(cfg.snat_addr, cfg.snat_port_min, cfg.snat_port_max, be.addr, be_port)?;
+            let p = snat_port::<C>(cfg.snat_addr, cfg.snat_port_min, cfg.snat_port_max, be_id, be.addr, be_port)?;
             count(reason::SNAT);
             (cfg.snat_addr, p)
         }

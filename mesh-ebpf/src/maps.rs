@@ -35,6 +35,12 @@ pub static CT_TCP: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(MAX_CT_TCP, 0
 #[map(name = "CT_UDP_V3")]
 pub static CT_UDP: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(MAX_CT_UDP, 0);
 
+/// Per backend id: the next position in the SNAT port range (atomic add), so a node hands
+/// out each backend's SNAT ports in turn: the port a new flow gets is the one this node used
+/// longest ago for that backend, with no search through the range.
+#[map(name = "SNAT_NEXT_V1")]
+pub static SNAT_NEXT: Array<u64> = Array::pinned(MAX_BACKENDS, 0);
+
 #[map(name = "NODE_ADDRS_V1")]
 pub static NODE_ADDRS: HashMap<u32, u32> = HashMap::pinned(MAX_NODE_ADDRS, 0);
 

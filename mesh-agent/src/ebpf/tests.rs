@@ -566,39 +566,50 @@ fn a_reset_from_either_side_frees_the_snat_port() {
     }
 }
 
-/// With every SNAT port held by a closed flow, a new flow takes the port closed longest ago:
-/// its task's TIME_WAIT for that tuple is the likeliest to be over (a SYN meeting it with an
-/// older TCP timestamp, from another client, is refused until the client retries 1 s later).
+/// A backend's SNAT ports are handed out in turn, so a port comes back only after every other
+/// one of the range was used: the port reused is the one used longest ago, whatever order
+/// the flows closed in. A port whose flow is still open is skipped; when every port tried
+/// is held by an open flow, the new flow gets none.
 #[test]
-fn the_snat_port_closed_longest_ago_is_reclaimed_first() {
-    // Three times each way: the probes start at a random port, so a policy that ignores the
-    // stamps would still pass one try in two.
-    for older_first in [true, false, true, false, true, false] {
-        let mut f = snat_fixture(2);
+fn snat_ports_are_handed_out_in_turn_and_an_open_flows_port_is_skipped() {
+    for close_last_first in [false, true] {
+        let mut f = snat_fixture(3);
         let mut flows = Vec::new();
-        for sport in [40_001, 40_002] {
+        for sport in [40_001, 40_002, 40_003] {
             let (_, out) = client_to_node(&mut f, sport, TCP_SYN);
             let p = checked(&out);
             flows.push((sport, p.sport, p.dst));
         }
-        assert_ne!(flows[0].1, flows[1].1, "two flows, two ports");
-        if !older_first {
-            flows.reverse();
+        let ports: Vec<u16> = flows.iter().map(|f| f.1).collect();
+        assert_eq!(ports, [61_000, 61_001, 61_002], "in turn from the start of the range");
+        // Close the first and the third flow both ways (in either order); the second stays open.
+        let mut closed = vec![flows[0], flows[2]];
+        if close_last_first {
+            closed.reverse();
         }
-        // Close the first flow both ways, then (stamps count 16.8 ms units) the second.
-        for (i, (sport, port, task)) in flows.iter().enumerate() {
-            if i > 0 {
-                std::thread::sleep(std::time::Duration::from_millis(60));
-            }
+        for (sport, port, task) in &closed {
             client_to_node(&mut f, *sport, TCP_FIN | TCP_ACK);
             f.xdp(&Frame::tcp(*task, 80, NODE, *port, TCP_FIN | TCP_ACK).build());
         }
-        let (_, out) = client_to_node(&mut f, 40_003, TCP_SYN);
-        assert_eq!(checked(&out).sport, flows[0].1, "older_first={older_first}: the port closed first");
-        assert_eq!(f.verdict("snat_reclaimed"), 1);
-        // And the port closed later for the next flow.
+        // The range starts over: the first port (its flow closed) is reclaimed...
         let (_, out) = client_to_node(&mut f, 40_004, TCP_SYN);
-        assert_eq!(checked(&out).sport, flows[1].1);
+        assert_eq!(checked(&out).sport, 61_000, "close_last_first={close_last_first}");
+        assert_eq!(f.verdict("snat_reclaimed"), 1);
+        // ... the second is held by an open flow and skipped, the third is reclaimed.
+        let (_, out) = client_to_node(&mut f, 40_005, TCP_SYN);
+        assert_eq!(checked(&out).sport, 61_002, "close_last_first={close_last_first}");
+        assert_eq!(f.verdict("snat_reclaimed"), 2);
+        // Every port now held by an open flow: none for another (passed untouched).
+        let (_, out) = client_to_node(&mut f, 40_006, TCP_SYN);
+        assert_eq!(checked(&out).sport, 40_006);
+        assert_eq!(f.verdict("err_snat_ports"), 1);
+        // The open flow and the two new ones keep their ports, both ways.
+        for (sport, port) in [(40_002, 61_001), (40_004, 61_000), (40_005, 61_002)] {
+            let (_, out) = client_to_node(&mut f, sport, TCP_ACK);
+            assert_eq!(checked(&out).sport, port);
+            let (_, out) = f.xdp(&Frame::tcp(flows[0].2, 80, NODE, port, TCP_ACK).build());
+            assert_eq!(checked(&out).dport, sport);
+        }
     }
 }
 

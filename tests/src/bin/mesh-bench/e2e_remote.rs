@@ -1122,9 +1122,9 @@ fn report(
                  {} backends × {} ports = {} flows). Such a SYN is passed to A's own stack, which resets it: \
                  connection refused (wrk socket errors, a missing answer in the round-robin check). A SNAT port stays \
                  taken as long as its flow's conntrack entries (the map holds {} entries) unless A saw that flow close \
-                 both ways (a FIN marks its direction's entry closing, a RST both; such a port is taken over when the \
-                 8 consecutive ports probed from a random start hold no free one): refusals here mean 8 probed ports \
-                 were all held by flows not seen closing (still open, or gone without a FIN or RST through A), out of \
+                 both ways (a FIN marks its direction's entry closing, a RST both; such a port is taken over when its \
+                 turn comes: each backend's ports are handed out in turn, and up to 8 are tried per new flow): \
+                 refusals here mean 8 ports in a row were all held by flows not seen closing (still open, or gone without a FIN or RST through A), out of \
                  {} ports × backends.",
                 m.key(),
                 if snat == 1 { "" } else { "s" },

@@ -13,8 +13,8 @@
 //!   (repeat = 1), mean of `duration` minus the timer overhead of a repeat-1 run (measured
 //!   on the pass-through path); (b) a self-regenerating new flow at full repeat: a service
 //!   whose backends are remote (so the agent's SNAT applies) and whose addresses are node
-//!   addresses on the published port: every rewrite gives the packet a fresh random SNAT
-//!   source port, so the next iteration misses conntrack again and balances, SNATs and
+//!   addresses on the published port: every rewrite gives the packet the next SNAT
+//!   source port of the next backend, so the next iteration misses conntrack again and balances, SNATs and
 //!   inserts two entries anew. (a) and (b) run with conntrack full, so every insert evicts
 //!   (what a conntrack without garbage collection does in a steady state); (a') repeats (a)
 //!   into a conntrack with free entries, so the difference is the cost of eviction; (a'')
@@ -1324,8 +1324,9 @@ fn run_fixture(ctx: &Ctx, big: bool) -> FixtureResult {
         target_ns: Some(150.0),
         how: format!(
             "service with {LOOP_BACKENDS} remote backends whose addresses are node addresses on the published \
-             port: each rewrite picks the next backend and a random SNAT source port (1024–65535), so the next \
-             iteration misses conntrack and is a new flow again (round-robin, SNAT port probe, two LRU \
+             port: each rewrite picks the next backend and that backend's next SNAT source port (1024–65535, \
+             handed out in turn), so the next iteration misses conntrack and is a new flow again (round-robin, \
+             SNAT port lookup, two LRU \
              inserts, rewrite of saddr/sport/daddr). Runs of {} iterations, each from a fresh seed packet \
              (a run that met an entry of its own trajectory whose reply entry the LRU had already evicted \
              would otherwise circle through established hits); conntrack stays full, so inserts evict. \
