@@ -29,6 +29,7 @@ mod states;
 #[cfg(test)]
 mod tests;
 mod util;
+mod vip;
 mod xdp;
 
 use std::{
