@@ -875,18 +875,7 @@ fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> libc::c_long {
 
 impl EmptyProg {
     fn load() -> Option<EmptyProg> {
-        // r0 = XDP_PASS; exit
-        let insns: [u64; 2] = [
-            u64::from_le_bytes([0xb7, 0, 0, 0, 2, 0, 0, 0]),
-            u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
-        ];
-        let license = b"GPL\0";
-        let mut a = [0u64; 16];
-        a[0] = 6 | (2u64 << 32); // prog_type = BPF_PROG_TYPE_XDP, insn_cnt = 2
-        a[1] = insns.as_ptr() as u64;
-        a[2] = license.as_ptr() as u64;
-        let fd = bpf(5, &mut a); // BPF_PROG_LOAD
-        (fd >= 0).then_some(EmptyProg { fd: fd as i32 })
+        load_raw_xdp(&[]) // r0 = XDP_PASS; exit
     }
 
     /// ns per run at `repeat`.
@@ -979,16 +968,9 @@ impl LruInsertProg {
             insn(0x07, 3, 0, 0, -64), // r3 = &value
             insn(0xb7, 4, 0, 0, 0),   // r4 = BPF_ANY
             insn(0x85, 0, 0, 0, 2),   // bpf_map_update_elem(lru, &key, &value, 0)
-            insn(0xb7, 0, 0, 0, 2),   // out: r0 = XDP_PASS
-            insn(0x95, 0, 0, 0, 0),   // exit
-        ]);
-        let license = b"GPL\0";
-        let mut a = [0u64; 16];
-        a[0] = 6 | (p.len() as u64) << 32; // BPF_PROG_TYPE_XDP
-        a[1] = p.as_ptr() as u64;
-        a[2] = license.as_ptr() as u64;
-        let fd = bpf(5, &mut a); // BPF_PROG_LOAD
-        (fd >= 0).then(|| LruInsertProg { prog: EmptyProg { fd: fd as i32 }, _maps: (counter, lru) })
+        ]); // out: load_raw_xdp's r0 = XDP_PASS; exit
+        let prog = load_raw_xdp(&p)?;
+        Some(LruInsertProg { prog, _maps: (counter, lru) })
     }
 }
 
