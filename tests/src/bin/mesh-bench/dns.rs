@@ -234,16 +234,16 @@ fn dnsperf(ctx: &Ctx, netns: &Path, file: &str) -> Value {
     };
     match num("Queries per second") {
         Some(qps) => {
+            let completed = num("Queries completed");
             let mut v = json!({
                 "qps": qps,
-                "completed": num("Queries completed"),
+                "completed": completed,
                 "lost": num("Queries lost"),
                 "response_codes": line("Response codes"),
                 "avg_latency_us": num("Average Latency (s)").map(|s| s * 1e6),
                 "secs": took,
             });
-            let completed = num("Queries completed").unwrap_or(0.0) as u64;
-            dns_load::add_cpu(&mut v, &busy, completed);
+            dns_load::add_cpu(&mut v, &busy, completed.unwrap_or(0.0) as u64);
             v
         }
         None => {
@@ -526,25 +526,37 @@ pub fn run(ctx: &mut Ctx) -> Section {
         }
         Err(_) => "Docker embedded DNS (127.0.0.11 in a Swarm task)".into(),
     };
-    // One row per server: its name, then `cells` of its runs (or why Docker was not measured).
-    let busy = |who: &str, base: &str| {
-        format!(
-            "{} / {} %",
-            fmt_num(col(who, &format!("{base}/cpu0_busy")).median * 100.0, 0),
-            fmt_num(col(who, &format!("{base}/cpu1_busy")).median * 100.0, 0)
-        )
-    };
-    let ratios = |who: &str, vs_dnsmasq: &Stat, vs_docker: &Stat| -> [String; 2] {
+    // The cells both tables start with, for the runs at JSON pointer `base` ("" for
+    // dnsperf's, "/saturated"): queries/s, mesh's ratios to the baselines, both CPUs' busy
+    // shares, the server's CPU per query.
+    let lead = |who: &str, base: &str, vs_dnsmasq: &Stat, vs_docker: &Stat| -> Vec<String> {
         let mesh = who == "mesh";
-        [
+        let at = |k: &str| col(who, &format!("{base}/{k}"));
+        vec![
+            at("qps").show(0),
             if mesh { times(vs_dnsmasq) } else { "–".into() },
             match (&docker, mesh) {
                 (Ok(_), true) => times(vs_docker),
                 (Err(_), true) => "not measured".into(),
                 _ => "–".into(),
             },
+            format!(
+                "{} / {} %",
+                fmt_num(at("cpu0_busy").median * 100.0, 0),
+                fmt_num(at("cpu1_busy").median * 100.0, 0)
+            ),
+            at("server_cpu_us_per_query").show(2),
         ]
     };
+    const LEAD_HEAD: [&str; 6] = [
+        "server",
+        "queries/s",
+        "× dnsmasq",
+        "× Docker",
+        "CPU 0 / CPU 1 busy",
+        "server CPU µs per query",
+    ];
+    // One row per server: its name, then `cells` of its runs (or why Docker was not measured).
     let table_rows = |cells: &dyn Fn(&str) -> Vec<String>| {
         let mut rows = Vec::new();
         for (who, title) in [
@@ -569,11 +581,8 @@ pub fn run(ctx: &mut Ctx) -> Section {
         rows
     };
     let rows = table_rows(&|who| {
-        let mut r = vec![col(who, "/qps").show(0)];
-        r.extend(ratios(who, &vs_dnsmasq, &vs_docker));
+        let mut r = lead(who, "", &vs_dnsmasq, &vs_docker);
         r.extend([
-            busy(who, ""),
-            col(who, "/server_cpu_us_per_query").show(2),
             col(who, "/avg_latency_us").show(1),
             col(who, "/p50_us").show(1),
             col(who, "/p90_us").show(1),
@@ -584,12 +593,8 @@ pub fn run(ctx: &mut Ctx) -> Section {
     let sat_vs_dnsmasq = per_round("/saturated/qps", "dnsmasq");
     let sat_vs_docker = per_round("/saturated/qps", "docker");
     let sat_rows = table_rows(&|who| {
-        let mut r = vec![col(who, "/saturated/qps").show(0)];
-        r.extend(ratios(who, &sat_vs_dnsmasq, &sat_vs_docker));
-        r.extend([
-            busy(who, "/saturated"),
-            col(who, "/saturated/server_cpu_us_per_query").show(2),
-            fmt_num(
+        let mut r = lead(who, "/saturated", &sat_vs_dnsmasq, &sat_vs_docker);
+        r.extend([fmt_num(
                 rounds
                     .iter()
                     .filter_map(|r| Some(r[who]["saturated"]["lost"].as_f64()? + r[who]["saturated"]["wrong"].as_f64()?))
@@ -806,18 +811,7 @@ pub fn run(ctx: &mut Ctx) -> Section {
         ctx.dns_rounds
     ));
     md.push_str(&md_table(
-        &[
-            "server",
-            "queries/s",
-            "× dnsmasq",
-            "× Docker",
-            "CPU 0 / CPU 1 busy",
-            "server CPU µs per query",
-            "dnsperf avg µs",
-            "p50 µs",
-            "p90 µs",
-            "p99 µs",
-        ],
+        &[&LEAD_HEAD[..], &["dnsperf avg µs", "p50 µs", "p90 µs", "p99 µs"]].concat(),
         &rows,
     ));
     md.push_str(&format!(
@@ -834,15 +828,7 @@ pub fn run(ctx: &mut Ctx) -> Section {
         saturated_secs(ctx),
     ));
     md.push_str(&md_table(
-        &[
-            "server",
-            "queries/s",
-            "× dnsmasq",
-            "× Docker",
-            "CPU 0 / CPU 1 busy",
-            "server CPU µs per query",
-            "unanswered or wrong",
-        ],
+        &[&LEAD_HEAD[..], &["unanswered or wrong"]].concat(),
         &sat_rows,
     ));
     match &docker {

@@ -757,7 +757,7 @@ fn run_mode(ctx: &Ctx, bed: &mut Bed, mode: Mode, profile: bool) -> Value {
 }
 
 /// Verdict counters after the mode's loads (how the packets were handled).
-fn agent_status(a: &AgentProc) -> Value {
+pub(crate) fn agent_status(a: &AgentProc) -> Value {
     let out = run_bounded(
         None,
         agent_bin().to_str().unwrap(),

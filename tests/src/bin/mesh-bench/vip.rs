@@ -14,13 +14,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_tests::agent_bin;
 use serde_json::{Value, json};
 
 use crate::{
     Ctx,
-    e2e::{AgentProc, Bed},
-    util::{self, Stat, run_bounded, stat},
+    e2e::{AgentProc, Bed, agent_status},
+    util::{self, Stat, stat},
 };
 
 /// The bed's `web` VIP and a task address that is no frontend (task 2, `e2e::task_ip`).
@@ -144,21 +143,7 @@ fn connects(to: Ipv4Addr, n: usize) -> Result<f64, String> {
 
 /// The agent's `sock_translated` verdict count.
 fn translated(a: &AgentProc) -> u64 {
-    let out = run_bounded(
-        None,
-        agent_bin().to_str().unwrap_or("mesh-agent"),
-        &[
-            "status",
-            "--json",
-            "--pin-dir",
-            a.pin_dir.to_str().unwrap_or(""),
-            "--run-dir",
-            a.run_dir.to_str().unwrap_or(""),
-        ],
-        Duration::from_secs(10),
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    v["verdicts"]["sock_translated"].as_u64().unwrap_or(0)
+    agent_status(a)["verdicts"]["sock_translated"].as_u64().unwrap_or(0)
 }
 
 /// Measure (bounded: `rounds` × 2 batches of `n` connects).
