@@ -294,6 +294,8 @@ fn big_tables(dp: &mut Datapath) -> (usize, usize, usize) {
 struct Fixture {
     dp: Option<Datapath>,
     pins: PathBuf,
+    /// 10k services and 100k conntrack entries (else: the small tables).
+    big: bool,
     label: &'static str,
     services: usize,
     frontends: usize,
@@ -328,6 +330,7 @@ impl Fixture {
         let mut f = Fixture {
             dp: Some(dp),
             pins,
+            big,
             label: if big {
                 "10k services, 100k conntrack entries"
             } else {
@@ -761,6 +764,9 @@ struct PathResult {
     share: f64,
     target_ns: Option<f64>,
     how: String,
+    /// ns per round, for paths measured in the rounds both fixtures share (see
+    /// [`measure_interleaved`]); empty for the others.
+    per_round: Vec<f64>,
 }
 
 /// Check that one run of `p` takes the intended path and leaves a valid frame.
@@ -1161,9 +1167,8 @@ struct FixtureResult {
     progs: Value,
 }
 
-fn run_fixture(ctx: &Ctx, big: bool) -> FixtureResult {
-    let repeat = ctx.xdp_repeat;
-    let rounds = ctx.xdp_rounds;
+/// A fixture, loaded and verified.
+fn new_fixture(ctx: &Ctx, big: bool) -> Fixture {
     let t = Instant::now();
     let mut f = Fixture::new(big, CtSizes::default());
     util::log(
@@ -1174,28 +1179,59 @@ fn run_fixture(ctx: &Ctx, big: bool) -> FixtureResult {
             util::fmt_dur(t.elapsed())
         ),
     );
-    let fixture_keys = f.ct_keys();
-    let ps = paths();
-    for p in &ps {
+    for p in &paths() {
         verify(&mut f, p);
     }
-    let mut samples: Vec<Vec<(f64, f64)>> = vec![Vec::new(); ps.len()];
+    f
+}
+
+/// Per fixture: the empty program's ns per run and every path's (ns, share) per round.
+struct Interleaved {
+    floor: Vec<f64>,
+    samples: Vec<Vec<(f64, f64)>>,
+}
+
+/// The repeat paths of every fixture in shared rounds: each round runs the empty program,
+/// then every path on the first fixture, then every path on the next, and so on. A
+/// difference between table sizes is then a difference within each round (a ratio per round,
+/// then its median), not between two phases of the run that the machine's noise also tells
+/// apart.
+fn measure_interleaved(ctx: &Ctx, fixtures: &mut [&mut Fixture]) -> Vec<Interleaved> {
+    let (repeat, rounds) = (ctx.xdp_repeat, ctx.xdp_rounds);
+    let ps = paths();
+    let mut out: Vec<Interleaved> = fixtures
+        .iter()
+        .map(|_| Interleaved { floor: Vec::new(), samples: vec![Vec::new(); ps.len()] })
+        .collect();
     // Warm-up (JIT'd code and map buckets in cache), then rounds with the paths interleaved.
-    for p in &ps {
-        measure_path(&mut f, p, repeat / 10);
+    for f in fixtures.iter_mut() {
+        for p in &ps {
+            measure_path(f, p, repeat / 10);
+        }
     }
     let empty = EmptyProg::load();
-    let mut floor = Vec::new();
     for _ in 0..rounds {
-        util::check_interrupt();
-        if let Some(ns) = empty.as_ref().and_then(|e| e.run(&ps[0].frame, repeat)) {
-            floor.push(ns);
-        }
-        for (i, p) in ps.iter().enumerate() {
-            samples[i].push(measure_path(&mut f, p, repeat));
+        for (f, o) in fixtures.iter_mut().zip(out.iter_mut()) {
+            util::check_interrupt();
+            if let Some(ns) = empty.as_ref().and_then(|e| e.run(&ps[0].frame, repeat)) {
+                o.floor.push(ns);
+            }
+            for (i, p) in ps.iter().enumerate() {
+                o.samples[i].push(measure_path(f, p, repeat));
+            }
         }
     }
-    drop(empty);
+    out
+}
+
+/// Everything else of one fixture (the new-flow paths, profiles), after its repeat paths
+/// were measured in [`measure_interleaved`].
+fn run_fixture(ctx: &Ctx, mut f: Fixture, measured: Interleaved) -> FixtureResult {
+    let repeat = ctx.xdp_repeat;
+    let rounds = ctx.xdp_rounds;
+    let fixture_keys = f.ct_keys();
+    let ps = paths();
+    let Interleaved { floor, samples } = measured;
     let mut results: Vec<PathResult> = ps
         .iter()
         .zip(&samples)
@@ -1207,6 +1243,7 @@ fn run_fixture(ctx: &Ctx, big: bool) -> FixtureResult {
             share: s.iter().map(|x| x.1).fold(f64::INFINITY, f64::min),
             target_ns: p.target_ns,
             how: p.how.to_string(),
+            per_round: s.iter().map(|x| x.0).collect(),
         })
         .collect();
 
@@ -1227,6 +1264,7 @@ fn run_fixture(ctx: &Ctx, big: bool) -> FixtureResult {
     let overhead = (p1s.median - pass_full).max(0.0);
     let calibrated: Vec<f64> = nf.iter().map(|x| x - overhead).collect();
     results.push(PathResult {
+        per_round: Vec::new(),
         key: "new_flow",
         title: "published-port SYN, new flow (local backend)",
         prog: Prog::Xdp,
@@ -1298,6 +1336,7 @@ fn run_fixture(ctx: &Ctx, big: bool) -> FixtureResult {
         snat_share = 0.0;
     }
     results.push(PathResult {
+        per_round: Vec::new(),
         key: "new_flow_snat",
         title: "new flow, remote backend + SNAT (full repeat)",
         prog: Prog::Xdp,
@@ -1328,6 +1367,7 @@ fn run_fixture(ctx: &Ctx, big: bool) -> FixtureResult {
     });
     if !free_ns.is_empty() {
         insert_after(&mut results, "new_flow", PathResult {
+            per_round: Vec::new(),
             key: "new_flow_free",
             title: "published-port SYN, new flow (local backend), conntrack with free entries",
             prog: Prog::Xdp,
@@ -1357,6 +1397,7 @@ fn run_fixture(ctx: &Ctx, big: bool) -> FixtureResult {
         });
     if !snat_free.is_empty() {
         insert_after(&mut results, "new_flow_snat", PathResult {
+            per_round: Vec::new(),
             key: "new_flow_snat_free",
             title: "new flow, remote backend + SNAT (full repeat), conntrack with free entries",
             prog: Prog::Xdp,
@@ -1375,7 +1416,7 @@ fn run_fixture(ctx: &Ctx, big: bool) -> FixtureResult {
 
     // Cheap profiles of the paths that miss their target (small tables only).
     let mut profiles = Vec::new();
-    if !big {
+    if !f.big {
         for r in &results {
             let Some(t) = r.target_ns else { continue };
             if r.ns.median <= t {
@@ -1554,6 +1595,11 @@ fn ct_size_sweep(ctx: &Ctx) -> Vec<SizeResult> {
     out
 }
 
+/// Most a path's cost may grow from the small to the big tables (median of the per-round
+/// ratios) and still count as flat: the issue asks that it not grow; this leaves room for
+/// the rounds' noise, not for a cost that scales.
+const GROWTH_MAX: f64 = 1.10;
+
 pub fn run(ctx: &mut Ctx) -> Section {
     let _pinned = Pinned::to(0);
     // bpf_stats_enabled=1 adds ~75 ns per run: off while timing (restored after).
@@ -1562,8 +1608,12 @@ pub fn run(ctx: &mut Ctx) -> Section {
         .unwrap_or_default()
         .trim()
         .to_string();
-    let small = run_fixture(ctx, false);
-    let big = run_fixture(ctx, true);
+    let (mut fs, mut fb) = (new_fixture(ctx, false), new_fixture(ctx, true));
+    let [ms, mb]: [Interleaved; 2] = measure_interleaved(ctx, &mut [&mut fs, &mut fb])
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("one result per fixture"));
+    let small = run_fixture(ctx, fs, ms);
+    let big = run_fixture(ctx, fb, mb);
     let sweep = ct_size_sweep(ctx);
     let pass = pass_frame();
     let calls = CallCost::measure(&pass, ctx.xdp_repeat, ctx.xdp_rounds);
@@ -1582,6 +1632,7 @@ pub fn run(ctx: &mut Ctx) -> Section {
         "–".into(),
     ]];
     let mut jpaths = Vec::new();
+    let mut growth: Vec<(&str, Stat)> = Vec::new();
     for r in &small.paths {
         // Rows are matched by path: a fixture may skip one (no room for the free-entries run).
         let Some(b) = big.paths.iter().find(|b| b.key == r.key) else { continue };
@@ -1647,13 +1698,32 @@ pub fn run(ctx: &mut Ctx) -> Section {
                 ));
             }
         }
-        let growth = b.ns.median - r.ns.median;
-        if growth > 10.0 && growth > 0.25 * r.ns.median {
+        // Big over small, per round (both fixtures ran in the same rounds).
+        if r.per_round.len() == b.per_round.len() && !r.per_round.is_empty() {
+            let ratio = stat(&r.per_round.iter().zip(&b.per_round).map(|(s, b)| b / s).collect::<Vec<_>>());
+            jpaths.last_mut().map(|j| j["big_over_small_per_round"] = json!(ratio));
+            growth.push((r.title, ratio));
+        }
+    }
+    if !growth.is_empty() {
+        let worst = growth.iter().map(|g| g.1.median).fold(f64::NEG_INFINITY, f64::max);
+        let met = worst <= GROWTH_MAX;
+        ctx.out.check(
+            "1. XDP hot path",
+            "cost with 10k services + 100k conntrack entries over small tables (per-round ratio, paths at full repeat)",
+            growth
+                .iter()
+                .map(|(t, g)| format!("{t}: {}×", fmt_num(g.median, 2)))
+                .collect::<Vec<_>>()
+                .join("; "),
+            &format!("flat (≤ {GROWTH_MAX}×)"),
+            Some(met),
+        );
+        for (t, g) in growth.iter().filter(|g| g.1.median > GROWTH_MAX) {
             ctx.out.finding(format!(
-                "XDP {}: cost grows with table size: {} → {} ns/packet (10k services, 100k conntrack entries).",
-                r.title,
-                fmt_num(r.ns.median, 1),
-                fmt_num(b.ns.median, 1)
+                "XDP {t}: cost grows with table size: {}× per round (10k services, 100k conntrack entries vs small \
+                 tables, measured in the same rounds).",
+                g.show(2)
             ));
         }
     }
@@ -1725,7 +1795,10 @@ pub fn run(ctx: &mut Ctx) -> Section {
          warm-up); the number is the kernel's `duration` (ns per run), median (min–max) over rounds. JIT: \
          `net.core.bpf_jit_enable = {jit}`; `kernel.bpf_stats_enabled` = 0 while timing{}. Two table sizes: \
          **small** ({} services, {} frontends, {} backends, conntrack empty apart from the fixtures) and **big** \
-         ({} services, {} frontends, {} backends, {} live conntrack entries written through the map API).\n\n",
+         ({} services, {} frontends, {} backends, {} live conntrack entries written through the map API). Both \
+         sizes are loaded at once and share the rounds of the full-repeat paths (each round: the empty program, \
+         every path on the small tables, every path on the big ones), so their ratio is taken per round; the \
+         new-flow rows run per size after that.\n\n",
         fmt_num(ctx.xdp_repeat as f64, 0),
         ctx.xdp_rounds,
         if stats_was_on { " (it was 1: set to 0 for the run, restored after)" } else { "" },
