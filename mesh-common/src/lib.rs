@@ -56,6 +56,10 @@ pub mod maps {
     /// backend's SNAT ports are handed out in turn (the port reused is the one used longest
     /// ago).
     pub const SNAT_NEXT: &str = "SNAT_NEXT_V1";
+    /// LRU: fragmented datagrams of balanced flows, [`crate::FragKey`] → [`crate::FragPorts`]:
+    /// the ports a datagram's first fragment carried, so its later fragments (which carry none)
+    /// follow it.
+    pub const FRAGS: &str = "FRAGS_V1";
 
     pub const MAX_FRONTENDS: u32 = 65_536;
     /// svc ids are 1..MAX_SERVICES (0 = none).
@@ -71,10 +75,12 @@ pub mod maps {
     pub const MAX_SUBNETS: u32 = 4_096;
     pub const MAX_IFACES: u32 = 65_536;
     pub const PORT_WORDS: u32 = 65_536 / 32;
+    /// Fragmented datagrams in flight at once (as Cilium's default).
+    pub const MAX_FRAGS: u32 = 8_192;
 
     /// All maps the agent pins, in a stable order (status, cleanup).
     /// Map names must stay within the kernel's 15 characters (BPF_OBJ_NAME_LEN - 1).
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 18] = [
         FRONTENDS,
         SLOTS,
         BACKENDS,
@@ -92,6 +98,7 @@ pub mod maps {
         SUBNETS,
         IFACE_NET,
         SNAT_NEXT,
+        FRAGS,
     ];
 }
 
@@ -122,7 +129,8 @@ pub mod proto {
 pub mod reason {
     /// Not IPv4 (ARP, IPv6, VLAN-tagged, ...): passed untouched.
     pub const PASS_NOT_IPV4: u32 = 0;
-    /// IPv4 fragment (MF set or offset ≠ 0): passed untouched.
+    /// IPv4 fragment passed untouched: not of a balanced flow, or a later fragment whose first
+    /// fragment was not seen (yet: fragments that arrive before their first are not held).
     pub const PASS_FRAGMENT: u32 = 1;
     /// IPv4 header with options (IHL > 5): passed untouched.
     pub const PASS_IP_OPTIONS: u32 = 2;
@@ -167,10 +175,13 @@ pub mod reason {
     /// A SYN reused the tuple of a flow that had closed: balanced again as a new flow (also
     /// counted `new_flow`).
     pub const REOPENED: u32 = 22;
+    /// A fragment of a balanced flow's datagram rewritten (the first by its ports, a later one
+    /// by the ports its first fragment carried); also counted with the flow's verdict.
+    pub const FRAGMENT: u32 = 23;
     pub const COUNT: u32 = 32;
 
     /// Human-readable names, index = reason code.
-    pub const NAMES: [&str; 23] = [
+    pub const NAMES: [&str; 24] = [
         "pass_not_ipv4",
         "pass_fragment",
         "pass_ip_options",
@@ -194,6 +205,7 @@ pub mod reason {
         "drop_other_network",
         "snat_reclaimed",
         "reopened",
+        "fragment",
     ];
 }
 
@@ -292,6 +304,27 @@ pub struct Backend {
 pub struct CtKey {
     pub saddr: u32,
     pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// Key of [`maps::FRAGS`]: one IPv4 datagram, identified as RFC 791 identifies the fragments
+/// of one (source, destination, protocol, identification), addresses as on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    /// The IP identification field (network order).
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of [`maps::FRAGS`]: the ports (network order) of the datagram's first fragment.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FragPorts {
     pub sport: u16,
     pub dport: u16,
 }
@@ -430,6 +463,8 @@ mod pod {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragPorts {}
     unsafe impl aya::Pod for TrafficStats {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for SockRevKey {}

@@ -3,16 +3,16 @@
 //! becomes (a [`CtEntry`]); the XDP and TC modules decide *how* to rewrite and deliver it.
 
 use mesh_common::{
-    Backend, CtEntry, CtKey, Frontend, FrontendKey, SlotKey, TrafficStats, be_flags, ct_flags,
-    fe_flags, reason,
+    Backend, CtEntry, CtKey, FragKey, FragPorts, Frontend, FrontendKey, SlotKey, TrafficStats,
+    be_flags, ct_flags, fe_flags, reason,
 };
 
 use aya_ebpf::maps::{LruHashMap, lpm_trie::Key as LpmKey};
 
-use crate::parse::{CLOSE_FIN, CLOSE_RST, OPEN_SYN};
+use crate::parse::{CLOSE_FIN, CLOSE_RST, FRAG_FIRST, FRAG_LATER, OPEN_SYN, Pkt};
 use crate::maps::{
-    BACKENDS, BE_STATS, CONFIG, CT_TCP, CT_UDP, FRONTENDS, IFACE_NET, NODE_ADDRS, PORTS, RR, SLOTS,
-    SNAT_NEXT, SUBNETS, SVC_STATS, count,
+    BACKENDS, BE_STATS, CONFIG, CT_TCP, CT_UDP, FRAGS, FRONTENDS, IFACE_NET, NODE_ADDRS, PORTS, RR,
+    SLOTS, SNAT_NEXT, SUBNETS, SVC_STATS, count,
 };
 
 /// How many SNAT ports a new flow tries before giving up.
@@ -403,6 +403,62 @@ pub fn lb4_new_flow<C: CtTable>(key: &CtKey, fe: &Frontend, bytes: u64, origin: 
     let ct = ct_create4::<C>(key, fe, be_id, &be, origin)?;
     lb4_account(&ct, bytes, true);
     Ok((ct, reason::NEW_FLOW))
+}
+
+/// The datagram a fragment belongs to.
+#[inline(always)]
+fn frag_key(pkt: &Pkt) -> FragKey {
+    FragKey {
+        saddr: pkt.key.saddr,
+        daddr: pkt.key.daddr,
+        id: pkt.ip_id,
+        proto: pkt.proto,
+        _pad: 0,
+    }
+}
+
+/// A later fragment gets the ports its datagram's first fragment carried, so it follows its
+/// flow; `Err(PASS_FRAGMENT)` when no first fragment of a balanced flow was seen (not ours,
+/// or it arrived first: fragments are not held back to wait for it). Other packets: a no-op.
+#[inline(always)]
+pub fn frag_ports(pkt: &mut Pkt) -> Result<(), u32> {
+    if pkt.frag != FRAG_LATER {
+        return Ok(());
+    }
+    // SAFETY: copied out at once.
+    let p = FRAGS.get_ptr(&frag_key(pkt)).map(|p| unsafe { *p }).ok_or(reason::PASS_FRAGMENT)?;
+    pkt.key.sport = p.sport;
+    pkt.key.dport = p.dport;
+    Ok(())
+}
+
+/// A fragment of a balanced flow is being rewritten: a first fragment leaves its ports for
+/// its datagram's later fragments (the LRU forgets them, as a reassembly queue times out),
+/// and every fragment is counted.
+#[inline(always)]
+pub fn frag_seen(pkt: &Pkt) {
+    if pkt.frag == FRAG_FIRST {
+        let ports = FragPorts {
+            sport: pkt.key.sport,
+            dport: pkt.key.dport,
+        };
+        let _ = FRAGS.insert(&frag_key(pkt), &ports, 0);
+    }
+    count(reason::FRAGMENT);
+}
+
+/// A later fragment: the entry of its flow (found by its first fragment's ports), which the
+/// first fragment created or used. It never starts a flow: it has no L4 header to rewrite.
+#[inline(always)]
+pub fn lb4_fragment<C: CtTable>(key: &CtKey, bytes: u64) -> Result<(CtEntry, u32), u32> {
+    let ct = ct_lookup4::<C>(key).ok_or(reason::PASS_FRAGMENT)?;
+    lb4_account(&ct, bytes, false);
+    let why = if ct.flags & ct_flags::FORWARD != 0 {
+        reason::ESTABLISHED
+    } else {
+        reason::REPLY
+    };
+    Ok((ct, why))
 }
 
 /// Reply path at a task's interface: only flows this node balanced are rewritten.

@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use mesh_common::{
-    Backend, Config, CtEntry, CtKey, Frontend, FrontendKey, SlotKey, SockRevEntry, SockRevKey,
+    Backend, Config, CtEntry, CtKey, FragKey, FragPorts, Frontend, FrontendKey, SlotKey, SockRevEntry, SockRevKey,
     TaskNetKey, TrafficStats, maps::*, reason,
 };
 
@@ -40,6 +40,11 @@ pub static CT_UDP: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(MAX_CT_UDP, 0
 /// longest ago for that backend, with no search through the range.
 #[map(name = "SNAT_NEXT_V1")]
 pub static SNAT_NEXT: Array<u64> = Array::pinned(MAX_BACKENDS, 0);
+
+/// The ports of fragmented datagrams of balanced flows, from their first fragments, for
+/// their later fragments (which carry none).
+#[map(name = "FRAGS_V1")]
+pub static FRAGS: LruHashMap<FragKey, FragPorts> = LruHashMap::pinned(MAX_FRAGS, 0);
 
 #[map(name = "NODE_ADDRS_V1")]
 pub static NODE_ADDRS: HashMap<u32, u32> = HashMap::pinned(MAX_NODE_ADDRS, 0);

@@ -37,7 +37,20 @@ pub struct Pkt {
     /// done sending), [`CLOSE_RST`] (the flow is over both ways) or [`OPEN_SYN`] (a pure SYN:
     /// the sender opens a connection). Always [`CLOSE_NONE`] for UDP.
     pub tcp: u8,
+    /// [`FRAG_NONE`], [`FRAG_FIRST`] or [`FRAG_LATER`].
+    pub frag: u8,
+    /// The IP identification field (network order): with the addresses and protocol, what
+    /// names a fragment's datagram.
+    pub ip_id: u16,
 }
+
+/// A whole datagram.
+pub const FRAG_NONE: u8 = 0;
+/// The first fragment of a datagram (MF set, offset 0): it carries the L4 header.
+pub const FRAG_FIRST: u8 = 1;
+/// A later fragment (offset ≠ 0): no L4 header; `key`'s ports are 0 until the first
+/// fragment's are looked up ([`crate::lb::frag_ports`]).
+pub const FRAG_LATER: u8 = 2;
 
 pub const CLOSE_NONE: u8 = 0;
 pub const CLOSE_FIN: u8 = 1;
@@ -58,8 +71,9 @@ impl Pkt {
 }
 
 /// Parse Ethernet + IPv4 + TCP/UDP. Anything else comes back as `Err(reason)` and is passed
-/// untouched by the caller: non-IPv4, fragments, IP options, other protocols, and truncated or
-/// inconsistent headers.
+/// untouched by the caller: non-IPv4, IP options, other protocols, and truncated or
+/// inconsistent headers. A fragment comes back as a [`Pkt`] with [`Pkt::frag`] set: the first
+/// with its ports, a later one without (the caller looks them up or passes it).
 ///
 /// `frame_len` is the whole frame's length: `data_end - data` for XDP, the skb length for TC
 /// (where the directly readable part may hold only the headers).
@@ -71,7 +85,7 @@ pub fn parse_ipv4(data: usize, data_end: usize, frame_len: usize) -> Result<Pkt,
         return Err(reason::PASS_NOT_IPV4);
     }
     let ip: *const Ipv4Hdr = ptr_at(data, data_end, ETH_LEN)?;
-    let (vihl, frags, tot_len, l4proto, saddr, daddr) = unsafe {
+    let (vihl, frags, tot_len, l4proto, saddr, daddr, ip_id) = unsafe {
         (
             (*ip).vihl,
             u16::from_be_bytes((*ip).frags),
@@ -79,6 +93,7 @@ pub fn parse_ipv4(data: usize, data_end: usize, frame_len: usize) -> Result<Pkt,
             (*ip).proto,
             u32::from_ne_bytes((*ip).src_addr),
             u32::from_ne_bytes((*ip).dst_addr),
+            u16::from_ne_bytes((*ip).id),
         )
     };
     if vihl >> 4 != 4 {
@@ -91,15 +106,33 @@ pub fn parse_ipv4(data: usize, data_end: usize, frame_len: usize) -> Result<Pkt,
     if ihl > 5 {
         return Err(reason::PASS_IP_OPTIONS);
     }
-    // MF flag or a non-zero fragment offset: only the first fragment has ports, and the
-    // others would not follow it; leave reassembly to the kernel.
-    if frags & 0x3fff != 0 {
-        return Err(reason::PASS_FRAGMENT);
-    }
     let l4_off = ETH_LEN + ihl * 4;
     // The IP datagram must fit in the frame (Ethernet padding may make the frame longer).
     if tot_len < ihl * 4 || ETH_LEN + tot_len > frame_len {
         return Err(reason::PASS_MALFORMED);
+    }
+    // A non-zero offset: a later fragment, no L4 header (its first fragment's ports name
+    // its flow). MF with offset 0: the first fragment, parsed as a whole datagram (it must
+    // hold the whole L4 header: a shorter one is malformed, as the tiny-fragment attack).
+    let frag = if frags & 0x1fff != 0 {
+        FRAG_LATER
+    } else if frags & 0x2000 != 0 {
+        FRAG_FIRST
+    } else {
+        FRAG_NONE
+    };
+    if frag == FRAG_LATER {
+        if l4proto != proto::TCP && l4proto != proto::UDP {
+            return Err(reason::PASS_NOT_TCP_UDP);
+        }
+        return Ok(Pkt {
+            key: CtKey { saddr, daddr, sport: 0, dport: 0 },
+            proto: l4proto,
+            l4_off,
+            tcp: CLOSE_NONE,
+            frag,
+            ip_id,
+        });
     }
     let (sport, dport, tcp) = match l4proto {
         proto::TCP => {
@@ -144,6 +177,8 @@ pub fn parse_ipv4(data: usize, data_end: usize, frame_len: usize) -> Result<Pkt,
         proto: l4proto,
         l4_off,
         tcp,
+        frag,
+        ip_id,
     })
 }
 

@@ -10,13 +10,14 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
 };
-use mesh_common::{CtEntry, csum, proto, reason};
+use mesh_common::{CtEntry, csum, ct_flags, proto, reason};
 
 use crate::{
     lb::{self, Origin, Tcp, Udp},
     maps::count,
     parse::{
-        ETH_LEN, IP_CSUM_OFF, L4_SPORT_OFF, Pkt, ipv4_daddr, parse_ipv4, ptr_at,
+        ETH_LEN, FRAG_LATER, FRAG_NONE, IP_CSUM_OFF, L4_SPORT_OFF, Pkt, ipv4_daddr, parse_ipv4,
+        ptr_at,
     },
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
@@ -49,10 +50,22 @@ fn pull(ctx: &TcContext) -> Result<Pkt, u32> {
 /// Published ports arriving from outside the node, from TC ingress of the external interface.
 #[inline(always)]
 pub fn tc_ingress(ctx: &TcContext) -> Result<i32, u32> {
-    let pkt = pull(ctx)?;
+    let mut pkt = pull(ctx)?;
     let bytes = ctx.len() as u64;
     let origin = || tc_origin(ctx);
-    let (ct, why) = if pkt.proto == proto::TCP {
+    let (ct, why) = if pkt.frag != FRAG_NONE {
+        // A fragment: the first is balanced by its ports and leaves them for the later ones,
+        // which only follow an existing flow (see tc_nat for where fragments go).
+        lb::frag_ports(&mut pkt)?;
+        let r = match (pkt.proto == proto::TCP, pkt.frag == FRAG_LATER) {
+            (true, true) => lb::lb4_fragment::<Tcp>(&pkt.key, bytes),
+            (false, true) => lb::lb4_fragment::<Udp>(&pkt.key, bytes),
+            (true, false) => lb::lb4_ingress::<Tcp>(&pkt.key, pkt.tcp, bytes, origin),
+            (false, false) => lb::lb4_ingress::<Udp>(&pkt.key, pkt.tcp, bytes, origin),
+        }?;
+        lb::frag_seen(&pkt);
+        Ok(r)
+    } else if pkt.proto == proto::TCP {
         lb::lb4_ingress::<Tcp>(&pkt.key, pkt.tcp, bytes, origin)
     } else {
         lb::lb4_ingress::<Udp>(&pkt.key, pkt.tcp, bytes, origin)
@@ -70,18 +83,26 @@ pub fn tc_ingress(ctx: &TcContext) -> Result<i32, u32> {
 /// rewritten back to the frontend and sent out of the interface the flow came in on.
 #[inline(always)]
 pub fn tc_from_task(ctx: &TcContext) -> Result<i32, u32> {
-    let why = match pull(ctx) {
-        Ok(pkt) => match if pkt.proto == proto::TCP {
-            lb::lb4_from_task::<Tcp>(&pkt.key, pkt.tcp, ctx.len() as u64)
-        } else {
-            lb::lb4_from_task::<Udp>(&pkt.key, pkt.tcp, ctx.len() as u64)
-        } {
-            Ok((ct, why)) => {
-                count(why);
-                return tc_nat(ctx, &pkt, &ct, Deliver::Egress);
-            }
-            Err(why) => why,
-        },
+    let why = match pull(ctx).and_then(|mut pkt| {
+        // A fragmented reply (the task's stack fragments what exceeds its MTU): the first
+        // fragment by its ports, the later ones by the ports the first left.
+        lb::frag_ports(&mut pkt)?;
+        let bytes = ctx.len() as u64;
+        let r = match (pkt.proto == proto::TCP, pkt.frag == FRAG_LATER) {
+            (true, true) => lb::lb4_fragment::<Tcp>(&pkt.key, bytes),
+            (false, true) => lb::lb4_fragment::<Udp>(&pkt.key, bytes),
+            (true, false) => lb::lb4_from_task::<Tcp>(&pkt.key, pkt.tcp, bytes),
+            (false, false) => lb::lb4_from_task::<Udp>(&pkt.key, pkt.tcp, bytes),
+        }?;
+        if pkt.frag != FRAG_NONE {
+            lb::frag_seen(&pkt);
+        }
+        Ok((pkt, r))
+    }) {
+        Ok((pkt, (ct, why))) => {
+            count(why);
+            return tc_nat(ctx, &pkt, &ct, Deliver::Egress);
+        }
         Err(why) => why,
     };
     // Not a flow this node balanced: isolation applies to every IPv4 packet (ICMP and
@@ -128,6 +149,9 @@ fn tc_rewrite_tuple(ctx: &TcContext, pkt: &Pkt, ct: &CtEntry) -> Result<(), u32>
     let k = &pkt.key;
     let mangled = if pkt.proto == proto::UDP { BPF_F_MARK_MANGLED_0 } else { 0 };
     let csum_off = pkt.l4_csum_off();
+    // A later fragment has no L4 header: its addresses only (the first fragment's L4
+    // checksum covers the whole datagram, and its update covers the new addresses).
+    let l4 = pkt.frag != FRAG_LATER;
     if k.saddr != ct.saddr || k.daddr != ct.daddr {
         let ip: *const Ipv4Hdr = ptr_at(ctx.data(), ctx.data_end(), ETH_LEN)?;
         // SAFETY: bounds checked by ptr_at.
@@ -137,11 +161,13 @@ fn tc_rewrite_tuple(ctx: &TcContext, pkt: &Pkt, ct: &CtEntry) -> Result<(), u32>
         hdr[0..2].copy_from_slice(&csum::apply_diff(check, diff).to_ne_bytes());
         hdr[2..6].copy_from_slice(&ct.saddr.to_ne_bytes());
         hdr[6..10].copy_from_slice(&ct.daddr.to_ne_bytes());
-        ctx.l4_csum_replace(csum_off, 0, diff as u64, BPF_F_PSEUDO_HDR | mangled)
-            .map_err(|_| reason::DROP_REWRITE)?;
+        if l4 {
+            ctx.l4_csum_replace(csum_off, 0, diff as u64, BPF_F_PSEUDO_HDR | mangled)
+                .map_err(|_| reason::DROP_REWRITE)?;
+        }
         ctx.store(ETH_LEN + IP_CSUM_OFF, &hdr, 0).map_err(|_| reason::DROP_REWRITE)?;
     }
-    if k.sport != ct.sport || k.dport != ct.dport {
+    if l4 && (k.sport != ct.sport || k.dport != ct.dport) {
         let from = ports_word(k.sport, k.dport);
         let to = ports_word(ct.sport, ct.dport);
         ctx.l4_csum_replace(csum_off, 0, csum::diff4(from, to) as u64, mangled)
@@ -208,13 +234,20 @@ fn tc_route_out(ctx: &TcContext, ct: &CtEntry, proto: u8) -> i32 {
     TC_ACT_OK
 }
 
-/// Rewrite to `ct`'s tuple with the kernel's checksum helpers and deliver.
+/// Rewrite to `ct`'s tuple with the kernel's checksum helpers and deliver. A fragment toward
+/// a task goes to the kernel, which forwards it and fragments it again if the task's link has
+/// a smaller MTU (a redirect would drop an skb that does not fit); a reply's fragments leave
+/// as whole replies do.
 #[inline(always)]
 pub fn tc_nat(ctx: &TcContext, pkt: &Pkt, ct: &CtEntry, how: Deliver) -> Result<i32, u32> {
     if let Err(e) = tc_rewrite_tuple(ctx, pkt, ct) {
         // Half-rewritten: never let it through.
         count(e);
         return Ok(TC_ACT_SHOT);
+    }
+    if pkt.frag != FRAG_NONE && ct.flags & ct_flags::FORWARD != 0 {
+        count(reason::PASS_REWRITTEN);
+        return Ok(TC_ACT_OK);
     }
     if ct.ifindex == 0 {
         return Ok(tc_route_out(ctx, ct, pkt.proto));

@@ -396,6 +396,21 @@ pub fn udp_ask(ns: &Netns, to: SocketAddr, payload: &[u8]) -> Option<String> {
     })
 }
 
+/// One UDP request of `size` bytes and its echo from inside `ns`: (the task's name, whether
+/// the echoed payload came back whole), `None` on silence.
+pub fn udp_ask_large(ns: &Netns, to: SocketAddr, size: usize, fill: u8) -> Option<(String, bool)> {
+    ns.within(move || {
+        let s = UdpSocket::bind("0.0.0.0:0").ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        s.send_to(&vec![fill; size], to).ok()?;
+        let mut buf = vec![0u8; 65536];
+        let (n, _) = s.recv_from(&mut buf).ok()?;
+        let sp = buf[..n].iter().position(|&b| b == b' ')?;
+        let echo = &buf[sp + 1..n];
+        Some((String::from_utf8_lossy(&buf[..sp]).to_string(), echo.len() == size && echo.iter().all(|&b| b == fill)))
+    })
+}
+
 /// Write `text` to `path` atomically (rename), as an editor or a manager would.
 pub fn write_atomic(path: &Path, text: &str) {
     let tmp = path.with_extension("tmp");

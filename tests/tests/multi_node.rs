@@ -106,6 +106,18 @@ fn published_port_round_robin(c: Cluster, tc: bool) {
         assert_eq!(st["verdicts"]["pass_rewritten"], 0, "{}", st["verdicts"]);
         assert!(st["verdicts"]["redirect"].as_u64().unwrap() > 0);
     }
+    // Datagrams larger than the MTU, in fragments both ways: the client's 1500-byte fragments
+    // are balanced on the first one's ports and handed to the kernel, which fragments them
+    // again for the overlay; the tasks' fragmented echoes are reverse-NATed on their way back.
+    let mut names = BTreeSet::new();
+    for i in 0..10u8 {
+        let (name, whole) = udp_ask_large(&c.client, to, 4000, b'a' + i)
+            .unwrap_or_else(|| panic!("no answer to datagram {i} of 4000 bytes"));
+        assert!(whole, "the echo of datagram {i} from {name} came back whole");
+        names.insert(name);
+    }
+    assert_eq!(names, want, "large UDP datagrams reach every task, local and remote");
+    assert!(c.agent(2).status()["verdicts"]["fragment"].as_u64().unwrap() >= 20);
 }
 
 #[test]

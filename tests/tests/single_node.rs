@@ -183,6 +183,32 @@ fn udp_published_port_balances_per_flow() {
     assert!(t.values().all(|&n| n == 2), "{t:?}");
 }
 
+/// A datagram larger than the links' MTU crosses the mesh in fragments, both ways: the
+/// client's stack fragments it to its link's 1500 bytes, the first fragment is balanced and
+/// leaves its ports for the later ones, the node's kernel fragments them again for the
+/// task's 1450-byte link, and the task's echo comes back in fragments, each reverse-NATed.
+#[test]
+fn udp_datagrams_larger_than_the_mtu_cross_in_fragments_both_ways() {
+    let bed = Bed::new(3);
+    let to: SocketAddr = "198.18.0.1:8053".parse().unwrap();
+    for hook in ["xdp", "tc"] {
+        let agent = bed.agent_with(&["--hook", hook], None);
+        eventually("UDP answer", Duration::from_secs(20), || udp_ask(&bed.client, to, b"ping"));
+        let mut names = Vec::new();
+        for (i, size) in [3000usize, 9000, 3000, 20000, 3000, 9000].into_iter().enumerate() {
+            let (name, whole) = udp_ask_large(&bed.client, to, size, b'a' + i as u8)
+                .unwrap_or_else(|| panic!("{hook}: no answer to a {size}-byte datagram"));
+            assert!(whole, "{hook}: the {size}-byte echo from {name} came back whole");
+            names.push(name);
+        }
+        let t = tally(&names);
+        assert_eq!(t.len(), 3, "{hook}: each datagram is a new flow, round robin: {t:?}");
+        let v = &agent.status()["verdicts"];
+        assert!(v["fragment"].as_u64().unwrap_or(0) >= 12, "{hook}: fragments were balanced, not passed: {v}");
+        drop(agent);
+    }
+}
+
 #[test]
 fn clients_on_the_node_itself_reach_the_published_port() {
     let bed = Bed::new(3);

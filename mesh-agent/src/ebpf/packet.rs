@@ -168,3 +168,44 @@ pub fn parse(f: &[u8]) -> Option<Parsed> {
         udp_csum_zero,
     })
 }
+
+/// Split a whole IPv4 frame without options (as [`Frame::build`] makes it) into two
+/// fragments of its datagram: the first with `at` bytes of the IP payload (a multiple of 8)
+/// and MF set, the later one with the rest at offset `at`; both carry IP identification `id`.
+pub fn fragment(whole: &[u8], at: usize, id: u16) -> (Vec<u8>, Vec<u8>) {
+    assert!(at % 8 == 0 && whole.len() > 34 + at, "a fragment boundary inside the payload");
+    let (hdr, payload) = whole.split_at(34);
+    let piece = |data: &[u8], frag: u16| {
+        let mut f = hdr.to_vec();
+        f[16..18].copy_from_slice(&((20 + data.len()) as u16).to_be_bytes());
+        f[18..20].copy_from_slice(&id.to_be_bytes());
+        f[20..22].copy_from_slice(&frag.to_be_bytes());
+        f[24..26].copy_from_slice(&[0, 0]);
+        let c = csum::ipv4_header(&f[14..34]);
+        f[24..26].copy_from_slice(&c.to_be_bytes());
+        f.extend_from_slice(data);
+        f
+    };
+    (piece(&payload[..at], 0x2000), piece(&payload[at..], (at / 8) as u16))
+}
+
+/// The whole frame two fragments of [`fragment`] make (the first's Ethernet and IP header,
+/// MF cleared), for [`parse`] to check the datagram's L4 checksum. `None` if they are not the
+/// first and the later fragment of one datagram, or either IP header checksum is wrong.
+pub fn reassemble(first: &[u8], later: &[u8]) -> Option<Vec<u8>> {
+    let ok = |f: &[u8]| f.len() >= 34 && !csum::fold(csum::sum_be(&f[14..34])) == 0;
+    let same = first.get(26..34)? == later.get(26..34)? && first[18..20] == later[18..20] && first[23] == later[23];
+    let (ffrag, lfrag) = (u16::from_be_bytes([first[20], first[21]]), u16::from_be_bytes([later[20], later[21]]));
+    if !ok(first) || !ok(later) || !same || ffrag != 0x2000 || (lfrag & 0x1fff) as usize * 8 != first.len() - 34 {
+        return None;
+    }
+    let mut w = first.to_vec();
+    w.extend_from_slice(&later[34..]);
+    let tot = (w.len() - 14) as u16;
+    w[16..18].copy_from_slice(&tot.to_be_bytes());
+    w[20..22].copy_from_slice(&[0, 0]);
+    w[24..26].copy_from_slice(&[0, 0]);
+    let c = csum::ipv4_header(&w[14..34]);
+    w[24..26].copy_from_slice(&c.to_be_bytes());
+    Some(w)
+}
