@@ -14,6 +14,7 @@
 #![no_std]
 
 pub mod csum;
+pub mod icmp;
 
 /// Map names (as they appear in the object and under the pin directory) and capacities.
 pub mod maps {
@@ -178,10 +179,14 @@ pub mod reason {
     /// A fragment of a balanced flow's datagram rewritten (the first by its ports, a later one
     /// by the ports its first fragment carried); also counted with the flow's verdict.
     pub const FRAGMENT: u32 = 23;
+    /// A datagram with DF set too big for the link toward its task: dropped, and the client
+    /// told the MTU (ICMP fragmentation needed, from the address it sent to), as a router
+    /// on its path would.
+    pub const DROP_TOO_BIG: u32 = 24;
     pub const COUNT: u32 = 32;
 
     /// Human-readable names, index = reason code.
-    pub const NAMES: [&str; 24] = [
+    pub const NAMES: [&str; 25] = [
         "pass_not_ipv4",
         "pass_fragment",
         "pass_ip_options",
@@ -206,6 +211,7 @@ pub mod reason {
         "snat_reclaimed",
         "reopened",
         "fragment",
+        "drop_too_big",
     ];
 }
 

@@ -7,6 +7,8 @@ use mesh_common::{CtKey, proto, reason};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
 pub const ETH_LEN: usize = EthHdr::LEN;
+/// Where the L4 header starts: IPv4 options are passed, so the IP header is 20 bytes.
+pub const L4_OFF: usize = ETH_LEN + 20;
 const ETH_P_IP: u16 = 0x0800;
 /// Offsets inside the IPv4 header.
 pub const IP_CSUM_OFF: usize = 10;
@@ -39,6 +41,8 @@ pub struct Pkt {
     pub tcp: u8,
     /// [`FRAG_NONE`], [`FRAG_FIRST`] or [`FRAG_LATER`].
     pub frag: u8,
+    /// DF ("don't fragment") is set.
+    pub df: bool,
     /// The IP identification field (network order): with the addresses and protocol, what
     /// names a fragment's datagram.
     pub ip_id: u16,
@@ -106,7 +110,9 @@ pub fn parse_ipv4(data: usize, data_end: usize, frame_len: usize) -> Result<Pkt,
     if ihl > 5 {
         return Err(reason::PASS_IP_OPTIONS);
     }
-    let l4_off = ETH_LEN + ihl * 4;
+    // No options (IHL 5, checked above): the L4 header is at a constant offset, which the
+    // verifier sees as one through every spill (a variable one can come back unbounded).
+    let l4_off = L4_OFF;
     // The IP datagram must fit in the frame (Ethernet padding may make the frame longer).
     if tot_len < ihl * 4 || ETH_LEN + tot_len > frame_len {
         return Err(reason::PASS_MALFORMED);
@@ -131,6 +137,7 @@ pub fn parse_ipv4(data: usize, data_end: usize, frame_len: usize) -> Result<Pkt,
             l4_off,
             tcp: CLOSE_NONE,
             frag,
+            df: false,
             ip_id,
         });
     }
@@ -178,6 +185,7 @@ pub fn parse_ipv4(data: usize, data_end: usize, frame_len: usize) -> Result<Pkt,
         l4_off,
         tcp,
         frag,
+        df: frags & 0x4000 != 0,
         ip_id,
     })
 }

@@ -5,12 +5,20 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT, __sk_buff, bpf_fib_lookup,
     },
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
+    helpers::{
+        bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer,
+        bpf_skb_adjust_room, bpf_skb_change_tail, bpf_skb_load_bytes, bpf_skb_store_bytes,
+    },
     programs::TcContext,
 };
-use mesh_common::{CtEntry, csum, ct_flags, proto, reason};
+use mesh_common::{
+    CtEntry, csum, ct_flags,
+    icmp::{self, FRAME, HDRS, QUOTE},
+    proto, reason,
+};
 
 use crate::{
     lb::{self, Origin, Tcp, Udp},
@@ -185,15 +193,13 @@ fn ports_word(sport: u16, dport: u16) -> u32 {
     u32::from_ne_bytes([s[0], s[1], d[0], d[1]])
 }
 
-/// A rewritten packet for a backend this node reaches by routing (a remote task over an
-/// overlay, or through Docker's): send it out of the route's interface at once. Handing it
-/// back to the input path instead would make the kernel drop a SNATed packet (its source is
-/// now a local address: a martian) unless `accept_local` is set, which a containerised agent
-/// cannot do. Falls back to the stack when the FIB has no answer. (A route to a task on
-/// another node leads to the overlay's bridge; the frame is addressed to the task's MAC, which
-/// the bridge's static FDB entry sends over VXLAN.)
+/// The route to a backend this node reaches by routing (a remote task over an overlay, or
+/// through Docker's): the FIB's answer for `ct`'s rewritten tuple, looked up before the
+/// packet is rewritten, so that a datagram too big for the route can still be answered as
+/// the client sent it. The kernel checks the skb against the route's MTU (GSO packets
+/// excepted): `BPF_FIB_LKUP_RET_FRAG_NEEDED`, with the MTU in `mtu_result`.
 #[inline(always)]
-fn tc_route_out(ctx: &TcContext, ct: &CtEntry, proto: u8) -> i32 {
+fn tc_route(ctx: &TcContext, ct: &CtEntry, proto: u8) -> (i64, bpf_fib_lookup) {
     const AF_INET: u8 = 2;
     // SAFETY: an all-zero bpf_fib_lookup is a valid input; fields are set below.
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
@@ -201,16 +207,26 @@ fn tc_route_out(ctx: &TcContext, ct: &CtEntry, proto: u8) -> i32 {
     p.l4_protocol = proto;
     p.sport = ct.sport;
     p.dport = ct.dport;
-    // SAFETY: a field of the context the kernel gave us; union fields written as documented.
-    unsafe {
-        p.ifindex = (*ctx.skb.skb).ifindex;
-        p.__bindgen_anon_3.ipv4_src = ct.saddr;
-        p.__bindgen_anon_4.ipv4_dst = ct.daddr;
-    }
+    // SAFETY: a field of the context the kernel gave us.
+    p.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    p.__bindgen_anon_3.ipv4_src = ct.saddr;
+    p.__bindgen_anon_4.ipv4_dst = ct.daddr;
     // SAFETY: helper call with a valid, correctly sized parameter block.
     let rc = unsafe {
         fib_lookup(ctx.as_ptr(), &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0)
     };
+    (rc, p)
+}
+
+/// Send a rewritten packet out of the route [`tc_route`] found, at once. Handing it back to
+/// the input path instead would make the kernel drop a SNATed packet (its source is now a
+/// local address: a martian) unless `accept_local` is set, which a containerised agent cannot
+/// do. Falls back to the stack when the FIB has no answer, and for a packet too big for the
+/// route (without DF: the kernel fragments it). (A route to a task on another node leads to
+/// the overlay's bridge; the frame is addressed to the task's MAC, which the bridge's static
+/// FDB entry sends over VXLAN.)
+#[inline(always)]
+fn tc_route_out(ctx: &TcContext, rc: i64, p: &bpf_fib_lookup) -> i32 {
     if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
         // The lookup resolved the next hop's MAC too: address the frame and send it out of
         // the route's device (bpf_redirect_neigh would look the route and neighbour up again).
@@ -234,12 +250,58 @@ fn tc_route_out(ctx: &TcContext, ct: &CtEntry, proto: u8) -> i32 {
     TC_ACT_OK
 }
 
+/// Answer the packet with ICMP "fragmentation needed" (see [`mesh_common::icmp`]): cut it
+/// after the quoted headers, open room for the error's after the Ethernet header, fill them
+/// in and send the frame back out of the interface it came in on. A function of its own: its
+/// stack is not the hot path's.
+#[inline(never)]
+fn tc_frag_needed(skb: *mut __sk_buff, mtu: u16) -> i32 {
+    let mut f = [0u8; FRAME];
+    // SAFETY: helper calls on the program's own context, into and out of `f` (FRAME bytes).
+    // Plain loads and stores: a direct packet write anywhere in the program would make the
+    // verifier un-clone every packet it sees.
+    let ok = unsafe {
+        bpf_skb_change_tail(skb, (ETH_LEN + QUOTE) as u32, 0) == 0
+            && bpf_skb_adjust_room(skb, HDRS as i32, BPF_ADJ_ROOM_MAC, 0) == 0
+            && bpf_skb_load_bytes(skb as *const _, 0, f.as_mut_ptr() as *mut _, FRAME as u32) == 0
+    };
+    if !ok {
+        count(reason::DROP_REWRITE);
+        return TC_ACT_SHOT;
+    }
+    let mut i = 0;
+    while i < 6 {
+        f.swap(i, 6 + i); // to the client's MAC, from the node's
+        i += 1;
+    }
+    icmp::fill_frag_needed(&mut f, mtu);
+    // SAFETY: as above.
+    if unsafe { bpf_skb_store_bytes(skb, 0, f.as_ptr() as *const _, FRAME as u32, 0) } != 0 {
+        count(reason::DROP_REWRITE);
+        return TC_ACT_SHOT;
+    }
+    count(reason::DROP_TOO_BIG);
+    // SAFETY: a field of the context the kernel gave us; plain helper call.
+    unsafe { bpf_redirect((*skb).ifindex, 0) as i32 }
+}
+
 /// Rewrite to `ct`'s tuple with the kernel's checksum helpers and deliver. A fragment toward
 /// a task goes to the kernel, which forwards it and fragments it again if the task's link has
 /// a smaller MTU (a redirect would drop an skb that does not fit); a reply's fragments leave
 /// as whole replies do.
 #[inline(always)]
 pub fn tc_nat(ctx: &TcContext, pkt: &Pkt, ct: &CtEntry, how: Deliver) -> Result<i32, u32> {
+    // A task this node reaches by routing: the route first. A datagram with DF too big for
+    // it is answered with its MTU, as the client sent it (the kernel would tell the
+    // rewritten source, this node). A task's own link is not checked: redirect_peer
+    // delivers into its namespace whatever the link's MTU.
+    let route = if ct.ifindex == 0 { Some(tc_route(ctx, ct, pkt.proto)) } else { None };
+    if let Some((rc, p)) = &route {
+        if *rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 && pkt.df && ct.flags & ct_flags::FORWARD != 0 {
+            // SAFETY: the kernel wrote mtu_result with this return code.
+            return Ok(tc_frag_needed(ctx.skb.skb, unsafe { p.__bindgen_anon_1.mtu_result }));
+        }
+    }
     if let Err(e) = tc_rewrite_tuple(ctx, pkt, ct) {
         // Half-rewritten: never let it through.
         count(e);
@@ -249,8 +311,8 @@ pub fn tc_nat(ctx: &TcContext, pkt: &Pkt, ct: &CtEntry, how: Deliver) -> Result<
         count(reason::PASS_REWRITTEN);
         return Ok(TC_ACT_OK);
     }
-    if ct.ifindex == 0 {
-        return Ok(tc_route_out(ctx, ct, pkt.proto));
+    if let Some((rc, p)) = &route {
+        return Ok(tc_route_out(ctx, *rc, p));
     }
     let mut macs = [0u8; 12];
     macs[0..6].copy_from_slice(&ct.dmac);

@@ -118,6 +118,17 @@ fn published_port_round_robin(c: Cluster, tc: bool) {
     }
     assert_eq!(names, want, "large UDP datagrams reach every task, local and remote");
     assert!(c.agent(2).status()["verdicts"]["fragment"].as_u64().unwrap() >= 20);
+    // Datagrams that fit the client's link but not the overlay's, with DF (as Linux sends
+    // UDP): the node answers "fragmentation needed" from the address the client sent to, the
+    // client learns the MTU and sends in fragments from then on.
+    for i in 0..5u8 {
+        let (name, whole) = eventually(&format!("a 1472-byte datagram with DF answered ({i})"), Duration::from_secs(10), || {
+            udp_ask_large(&c.client, to, 1472, b'A' + i)
+        });
+        assert!(whole, "the 1472-byte echo from {name} came back whole");
+    }
+    let v = &c.agent(2).status()["verdicts"];
+    assert!(v["drop_too_big"].as_u64().unwrap_or(0) >= 1, "the client was told the MTU: {v}");
 }
 
 #[test]

@@ -34,6 +34,10 @@ impl Bed {
         // XDP redirect needs complete checksums, as frames from a real wire have: a veth
         // sender with TX offload would hand over only a partial one (docs/architecture.md).
         client.exec("ethtool", &["-K", "eth0", "tx", "off"]);
+        // A veth drops frames XDP redirects into it (the ICMP errors XDP answers with, sent
+        // back out of this link) unless its peer has GRO on or an XDP program; a real NIC
+        // has no such rule.
+        client.exec("ethtool", &["-K", "eth0", "gro", "on"]);
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state.yaml");
         let mut bed = Bed { node, client, tasks: Vec::new(), state, _dir: dir };
@@ -205,6 +209,18 @@ fn udp_datagrams_larger_than_the_mtu_cross_in_fragments_both_ways() {
         assert_eq!(t.len(), 3, "{hook}: each datagram is a new flow, round robin: {t:?}");
         let v = &agent.status()["verdicts"];
         assert!(v["fragment"].as_u64().unwrap_or(0) >= 12, "{hook}: fragments were balanced, not passed: {v}");
+        // A datagram that fits the client's link but not the task's, with DF (as Linux sends
+        // UDP by default). XDP cannot redirect it into the task's smaller link: the client
+        // gets ICMP "fragmentation needed" from the node's address, learns the MTU, and its
+        // next try goes in fragments. (TC's redirect into the task's namespace delivers it.)
+        let (name, whole) = eventually(&format!("{hook}: a 1472-byte datagram with DF answered"), Duration::from_secs(10), || {
+            udp_ask_large(&bed.client, to, 1472, b'z')
+        });
+        assert!(whole, "{hook}: the 1472-byte echo from {name} came back whole");
+        if hook == "xdp" {
+            let v = &agent.status()["verdicts"];
+            assert!(v["drop_too_big"].as_u64().unwrap_or(0) >= 1, "the client was told the MTU: {v}");
+        }
         drop(agent);
     }
 }

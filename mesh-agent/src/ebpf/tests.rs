@@ -141,7 +141,11 @@ impl Fixture {
     }
 
     fn program(&mut self, s: &State, n_links: u8) {
-        let want = tables::desired(s, "n1", &links(n_links), Reach::LocalOnly);
+        self.program_links(s, &links(n_links));
+    }
+
+    fn program_links(&mut self, s: &State, links: &LocalLinks) {
+        let want = tables::desired(s, "n1", links, Reach::LocalOnly);
         let ops = self.tables.apply(&want).unwrap();
         self.dp().maps.apply(&ops).unwrap();
     }
@@ -365,6 +369,58 @@ fn fragments_of_a_balanced_datagram_follow_its_first_fragment_both_ways() {
     let p = checked(&packet::reassemble(&t1, &t2).expect("two fragments of one datagram"));
     assert_eq!((p.src, p.sport, p.dport), (CLIENT, 5003, 53));
     assert!((1..=3).any(|i| p.dst == task_addr(i)) && p.dst != task, "the next task: {p:?}");
+}
+
+/// A datagram larger than its task's link: with DF, XDP answers "fragmentation needed" with
+/// that link's MTU, quoting the datagram as the client sent it, back out of the interface it
+/// came in on; without DF, it goes to the kernel rewritten (which fragments it). The task
+/// links are a real device of a network namespace of the test's own (`bpf_check_mtu` reads
+/// its MTU), which BPF_PROG_TEST_RUN runs in when the test's thread is in it.
+#[test]
+fn a_datagram_too_big_for_its_tasks_link_is_answered_or_fragmented() {
+    std::thread::spawn(|| {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("a network namespace of its own");
+        for args in [&["link", "add", "mtu0", "type", "veth", "peer", "name", "mtu1"][..], &["link", "set", "mtu0", "mtu", "1400", "up"]] {
+            let ok = std::process::Command::new("ip").args(args).status().is_ok_and(|s| s.success());
+            assert!(ok, "ip {args:?}");
+        }
+        let ifindex = nix::net::if_::if_nametoindex("mtu0").expect("mtu0's index");
+        let mut f = Fixture::new();
+        let links: LocalLinks = (1..=3u8)
+            .map(|i| ((format!("t{i}"), "demo".to_string()), LocalLink { ifindex, task_mac: task_mac(i), gw_mac: GW_MAC }))
+            .collect();
+        f.program_links(&state(3, &[1, 2, 3]), &links);
+
+        // Fits (1400 bytes of IP): redirected as usual.
+        let fits = Frame::udp(CLIENT, 6000, NODE, 8053, &[1u8; 1400 - 28]).build();
+        assert_eq!(f.xdp(&fits).0, XDP_REDIRECT);
+
+        // 1401 bytes with DF: the error, from the address the client sent to.
+        let big = Frame::udp(CLIENT, 6001, NODE, 8053, &[2u8; 1401 - 28]).build();
+        let (rc, out) = f.xdp(&big);
+        assert_eq!(rc, XDP_REDIRECT, "sent back out of the interface it came in on");
+        assert_eq!(out.len(), 14 + 56, "Ethernet + IPv4 + ICMP + the quote");
+        assert_eq!((&out[0..6], &out[6..12]), (&CLIENT_MAC[..], &NODE_MAC[..]), "MACs swapped");
+        let ip = &out[14..34];
+        assert_eq!(!mesh_common::csum::fold(mesh_common::csum::sum_be(ip)), 0, "IPv4 checksum");
+        assert_eq!((ip[9], &ip[12..16], &ip[16..20]), (1, &NODE.octets()[..], &CLIENT.octets()[..]));
+        let icmp = &out[34..];
+        assert_eq!(!mesh_common::csum::fold(mesh_common::csum::sum_be(icmp)), 0, "ICMP checksum");
+        assert_eq!((icmp[0], icmp[1], u16::from_be_bytes([icmp[6], icmp[7]])), (3, 4, 1400));
+        assert_eq!(&icmp[8..], &big[14..42], "quotes the datagram as the client sent it");
+        assert_eq!(f.verdict("drop_too_big"), 1);
+
+        // The same without DF: to the kernel, rewritten.
+        let mut nodf = Frame::udp(CLIENT, 6002, NODE, 8053, &[3u8; 1401 - 28]);
+        nodf.frag = 0;
+        let (rc, out) = f.xdp(&nodf.build());
+        assert_eq!(rc, XDP_PASS);
+        let p = checked(&out);
+        assert_eq!((p.dst, p.dport), (task_addr(p.dst.octets()[3] - 10), 53));
+        assert_eq!(f.verdict("drop_too_big"), 1);
+    })
+    .join()
+    .expect("the test's thread");
 }
 
 #[test]
