@@ -173,7 +173,7 @@ pub fn parse(f: &[u8]) -> Option<Parsed> {
 /// fragments of its datagram: the first with `at` bytes of the IP payload (a multiple of 8)
 /// and MF set, the later one with the rest at offset `at`; both carry IP identification `id`.
 pub fn fragment(whole: &[u8], at: usize, id: u16) -> (Vec<u8>, Vec<u8>) {
-    assert!(at % 8 == 0 && whole.len() > 34 + at, "a fragment boundary inside the payload");
+    assert!(at.is_multiple_of(8) && whole.len() > 34 + at, "a fragment boundary inside the payload");
     let (hdr, payload) = whole.split_at(34);
     let piece = |data: &[u8], frag: u16| {
         let mut f = hdr.to_vec();

@@ -1701,7 +1701,9 @@ pub fn run(ctx: &mut Ctx) -> Section {
         // Big over small, per round (both fixtures ran in the same rounds).
         if r.per_round.len() == b.per_round.len() && !r.per_round.is_empty() {
             let ratio = stat(&r.per_round.iter().zip(&b.per_round).map(|(s, b)| b / s).collect::<Vec<_>>());
-            jpaths.last_mut().map(|j| j["big_over_small_per_round"] = json!(ratio));
+            if let Some(j) = jpaths.last_mut() {
+                j["big_over_small_per_round"] = json!(ratio);
+            }
             growth.push((r.title, ratio));
         }
     }
