@@ -9,7 +9,7 @@ use mesh_common::{
 
 use aya_ebpf::maps::{LruHashMap, lpm_trie::Key as LpmKey};
 
-use crate::parse::{CLOSE_FIN, CLOSE_RST, FRAG_FIRST, FRAG_LATER, OPEN_SYN, Pkt};
+use crate::parse::{CLOSE_FIN, CLOSE_RST, FRAG_FIRST, FRAG_LATER, FRAG_NONE, OPEN_SYN, Pkt};
 use crate::maps::{
     BACKENDS, BE_STATS, CONFIG, CT_TCP, CT_UDP, FRAGS, FRONTENDS, IFACE_NET, NODE_ADDRS, PORTS, RR,
     SLOTS, SNAT_NEXT, SUBNETS, SVC_STATS, count,
@@ -432,19 +432,33 @@ pub fn frag_ports(pkt: &mut Pkt) -> Result<(), u32> {
     Ok(())
 }
 
-/// A fragment of a balanced flow is being rewritten: a first fragment leaves its ports for
-/// its datagram's later fragments (the LRU forgets them, as a reassembly queue times out),
-/// and every fragment is counted.
+/// The decision `r` for a fragment, passed through. Balanced: a first fragment leaves its
+/// ports for its datagram's later fragments (the LRU forgets them, as a reassembly queue times
+/// out), and every fragment is counted. Not balanced: a first fragment removes what an older
+/// datagram with the same addresses, protocol and IP id left (the id wraps), so that this
+/// datagram's later fragments are not taken for that one's. A whole packet: a no-op.
 #[inline(always)]
-pub fn frag_seen(pkt: &Pkt) {
-    if pkt.frag == FRAG_FIRST {
-        let ports = FragPorts {
-            sport: pkt.key.sport,
-            dport: pkt.key.dport,
-        };
-        let _ = FRAGS.insert(&frag_key(pkt), &ports, 0);
+pub fn frag_done(pkt: &Pkt, r: Result<(CtEntry, u32), u32>) -> Result<(CtEntry, u32), u32> {
+    if pkt.frag == FRAG_NONE {
+        return r;
     }
-    count(reason::FRAGMENT);
+    match (&r, pkt.frag == FRAG_FIRST) {
+        (Ok(_), true) => {
+            let ports = FragPorts {
+                sport: pkt.key.sport,
+                dport: pkt.key.dport,
+            };
+            let _ = FRAGS.insert(&frag_key(pkt), &ports, 0);
+        }
+        (Err(_), true) => {
+            let _ = FRAGS.remove(&frag_key(pkt));
+        }
+        _ => {}
+    }
+    if r.is_ok() {
+        count(reason::FRAGMENT);
+    }
+    r
 }
 
 /// A later fragment: the entry of its flow (found by its first fragment's ports), which the

@@ -65,14 +65,12 @@ pub fn tc_ingress(ctx: &TcContext) -> Result<i32, u32> {
         // A fragment: the first is balanced by its ports and leaves them for the later ones,
         // which only follow an existing flow (see tc_nat for where fragments go).
         lb::frag_ports(&mut pkt)?;
-        let r = match (pkt.proto == proto::TCP, pkt.frag == FRAG_LATER) {
+        lb::frag_done(&pkt, match (pkt.proto == proto::TCP, pkt.frag == FRAG_LATER) {
             (true, true) => lb::lb4_fragment::<Tcp>(&pkt.key, bytes),
             (false, true) => lb::lb4_fragment::<Udp>(&pkt.key, bytes),
             (true, false) => lb::lb4_ingress::<Tcp>(&pkt.key, pkt.tcp, bytes, origin),
             (false, false) => lb::lb4_ingress::<Udp>(&pkt.key, pkt.tcp, bytes, origin),
-        }?;
-        lb::frag_seen(&pkt);
-        Ok(r)
+        })
     } else if pkt.proto == proto::TCP {
         lb::lb4_ingress::<Tcp>(&pkt.key, pkt.tcp, bytes, origin)
     } else {
@@ -96,15 +94,12 @@ pub fn tc_from_task(ctx: &TcContext) -> Result<i32, u32> {
         // fragment by its ports, the later ones by the ports the first left.
         lb::frag_ports(&mut pkt)?;
         let bytes = ctx.len() as u64;
-        let r = match (pkt.proto == proto::TCP, pkt.frag == FRAG_LATER) {
+        let r = lb::frag_done(&pkt, match (pkt.proto == proto::TCP, pkt.frag == FRAG_LATER) {
             (true, true) => lb::lb4_fragment::<Tcp>(&pkt.key, bytes),
             (false, true) => lb::lb4_fragment::<Udp>(&pkt.key, bytes),
             (true, false) => lb::lb4_from_task::<Tcp>(&pkt.key, pkt.tcp, bytes),
             (false, false) => lb::lb4_from_task::<Udp>(&pkt.key, pkt.tcp, bytes),
-        }?;
-        if pkt.frag != FRAG_NONE {
-            lb::frag_seen(&pkt);
-        }
+        })?;
         Ok((pkt, r))
     }) {
         Ok((pkt, (ct, why))) => {

@@ -151,14 +151,13 @@ fn xdp_fragment(ctx: &XdpContext, pkt: &mut Pkt) -> Result<u32, u32> {
     lb::frag_ports(pkt)?;
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let origin = || xdp_origin(ctx);
-    let (ct, why) = match (pkt.proto == proto::TCP, pkt.frag == FRAG_LATER) {
+    let (ct, why) = lb::frag_done(pkt, match (pkt.proto == proto::TCP, pkt.frag == FRAG_LATER) {
         (true, true) => lb::lb4_fragment::<Tcp>(&pkt.key, bytes),
         (false, true) => lb::lb4_fragment::<Udp>(&pkt.key, bytes),
         (true, false) => lb::lb4_ingress::<Tcp>(&pkt.key, pkt.tcp, bytes, origin),
         (false, false) => lb::lb4_ingress::<Udp>(&pkt.key, pkt.tcp, bytes, origin),
-    }?;
+    })?;
     count(why);
-    lb::frag_seen(pkt);
     // Toward a task, fragments go to the kernel (see xdp_nat); a reply's leave as replies do.
     let to_kernel = ct.ifindex == 0 || ct.flags & ct_flags::FORWARD != 0;
     xdp_nat(ctx, pkt, &ct, to_kernel)

@@ -342,6 +342,16 @@ fn fragments_of_a_balanced_datagram_follow_its_first_fragment_both_ways() {
     assert!((1..=3).any(|i| task == task_addr(i)), "{p:?}");
     assert_eq!(&whole[42..], &[7u8; 100], "payload untouched");
 
+    // A datagram that is not ours, with the same addresses and IP id (the id wraps): its
+    // first fragment takes back what the balanced one left, so its later fragment is not
+    // taken for the balanced datagram's.
+    let mut other = Frame::udp(CLIENT, 5002, NODE, 22, &[8u8; 100]);
+    other.frag = 0;
+    let (o1, o2) = packet::fragment(&other.build(), 48, 0x4242);
+    assert_eq!(f.xdp(&o1), (XDP_PASS, o1.clone()), "not ours: untouched");
+    assert_eq!(f.xdp(&o2), (XDP_PASS, o2.clone()), "its later fragment: untouched");
+    assert_eq!(f.verdict("pass_fragment"), 2);
+
     // The same flow's next datagram, whole, goes the same way (redirected: it fits).
     let (rc, out) = f.xdp(&d.build());
     assert_eq!(rc, XDP_REDIRECT);
