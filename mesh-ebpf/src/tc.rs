@@ -302,12 +302,17 @@ pub fn tc_nat(ctx: &TcContext, pkt: &Pkt, ct: &CtEntry, how: Deliver) -> Result<
         count(e);
         return Ok(TC_ACT_SHOT);
     }
+    // A routed task: out of the route (fragments too, when they fit it: the kernel's input
+    // path would take a SNATed one for a martian unless accept_local is set; one too big for
+    // the route goes to the kernel, which fragments it again).
+    if let Some((rc, p)) = &route {
+        return Ok(tc_route_out(ctx, *rc, p));
+    }
+    // A fragment toward a task of this node: to the kernel, which fragments it again for the
+    // task's link (redirect_peer would hand the task's stack a frame over its MTU).
     if pkt.frag != FRAG_NONE && ct.flags & ct_flags::FORWARD != 0 {
         count(reason::PASS_REWRITTEN);
         return Ok(TC_ACT_OK);
-    }
-    if let Some((rc, p)) = &route {
-        return Ok(tc_route_out(ctx, *rc, p));
     }
     let mut macs = [0u8; 12];
     macs[0..6].copy_from_slice(&ct.dmac);
