@@ -7,7 +7,10 @@ use mesh_common::{
     be_flags, ct_flags, fe_flags, reason,
 };
 
-use aya_ebpf::maps::{LruHashMap, lpm_trie::Key as LpmKey};
+use aya_ebpf::{
+    bindings::bpf_fib_lookup,
+    maps::{LruHashMap, lpm_trie::Key as LpmKey},
+};
 
 use crate::parse::{CLOSE_FIN, CLOSE_RST, FRAG_FIRST, FRAG_LATER, FRAG_NONE, OPEN_SYN, Pkt};
 use crate::maps::{
@@ -405,6 +408,25 @@ pub fn lb4_new_flow<C: CtTable>(key: &CtKey, fe: &Frontend, bytes: u64, origin: 
     Ok((ct, reason::NEW_FLOW))
 }
 
+/// `bpf_fib_lookup` parameters for `ct`'s rewritten tuple (protocol `proto`), as if it
+/// arrived on `ifindex`. `tot_len` is the IP length the route's MTU is checked against; 0
+/// lets the TC helper check the skb's own length.
+#[inline(always)]
+pub fn fib_params4(ct: &CtEntry, proto: u8, ifindex: u32, tot_len: u16) -> bpf_fib_lookup {
+    const AF_INET: u8 = 2;
+    // SAFETY: an all-zero bpf_fib_lookup is a valid input; fields are set below.
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.l4_protocol = proto;
+    p.sport = ct.sport;
+    p.dport = ct.dport;
+    p.ifindex = ifindex;
+    p.__bindgen_anon_1.tot_len = tot_len;
+    p.__bindgen_anon_3.ipv4_src = ct.saddr;
+    p.__bindgen_anon_4.ipv4_dst = ct.daddr;
+    p
+}
+
 /// The datagram a fragment belongs to.
 #[inline(always)]
 fn frag_key(pkt: &Pkt) -> FragKey {
@@ -432,7 +454,8 @@ pub fn frag_ports(pkt: &mut Pkt) -> Result<(), u32> {
     Ok(())
 }
 
-/// The decision `r` for a fragment, passed through. Balanced: a first fragment leaves its
+/// The decision `r` for a fragment, passed through (a later fragment's miss as
+/// `PASS_FRAGMENT`). Balanced: a first fragment leaves its
 /// ports for its datagram's later fragments (the LRU forgets them, as a reassembly queue times
 /// out), and every fragment is counted. Not balanced: a first fragment removes what an older
 /// datagram with the same addresses, protocol and IP id left (the id wraps), so that this
@@ -442,6 +465,8 @@ pub fn frag_done(pkt: &Pkt, r: Result<(CtEntry, u32), u32>) -> Result<(CtEntry, 
     if pkt.frag == FRAG_NONE {
         return r;
     }
+    // A later fragment whose flow is gone: passed as one.
+    let r = r.map_err(|e| if pkt.frag == FRAG_LATER { reason::PASS_FRAGMENT } else { e });
     match (&r, pkt.frag == FRAG_FIRST) {
         (Ok(_), true) => {
             let ports = FragPorts {
@@ -461,23 +486,26 @@ pub fn frag_done(pkt: &Pkt, r: Result<(CtEntry, u32), u32>) -> Result<(CtEntry, 
     r
 }
 
-/// A later fragment: the entry of its flow (found by its first fragment's ports), which the
-/// first fragment created or used. It never starts a flow: it has no L4 header to rewrite.
+/// A fragment from outside the node: the first is balanced as a whole packet (it may start
+/// a flow); a later one only follows the flow its first fragment's ports name
+/// ([`lb4_tracked`]): it has no L4 header to rewrite for a new one.
 #[inline(always)]
-pub fn lb4_fragment<C: CtTable>(key: &CtKey, bytes: u64) -> Result<(CtEntry, u32), u32> {
-    let ct = ct_lookup4::<C>(key).ok_or(reason::PASS_FRAGMENT)?;
-    lb4_account(&ct, bytes, false);
-    let why = if ct.flags & ct_flags::FORWARD != 0 {
-        reason::ESTABLISHED
+pub fn lb4_ingress_fragment<C: CtTable>(
+    pkt: &Pkt,
+    bytes: u64,
+    origin: impl FnOnce() -> Origin,
+) -> Result<(CtEntry, u32), u32> {
+    if pkt.frag == FRAG_LATER {
+        lb4_tracked::<C>(&pkt.key, pkt.tcp, bytes)
     } else {
-        reason::REPLY
-    };
-    Ok((ct, why))
+        lb4_ingress::<C>(&pkt.key, pkt.tcp, bytes, origin)
+    }
 }
 
-/// Reply path at a task's interface: only flows this node balanced are rewritten.
+/// A packet of a flow this node balanced, or nothing: the reply path at a task's interface,
+/// and a later fragment (see [`lb4_ingress_fragment`]). Never starts a flow.
 #[inline(always)]
-pub fn lb4_from_task<C: CtTable>(key: &CtKey, tcp: u8, bytes: u64) -> Result<(CtEntry, u32), u32> {
+pub fn lb4_tracked<C: CtTable>(key: &CtKey, tcp: u8, bytes: u64) -> Result<(CtEntry, u32), u32> {
     let ct = ct_lookup4::<C>(key).ok_or(reason::PASS_NO_SERVICE)?;
     ct_mark_closing::<C>(key, &ct, tcp);
     lb4_account(&ct, bytes, false);

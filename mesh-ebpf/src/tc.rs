@@ -65,11 +65,10 @@ pub fn tc_ingress(ctx: &TcContext) -> Result<i32, u32> {
         // A fragment: the first is balanced by its ports and leaves them for the later ones,
         // which only follow an existing flow (see tc_nat for where fragments go).
         lb::frag_ports(&mut pkt)?;
-        lb::frag_done(&pkt, match (pkt.proto == proto::TCP, pkt.frag == FRAG_LATER) {
-            (true, true) => lb::lb4_fragment::<Tcp>(&pkt.key, bytes),
-            (false, true) => lb::lb4_fragment::<Udp>(&pkt.key, bytes),
-            (true, false) => lb::lb4_ingress::<Tcp>(&pkt.key, pkt.tcp, bytes, origin),
-            (false, false) => lb::lb4_ingress::<Udp>(&pkt.key, pkt.tcp, bytes, origin),
+        lb::frag_done(&pkt, if pkt.proto == proto::TCP {
+            lb::lb4_ingress_fragment::<Tcp>(&pkt, bytes, origin)
+        } else {
+            lb::lb4_ingress_fragment::<Udp>(&pkt, bytes, origin)
         })
     } else if pkt.proto == proto::TCP {
         lb::lb4_ingress::<Tcp>(&pkt.key, pkt.tcp, bytes, origin)
@@ -94,11 +93,10 @@ pub fn tc_from_task(ctx: &TcContext) -> Result<i32, u32> {
         // fragment by its ports, the later ones by the ports the first left.
         lb::frag_ports(&mut pkt)?;
         let bytes = ctx.len() as u64;
-        let r = lb::frag_done(&pkt, match (pkt.proto == proto::TCP, pkt.frag == FRAG_LATER) {
-            (true, true) => lb::lb4_fragment::<Tcp>(&pkt.key, bytes),
-            (false, true) => lb::lb4_fragment::<Udp>(&pkt.key, bytes),
-            (true, false) => lb::lb4_from_task::<Tcp>(&pkt.key, pkt.tcp, bytes),
-            (false, false) => lb::lb4_from_task::<Udp>(&pkt.key, pkt.tcp, bytes),
+        let r = lb::frag_done(&pkt, if pkt.proto == proto::TCP {
+            lb::lb4_tracked::<Tcp>(&pkt.key, pkt.tcp, bytes)
+        } else {
+            lb::lb4_tracked::<Udp>(&pkt.key, pkt.tcp, bytes)
         })?;
         Ok((pkt, r))
     }) {
@@ -195,17 +193,8 @@ fn ports_word(sport: u16, dport: u16) -> u32 {
 /// excepted): `BPF_FIB_LKUP_RET_FRAG_NEEDED`, with the MTU in `mtu_result`.
 #[inline(always)]
 fn tc_route(ctx: &TcContext, ct: &CtEntry, proto: u8) -> (i64, bpf_fib_lookup) {
-    const AF_INET: u8 = 2;
-    // SAFETY: an all-zero bpf_fib_lookup is a valid input; fields are set below.
-    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    p.family = AF_INET;
-    p.l4_protocol = proto;
-    p.sport = ct.sport;
-    p.dport = ct.dport;
     // SAFETY: a field of the context the kernel gave us.
-    p.ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    p.__bindgen_anon_3.ipv4_src = ct.saddr;
-    p.__bindgen_anon_4.ipv4_dst = ct.daddr;
+    let mut p = lb::fib_params4(ct, proto, unsafe { (*ctx.skb.skb).ifindex }, 0);
     // SAFETY: helper call with a valid, correctly sized parameter block.
     let rc = unsafe {
         fib_lookup(ctx.as_ptr(), &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0)

@@ -81,18 +81,8 @@ fn xdp_path_mtu(ctx: *mut xdp_md, ct: &CtEntry, proto: u8, len: u32) -> u16 {
         let rc = unsafe { bpf_check_mtu(ctx as *mut _, ct.ifindex, &mut mtu, 0, 0) };
         return if rc == BPF_MTU_CHK_RET_FRAG_NEEDED as i64 { mtu as u16 } else { 0 };
     }
-    const AF_INET: u8 = 2;
-    // SAFETY: an all-zero bpf_fib_lookup is a valid input; fields are set below.
-    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    p.family = AF_INET;
-    p.l4_protocol = proto;
-    p.sport = ct.sport;
-    p.dport = ct.dport;
     // SAFETY: reading a field of the context the kernel gave us.
-    p.ifindex = unsafe { (*ctx).ingress_ifindex };
-    p.__bindgen_anon_1.tot_len = len as u16;
-    p.__bindgen_anon_3.ipv4_src = ct.saddr;
-    p.__bindgen_anon_4.ipv4_dst = ct.daddr;
+    let mut p = lb::fib_params4(ct, proto, unsafe { (*ctx).ingress_ifindex }, len as u16);
     // SAFETY: helper call with a valid, correctly sized parameter block.
     let rc = unsafe { fib_lookup(ctx as *mut _, &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0) };
     if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
@@ -151,11 +141,10 @@ fn xdp_fragment(ctx: &XdpContext, pkt: &mut Pkt) -> Result<u32, u32> {
     lb::frag_ports(pkt)?;
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let origin = || xdp_origin(ctx);
-    let (ct, why) = lb::frag_done(pkt, match (pkt.proto == proto::TCP, pkt.frag == FRAG_LATER) {
-        (true, true) => lb::lb4_fragment::<Tcp>(&pkt.key, bytes),
-        (false, true) => lb::lb4_fragment::<Udp>(&pkt.key, bytes),
-        (true, false) => lb::lb4_ingress::<Tcp>(&pkt.key, pkt.tcp, bytes, origin),
-        (false, false) => lb::lb4_ingress::<Udp>(&pkt.key, pkt.tcp, bytes, origin),
+    let (ct, why) = lb::frag_done(pkt, if pkt.proto == proto::TCP {
+        lb::lb4_ingress_fragment::<Tcp>(pkt, bytes, origin)
+    } else {
+        lb::lb4_ingress_fragment::<Udp>(pkt, bytes, origin)
     })?;
     count(why);
     // Toward a task, fragments go to the kernel (see xdp_nat); a reply's leave as replies do.

@@ -314,6 +314,16 @@ fn udp_checksums_and_zero_checksum() {
     assert_eq!((p.src, p.sport), (NODE, 8053));
 }
 
+/// `whole` in two fragments (`at` bytes of IP payload in the first, IP id `id`) through the
+/// TC program `prog`, each returning `rc`: the datagram they make, checksums checked.
+fn through_tc(f: &mut Fixture, prog: &'static str, whole: &[u8], at: usize, id: u16, rc: u32) -> packet::Parsed {
+    let (first, later) = packet::fragment(whole, at, id);
+    let (rc1, out1) = f.tc(prog, &first);
+    let (rc2, out2) = f.tc(prog, &later);
+    assert_eq!((rc1, rc2), (rc, rc), "{prog}: both fragments");
+    checked(&packet::reassemble(&out1, &out2).expect("two fragments of one datagram"))
+}
+
 #[test]
 fn fragments_of_a_balanced_datagram_follow_its_first_fragment_both_ways() {
     let mut f = Fixture::new();
@@ -360,23 +370,13 @@ fn fragments_of_a_balanced_datagram_follow_its_first_fragment_both_ways() {
     // The task's reply, fragmented by its stack: reverse NAT on both fragments.
     let mut r = Frame::udp(task, 53, CLIENT, 5002, &[9u8; 200]);
     r.frag = 0;
-    let (first, later) = packet::fragment(&r.build(), 104, 0x0101);
-    let (rc, r1) = f.tc(progs::TC_TASK, &first);
-    assert_eq!(rc, TC_ACT_REDIRECT);
-    let (rc, r2) = f.tc(progs::TC_TASK, &later);
-    assert_eq!(rc, TC_ACT_REDIRECT);
-    let p = checked(&packet::reassemble(&r1, &r2).expect("reply fragments of one datagram"));
+    let p = through_tc(&mut f, progs::TC_TASK, &r.build(), 104, 0x0101, TC_ACT_REDIRECT);
     assert_eq!((p.src, p.sport, p.dst, p.dport), (NODE, 8053, CLIENT, 5002));
 
     // From the TC ingress hook: a datagram of another flow, fragments to the kernel rewritten.
     let mut d2 = Frame::udp(CLIENT, 5003, NODE, 8053, &[5u8; 64]);
     d2.frag = 0;
-    let (first, later) = packet::fragment(&d2.build(), 40, 0x4343);
-    let (rc, t1) = f.tc(progs::TC_INGRESS, &first);
-    assert_eq!(rc, TC_ACT_OK);
-    let (rc, t2) = f.tc(progs::TC_INGRESS, &later);
-    assert_eq!(rc, TC_ACT_OK);
-    let p = checked(&packet::reassemble(&t1, &t2).expect("two fragments of one datagram"));
+    let p = through_tc(&mut f, progs::TC_INGRESS, &d2.build(), 40, 0x4343, TC_ACT_OK);
     assert_eq!((p.src, p.sport, p.dport), (CLIENT, 5003, 53));
     assert!((1..=3).any(|i| p.dst == task_addr(i)) && p.dst != task, "the next task: {p:?}");
 }
