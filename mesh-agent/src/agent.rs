@@ -13,7 +13,7 @@ use std::{
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
-use tracing::{error, info, info_span, warn, Instrument};
+use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::{
     attach::{Attacher, Netlink, NetlinkError},
@@ -108,12 +108,20 @@ pub enum AgentError {
     #[error("node {node} is not in the state (nodes: {known})")]
     UnknownNode { node: String, known: String },
     #[error("cannot write {path}: {source}")]
-    RunDir { path: PathBuf, source: std::io::Error },
+    RunDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("overlay: {0}")]
     Overlay(String),
     #[error("cannot serve metrics on {addr}: {source}")]
-    Metrics { addr: std::net::SocketAddr, source: std::io::Error },
-    #[error("docker runtime: no ingress sandbox found (no local task with a sandbox yet); pass --docker-ingress-sbox")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(
+        "docker runtime: no ingress sandbox found (no local task with a sandbox yet); pass --docker-ingress-sbox"
+    )]
     NoIngressSandbox,
     #[error("docker runtime: ingress sandbox {path}: {message}")]
     Sandbox { path: PathBuf, message: String },
@@ -133,10 +141,16 @@ fn docker_ingress_sbox(state: &State, node: &str) -> Option<PathBuf> {
 /// Interface names and IPv4 addresses inside a namespace (loopback left out).
 async fn sandbox_addrs(sbox: &Path) -> Result<Vec<(String, Ipv4Addr)>, AgentError> {
     let path = sbox.to_path_buf();
-    let err = |message: String| AgentError::Sandbox { path: sbox.to_path_buf(), message };
+    let err = |message: String| AgentError::Sandbox {
+        path: sbox.to_path_buf(),
+        message,
+    };
     let r = tokio::task::spawn_blocking(move || {
         crate::netns::run_in(&path, || -> Result<Vec<(String, Ipv4Addr)>, String> {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
             rt.block_on(async {
                 let nl = Netlink::open().map_err(|e| e.to_string())?;
                 let links = nl.links().await.map_err(|e| e.to_string())?;
@@ -144,7 +158,12 @@ async fn sandbox_addrs(sbox: &Path) -> Result<Vec<(String, Ipv4Addr)>, AgentErro
                 Ok(addrs
                     .into_iter()
                     .filter(|(_, a)| !a.is_loopback())
-                    .filter_map(|(i, a)| links.iter().find(|l| l.index == i).map(|l| (l.name.clone(), a)))
+                    .filter_map(|(i, a)| {
+                        links
+                            .iter()
+                            .find(|l| l.index == i)
+                            .map(|l| (l.name.clone(), a))
+                    })
                     .collect())
             })
         })
@@ -156,7 +175,11 @@ async fn sandbox_addrs(sbox: &Path) -> Result<Vec<(String, Ipv4Addr)>, AgentErro
 }
 
 async fn sandbox_interfaces(sbox: &Path) -> Result<Vec<String>, AgentError> {
-    let mut v: Vec<String> = sandbox_addrs(sbox).await?.into_iter().map(|(n, _)| n).collect();
+    let mut v: Vec<String> = sandbox_addrs(sbox)
+        .await?
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
     v.sort();
     v.dedup();
     Ok(v)
@@ -175,14 +198,24 @@ async fn sandbox_forwarding(sbox: &Path, ifaces: &[String]) -> Result<(), String
     let ifaces = ifaces.to_vec();
     tokio::task::spawn_blocking(move || {
         crate::netns::run_in(&path, move || -> Result<(), String> {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
             rt.block_on(async {
                 let nl = Netlink::open().map_err(|e| e.to_string())?;
                 for name in &ifaces {
-                    let l = nl.link(name).await.map_err(|e| e.to_string())?.ok_or_else(|| format!("{name}: no such link"))?;
-                    nl.set_ipv4_conf(l.index, &[(FORWARDING, 1), (ACCEPT_LOCAL, 1), (RP_FILTER, 0)])
+                    let l = nl
+                        .link(name)
                         .await
-                        .map_err(|e| e.to_string())?;
+                        .map_err(|e| e.to_string())?
+                        .ok_or_else(|| format!("{name}: no such link"))?;
+                    nl.set_ipv4_conf(
+                        l.index,
+                        &[(FORWARDING, 1), (ACCEPT_LOCAL, 1), (RP_FILTER, 0)],
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
                 }
                 // The effective rp_filter is the higher of the device's and `all`'s; only
                 // /proc/sys reaches `all` (best effort: read-only in a container).
@@ -208,7 +241,10 @@ async fn ingress_sandbox_link(
     sbox: &Path,
     state: &State,
 ) -> Result<(tables::IngressSandbox, String, SandboxGro), AgentError> {
-    let err = |message: String| AgentError::Sandbox { path: sbox.to_path_buf(), message };
+    let err = |message: String| AgentError::Sandbox {
+        path: sbox.to_path_buf(),
+        message,
+    };
     let net = state
         .networks
         .get(crate::model::INGRESS_NETWORK)
@@ -216,28 +252,36 @@ async fn ingress_sandbox_link(
     let subnet = net.subnet;
     let path = sbox.to_path_buf();
     let inside = tokio::task::spawn_blocking(move || {
-        crate::netns::run_in(&path, move || -> Result<(Ipv4Addr, [u8; 6], u32, Option<String>), String> {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
-            rt.block_on(async {
-                let nl = Netlink::open().map_err(|e| e.to_string())?;
-                let links = nl.links().await.map_err(|e| e.to_string())?;
-                for (i, a) in nl.ipv4_addrs().await.map_err(|e| e.to_string())? {
-                    if a.is_loopback() || subnet.contains(&a) {
-                        continue;
-                    }
-                    if let Some(l) = links.iter().find(|l| l.index == i) {
-                        if let Some(peer) = l.peer {
-                            let was_on = crate::attach::gro(&l.name).map_err(|e| format!("{}: read GRO: {e}", l.name))?;
+        crate::netns::run_in(
+            &path,
+            move || -> Result<(Ipv4Addr, [u8; 6], u32, Option<String>), String> {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                rt.block_on(async {
+                    let nl = Netlink::open().map_err(|e| e.to_string())?;
+                    let links = nl.links().await.map_err(|e| e.to_string())?;
+                    for (i, a) in nl.ipv4_addrs().await.map_err(|e| e.to_string())? {
+                        if a.is_loopback() || subnet.contains(&a) {
+                            continue;
+                        }
+                        if let Some(l) = links.iter().find(|l| l.index == i)
+                            && let Some(peer) = l.peer
+                        {
+                            let was_on = crate::attach::gro(&l.name)
+                                .map_err(|e| format!("{}: read GRO: {e}", l.name))?;
                             if !was_on {
-                                crate::attach::set_gro(&l.name, true).map_err(|e| format!("{}: enable GRO: {e}", l.name))?;
+                                crate::attach::set_gro(&l.name, true)
+                                    .map_err(|e| format!("{}: enable GRO: {e}", l.name))?;
                             }
                             return Ok((a, l.mac, peer, (!was_on).then(|| l.name.clone())));
                         }
                     }
-                }
-                Err("no veth on Docker's gateway bridge".into())
-            })
-        })
+                    Err("no veth on Docker's gateway bridge".into())
+                })
+            },
+        )
     })
     .await
     .map_err(|e| err(e.to_string()))?
@@ -254,9 +298,20 @@ async fn ingress_sandbox_link(
     };
     let sb = tables::IngressSandbox {
         addr,
-        link: tables::LinkKey { ifindex: host.index, task_mac: mac, gw_mac: bridge_mac },
+        link: tables::LinkKey {
+            ifindex: host.index,
+            task_mac: mac,
+            gw_mac: bridge_mac,
+        },
     };
-    Ok((sb, host.name, SandboxGro { sbox: sbox.to_path_buf(), iface: gro_enabled }))
+    Ok((
+        sb,
+        host.name,
+        SandboxGro {
+            sbox: sbox.to_path_buf(),
+            iface: gro_enabled,
+        },
+    ))
 }
 
 /// GRO the agent turned on in the ingress sandbox (see [`ingress_sandbox_link`]).
@@ -270,9 +325,14 @@ struct SandboxGro {
 impl SandboxGro {
     /// Put GRO back as Docker left it.
     async fn restore(&self) {
-        let Some(name) = self.iface.clone() else { return };
+        let Some(name) = self.iface.clone() else {
+            return;
+        };
         let path = self.sbox.clone();
-        let r = tokio::task::spawn_blocking(move || crate::netns::run_in(&path, move || crate::attach::set_gro(&name, false))).await;
+        let r = tokio::task::spawn_blocking(move || {
+            crate::netns::run_in(&path, move || crate::attach::set_gro(&name, false))
+        })
+        .await;
         if !matches!(r, Ok(Ok(Ok(())))) {
             warn!(sandbox = %self.sbox.display(), "cannot turn GRO back off in the ingress sandbox");
         }
@@ -284,13 +344,19 @@ async fn sandbox_ingress_addr(sbox: &Path, state: &State) -> Result<Ipv4Addr, Ag
     let net = state
         .networks
         .get(crate::model::INGRESS_NETWORK)
-        .ok_or_else(|| AgentError::Sandbox { path: sbox.into(), message: "the state has no ingress network".into() })?;
+        .ok_or_else(|| AgentError::Sandbox {
+            path: sbox.into(),
+            message: "the state has no ingress network".into(),
+        })?;
     sandbox_addrs(sbox)
         .await?
         .into_iter()
         .map(|(_, a)| a)
         .find(|a| net.subnet.contains(a))
-        .ok_or_else(|| AgentError::Sandbox { path: sbox.into(), message: format!("no address in {}", net.subnet) })
+        .ok_or_else(|| AgentError::Sandbox {
+            path: sbox.into(),
+            message: format!("no address in {}", net.subnet),
+        })
 }
 
 /// What `status` needs to name ids (written next to the pinned maps' owner, in `run_dir`).
@@ -387,7 +453,11 @@ pub const FULL_RESYNC: Duration = Duration::from_secs(30);
 
 impl Agent {
     /// Load (or adopt) the datapath, converge to `state`, then attach the programs.
-    pub async fn start(cfg: AgentConfig, state: Arc<State>, dns: Option<Box<dyn TaskService>>) -> Result<Agent, AgentError> {
+    pub async fn start(
+        cfg: AgentConfig,
+        state: Arc<State>,
+        dns: Option<Box<dyn TaskService>>,
+    ) -> Result<Agent, AgentError> {
         let cfg_metrics = cfg.metrics_addr.is_some();
         if !state.nodes.contains_key(&cfg.node) {
             return Err(AgentError::UnknownNode {
@@ -412,7 +482,12 @@ impl Agent {
         // Flows to tasks on other nodes get this node's underlay address as their source,
         // so the replies come back here (cluster reach only).
         let docker_sbox = match &cfg.runtime {
-            Runtime::Docker { ingress_sbox } => Some(ingress_sbox.clone().or_else(|| docker_ingress_sbox(&state, &cfg.node)).ok_or(AgentError::NoIngressSandbox)?),
+            Runtime::Docker { ingress_sbox } => Some(
+                ingress_sbox
+                    .clone()
+                    .or_else(|| docker_ingress_sbox(&state, &cfg.node))
+                    .ok_or(AgentError::NoIngressSandbox)?,
+            ),
             Runtime::Mesh => None,
         };
         let snat = match &docker_sbox {
@@ -507,9 +582,16 @@ impl Agent {
             // External clients: XDP on the node's interfaces (given, or the default route's).
             let host_ifaces = if agent.cfg.interfaces.is_empty() {
                 match agent.nl.default_route_ifindex().await? {
-                    Some(i) => agent.nl.link_by_index(i).await?.map(|l| vec![l.name]).unwrap_or_default(),
+                    Some(i) => agent
+                        .nl
+                        .link_by_index(i)
+                        .await?
+                        .map(|l| vec![l.name])
+                        .unwrap_or_default(),
                     None => {
-                        warn!("no default route and no --iface: only local clients reach published ports");
+                        warn!(
+                            "no default route and no --iface: only local clients reach published ports"
+                        );
                         Vec::new()
                     }
                 }
@@ -530,8 +612,16 @@ impl Agent {
         }
 
         let ifaces = if agent.cfg.interfaces.is_empty() {
-            let idx = agent.nl.default_route_ifindex().await?.ok_or(AgentError::NoInterface)?;
-            let l = agent.nl.link_by_index(idx).await?.ok_or(AgentError::NoInterface)?;
+            let idx = agent
+                .nl
+                .default_route_ifindex()
+                .await?
+                .ok_or(AgentError::NoInterface)?;
+            let l = agent
+                .nl
+                .link_by_index(idx)
+                .await?
+                .ok_or(AgentError::NoInterface)?;
             vec![l.name]
         } else {
             agent.cfg.interfaces.clone()
@@ -755,21 +845,30 @@ impl Agent {
             if self.task_cookies.contains_key(id) {
                 continue;
             }
-            let Some(path) = state.tasks.get(id).and_then(|t| t.netns.clone()) else { continue };
-            let r = tokio::task::spawn_blocking(move || crate::netns::run_in(&path, crate::ebpf::netns_cookie)).await;
+            let Some(path) = state.tasks.get(id).and_then(|t| t.netns.clone()) else {
+                continue;
+            };
+            let r = tokio::task::spawn_blocking(move || {
+                crate::netns::run_in(&path, crate::ebpf::netns_cookie)
+            })
+            .await;
             complete &= matches!(r, Ok(Ok(Ok(_))));
             match r {
                 Ok(Ok(Ok(cookie))) => {
                     self.task_cookies.insert(id.clone(), cookie);
                 }
-                Ok(Ok(Err(e))) => warn!(task = id, error = %e, "cannot read the task's netns cookie"),
+                Ok(Ok(Err(e))) => {
+                    warn!(task = id, error = %e, "cannot read the task's netns cookie")
+                }
                 Ok(Err(e)) => warn!(task = id, error = %e, "cannot enter the task's netns"),
                 Err(e) => warn!(task = id, error = %e, "netns cookie worker failed"),
             }
         }
         let mut nets = std::collections::BTreeMap::new();
         for (id, cookie) in &self.task_cookies {
-            let Some(task) = state.tasks.get(id) else { continue };
+            let Some(task) = state.tasks.get(id) else {
+                continue;
+            };
             let ids: Vec<u32> = task
                 .networks
                 .iter()
@@ -797,7 +896,12 @@ impl Agent {
                 }
             }
         }
-        if let Err(e) = self.dp.maps.set_subnets(&subnets).and_then(|_| self.dp.maps.set_iface_nets(&ifaces)) {
+        if let Err(e) = self
+            .dp
+            .maps
+            .set_subnets(&subnets)
+            .and_then(|_| self.dp.maps.set_iface_nets(&ifaces))
+        {
             error!(error = %e, "cannot program network isolation");
             return false;
         }
@@ -834,7 +938,11 @@ impl Agent {
                 svc_id: pf.svc_id,
                 service: pf.spec.service.clone(),
                 protocol: id.protocol.as_str().to_string(),
-                addr: if id.addr.is_unspecified() { "*".into() } else { id.addr.to_string() },
+                addr: if id.addr.is_unspecified() {
+                    "*".into()
+                } else {
+                    id.addr.to_string()
+                },
                 port: id.port,
                 backends: pf
                     .spec
@@ -874,14 +982,21 @@ impl Agent {
     /// the data path running for the next agent: programs stay attached (pinned links),
     /// maps pinned, task interfaces and overlays in place. Only this process goes away.
     pub async fn shutdown(mut self) {
-        info!(node = self.cfg.node, keep_datapath = self.cfg.keep_datapath, "shutting down");
+        info!(
+            node = self.cfg.node,
+            keep_datapath = self.cfg.keep_datapath,
+            "shutting down"
+        );
         let _ = std::fs::remove_file(self.cfg.run_dir.join(CATALOG_FILE));
         let _ = std::fs::remove_dir(&self.cfg.run_dir);
         let mut keep = self.cfg.keep_datapath;
         if let Some((endpoint, name)) = &self.cfg.swarm_service {
             keep = match crate::source::swarm::service_exists(endpoint, name).await {
                 Ok(exists) => {
-                    info!(service = name, exists, "own Swarm service checked: kept while it exists");
+                    info!(
+                        service = name,
+                        exists, "own Swarm service checked: kept while it exists"
+                    );
                     exists
                 }
                 // Unknown: keep (a wrong keep leaves programs for the next agent to adopt;
@@ -1008,7 +1123,8 @@ pub async fn run(
 /// Read the catalog a running agent wrote.
 pub fn read_catalog(run_dir: &Path) -> std::io::Result<Catalog> {
     let body = std::fs::read(run_dir.join(CATALOG_FILE))?;
-    serde_json::from_slice(&body).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    serde_json::from_slice(&body)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
 /// Drop the previous snapshot off the sync path: freeing a Swarm3k-sized state (150k tasks)

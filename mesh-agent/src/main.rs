@@ -7,21 +7,31 @@ use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches};
 use mesh_agent::{
     agent,
-    cli::{Cli, Command, ConfigCommand, LogFormat, RunArgs, RuntimeArg, config, demo, status, whoami},
+    cli::{
+        Cli, Command, ConfigCommand, LogFormat, RunArgs, RuntimeArg, config, demo, status, whoami,
+    },
     model, netns,
     source::{file::FileSource, swarm::SwarmSource},
 };
 use tracing::{info, warn};
-use tracing_subscriber::{EnvFilter, Registry, layer::SubscriberExt, reload, util::SubscriberInitExt};
+use tracing_subscriber::{
+    EnvFilter, Registry, layer::SubscriberExt, reload, util::SubscriberInitExt,
+};
 
 type FilterHandle = reload::Handle<EnvFilter, Registry>;
 
 /// hickory-server logs every request at INFO: keep it to warnings (no line per query).
 fn filter(spec: &str) -> EnvFilter {
     let f = EnvFilter::try_new(spec).unwrap_or_else(|_| EnvFilter::new("info"));
-    ["hickory_server=warn", "hickory_net=warn", "hickory_proto=warn"]
-        .into_iter()
-        .fold(f, |f, d| f.add_directive(d.parse().expect("static directive")))
+    [
+        "hickory_server=warn",
+        "hickory_net=warn",
+        "hickory_proto=warn",
+    ]
+    .into_iter()
+    .fold(f, |f, d| {
+        f.add_directive(d.parse().expect("static directive"))
+    })
 }
 
 /// Human-readable logs (JSON with `--log-format json`) to stderr, with a reloadable filter.
@@ -60,11 +70,10 @@ async fn stop_signal(args: Option<(std::path::PathBuf, FilterHandle, RunArgs)>) 
                 };
                 match config::load(path) {
                     Ok(c) => {
-                        if let Some(l) = &c.log {
-                            if handle.reload(filter(l)).is_ok() {
+                        if let Some(l) = &c.log
+                            && handle.reload(filter(l)).is_ok() {
                                 info!(filter = l, "SIGHUP: log filter reloaded");
                             }
-                        }
                         let restart = config::restart_needed(running, &c);
                         if !restart.is_empty() {
                             warn!(keys = ?restart, "SIGHUP: these settings changed and apply on restart");
@@ -92,7 +101,10 @@ fn real_main() -> anyhow::Result<()> {
     let cli = Cli::from_arg_matches(&matches)?;
     match cli.command {
         Command::Run(mut args) => {
-            let sub = matches.subcommand().map(|(_, m)| m.clone()).context("run arguments")?;
+            let sub = matches
+                .subcommand()
+                .map(|(_, m)| m.clone())
+                .context("run arguments")?;
             let file = match &args.config {
                 Some(p) => Some((p.clone(), config::load(p)?)),
                 None => None,
@@ -103,7 +115,9 @@ fn real_main() -> anyhow::Result<()> {
             // `--log-format` is a global flag: the file's value applies only when it is unset.
             let format_set = matches!(
                 matches.value_source("log_format"),
-                Some(clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable)
+                Some(
+                    clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable
+                )
             );
             let format = match file.as_ref().and_then(|(_, f)| f.log_format.as_deref()) {
                 Some("json") if !format_set => LogFormat::Json,
@@ -111,26 +125,34 @@ fn real_main() -> anyhow::Result<()> {
                 _ => cli.log_format,
             };
             let handle = init_logging(format, args.log.as_deref().unwrap_or("info"));
-            if args.metrics_addr != "none" && args.metrics_addr.parse::<std::net::SocketAddr>().is_err() {
-                anyhow::bail!("--metrics-addr {}: neither address:port nor \"none\"", args.metrics_addr);
+            if args.metrics_addr != "none"
+                && args.metrics_addr.parse::<std::net::SocketAddr>().is_err()
+            {
+                anyhow::bail!(
+                    "--metrics-addr {}: neither address:port nor \"none\"",
+                    args.metrics_addr
+                );
             }
             // The managers' state: a Swarm manager's Engine API under the docker runtime (or
             // with --docker-host), else the state file.
-            let source: Box<dyn mesh_agent::source::Source> = match (&args.docker_host, args.runtime) {
-                (Some(h), _) => {
-                    // With --docker-manager: cluster state from the manager, this node's
-                    // id and sandboxes from --docker-host (which may be a worker's daemon).
-                    let source = SwarmSource::from_endpoint(h)?;
-                    match h.manager_endpoint()? {
-                        Some(m) => Box::new(source.with_manager(m)?),
-                        None => Box::new(source),
+            let source: Box<dyn mesh_agent::source::Source> =
+                match (&args.docker_host, args.runtime) {
+                    (Some(h), _) => {
+                        // With --docker-manager: cluster state from the manager, this node's
+                        // id and sandboxes from --docker-host (which may be a worker's daemon).
+                        let source = SwarmSource::from_endpoint(h)?;
+                        match h.manager_endpoint()? {
+                            Some(m) => Box::new(source.with_manager(m)?),
+                            None => Box::new(source),
+                        }
                     }
-                }
-                (None, RuntimeArg::Docker) => Box::new(SwarmSource::default()),
-                (None, RuntimeArg::Mesh) => Box::new(FileSource::new(args.state.clone().context(
-                    "no state file: pass --state, MESH_STATE or `state` in the config file",
-                )?)),
-            };
+                    (None, RuntimeArg::Docker) => Box::new(SwarmSource::default()),
+                    (None, RuntimeArg::Mesh) => {
+                        Box::new(FileSource::new(args.state.clone().context(
+                            "no state file: pass --state, MESH_STATE or `state` in the config file",
+                        )?))
+                    }
+                };
             // Enter the node's namespace before any thread exists, so all inherit it.
             if let Some(ns) = &args.netns {
                 netns::enter_process(ns)?;
@@ -156,7 +178,8 @@ fn real_main() -> anyhow::Result<()> {
         Command::Check { file } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read {}", file.display()))?;
-            let s = model::parse_yaml(&text).map_err(|e| anyhow::anyhow!("{}:\n{e}", file.display()))?;
+            let s = model::parse_yaml(&text)
+                .map_err(|e| anyhow::anyhow!("{}:\n{e}", file.display()))?;
             println!(
                 "{}: ok ({} nodes, {} networks, {} services, {} tasks)",
                 file.display(),
@@ -167,13 +190,18 @@ fn real_main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Config { command: ConfigCommand::Check { file } } => {
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } => {
             config::load(&file)?;
             println!("{}: ok", file.display());
             Ok(())
         }
         Command::Demo(args) => {
-            init_logging(cli.log_format, &std::env::var("MESH_LOG").unwrap_or_else(|_| "info".into()));
+            init_logging(
+                cli.log_format,
+                &std::env::var("MESH_LOG").unwrap_or_else(|_| "info".into()),
+            );
             let rt = runtime()?;
             rt.block_on(demo::run(args, stop_signal(None)))
         }
@@ -183,7 +211,10 @@ fn real_main() -> anyhow::Result<()> {
             }
             let rt = runtime()?;
             let name = args.name.unwrap_or_else(|| {
-                nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default()
+                nix::unistd::gethostname()
+                    .ok()
+                    .and_then(|h| h.into_string().ok())
+                    .unwrap_or_default()
             });
             rt.block_on(whoami::serve(name, args.http, args.udp))?;
             Ok(())

@@ -80,13 +80,36 @@ pub fn create_named(name: &str) -> Result<PathBuf, NetnsError> {
     use nix::mount::{MsFlags, mount};
     let dir = Path::new(NETNS_RUN_DIR);
     let path = dir.join(name);
-    let io = |source: std::io::Error| NetnsError::Open { path: path.clone(), source };
+    let io = |source: std::io::Error| NetnsError::Open {
+        path: path.clone(),
+        source,
+    };
     std::fs::create_dir_all(dir).map_err(io)?;
     // Like iproute2: make /run/netns a shared mount so mounts propagate to other mount
     // namespaces (`ip netns exec` runs in its own).
-    if mount(Some(dir), dir, None::<&str>, MsFlags::MS_SHARED | MsFlags::MS_REC, None::<&str>).is_err() {
-        let _ = mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>);
-        let _ = mount(None::<&str>, dir, None::<&str>, MsFlags::MS_SHARED | MsFlags::MS_REC, None::<&str>);
+    if mount(
+        Some(dir),
+        dir,
+        None::<&str>,
+        MsFlags::MS_SHARED | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .is_err()
+    {
+        let _ = mount(
+            Some(dir),
+            dir,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        );
+        let _ = mount(
+            None::<&str>,
+            dir,
+            None::<&str>,
+            MsFlags::MS_SHARED | MsFlags::MS_REC,
+            None::<&str>,
+        );
     }
     std::fs::OpenOptions::new()
         .write(true)
@@ -100,11 +123,16 @@ pub fn create_named(name: &str) -> Result<PathBuf, NetnsError> {
             source,
         })?;
         let me = current_path();
-        mount(Some(&me), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(|source| {
-            NetnsError::Enter {
-                path: target.clone(),
-                source,
-            }
+        mount(
+            Some(&me),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|source| NetnsError::Enter {
+            path: target.clone(),
+            source,
         })
     })
     .join()

@@ -137,7 +137,6 @@ impl Drop for Cluster {
     }
 }
 
-
 fn in_ns(ns: &str, cmd: &str, args: &[&str]) -> Output {
     Command::new("ip")
         .args(["netns", "exec", ns, cmd])
@@ -266,7 +265,12 @@ fn published_port_of_every_node_reaches_tasks_of_every_node() {
             "--resync-ms",
             "500",
         ])
-        .args(["--hook", if i == 1 { "tc" } else { "xdp" }, "--iface", "eth0"])
+        .args([
+            "--hook",
+            if i == 1 { "tc" } else { "xdp" },
+            "--iface",
+            "eth0",
+        ])
         .arg("--docker-host")
         .arg(&d.socket)
         .arg("--netns")
@@ -386,7 +390,12 @@ fn published_port_of_every_node_reaches_tasks_of_every_node() {
     }
     for (i, d) in nodes.iter().enumerate() {
         let sbox = d.exec_root().join("netns/ingress_sbox");
-        assert_eq!(sandbox_gro(&sbox), offloads_before[i], "node {}: the ingress sandbox's GRO as Docker left it", i + 1);
+        assert_eq!(
+            sandbox_gro(&sbox),
+            offloads_before[i],
+            "node {}: the ingress sandbox's GRO as Docker left it",
+            i + 1
+        );
     }
 }
 
@@ -416,14 +425,27 @@ fn eventually_seen(
 /// with nsenter: the sandbox is a bind-mounted netns, not a named one).
 fn sandbox_gro(sbox: &Path) -> Vec<String> {
     let net = format!("--net={}", sbox.display());
-    let links = Command::new("nsenter").args([&net, "ip", "-o", "link"]).output().expect("nsenter ip link");
+    let links = Command::new("nsenter")
+        .args([&net, "ip", "-o", "link"])
+        .output()
+        .expect("nsenter ip link");
     let mut out = Vec::new();
     for l in String::from_utf8_lossy(&links.stdout).lines() {
-        let name = l.split(": ").nth(1).unwrap_or("").split('@').next().unwrap_or("").to_string();
+        let name = l
+            .split(": ")
+            .nth(1)
+            .unwrap_or("")
+            .split('@')
+            .next()
+            .unwrap_or("")
+            .to_string();
         if name.is_empty() || name == "lo" {
             continue;
         }
-        let k = Command::new("nsenter").args([&net, "ethtool", "-k", &name]).output().expect("nsenter ethtool");
+        let k = Command::new("nsenter")
+            .args([&net, "ethtool", "-k", &name])
+            .output()
+            .expect("nsenter ethtool");
         let gro = String::from_utf8_lossy(&k.stdout)
             .lines()
             .find(|l| l.starts_with("generic-receive-offload:"))

@@ -62,7 +62,15 @@ fn openssl(dir: &Path, args: &[&str]) {
 fn key(dir: &Path, name: &str) {
     openssl(
         dir,
-        &["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", name],
+        &[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            name,
+        ],
     );
 }
 
@@ -77,12 +85,28 @@ fn ca(dir: &Path, name: &str) {
     )
     .unwrap();
     let subj = format!("/CN=mesh test {name}");
-    openssl(dir, &["req", "-new", "-key", &key_file, "-subj", &subj, "-out", "ca.csr"]);
     openssl(
         dir,
         &[
-            "x509", "-req", "-in", "ca.csr", "-signkey", &key_file, "-days", "2", "-sha256",
-            "-extfile", "ca.ext", "-out", &format!("{name}.pem"),
+            "req", "-new", "-key", &key_file, "-subj", &subj, "-out", "ca.csr",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "ca.csr",
+            "-signkey",
+            &key_file,
+            "-days",
+            "2",
+            "-sha256",
+            "-extfile",
+            "ca.ext",
+            "-out",
+            &format!("{name}.pem"),
         ],
     );
 }
@@ -99,13 +123,39 @@ fn leaf(dir: &Path, name: &str, ca: &str, cn: &str, ext: &str, serial: u32) {
     )
     .unwrap();
     let csr = format!("{name}.csr");
-    openssl(dir, &["req", "-new", "-key", &key_file, "-subj", &format!("/CN={cn}"), "-out", &csr]);
     openssl(
         dir,
         &[
-            "x509", "-req", "-in", &csr, "-CA", &format!("{ca}.pem"), "-CAkey",
-            &format!("{ca}-key.pem"), "-set_serial", &serial.to_string(), "-days", "2",
-            "-sha256", "-extfile", &ext_file, "-out", &format!("{name}.pem"),
+            "req",
+            "-new",
+            "-key",
+            &key_file,
+            "-subj",
+            &format!("/CN={cn}"),
+            "-out",
+            &csr,
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &format!("{ca}.pem"),
+            "-CAkey",
+            &format!("{ca}-key.pem"),
+            "-set_serial",
+            &serial.to_string(),
+            "-days",
+            "2",
+            "-sha256",
+            "-extfile",
+            &ext_file,
+            "-out",
+            &format!("{name}.pem"),
         ],
     );
 }
@@ -138,9 +188,30 @@ struct Pki {
 fn make_pki(dir: &Path) -> Pki {
     ca(dir, "ca");
     ca(dir, "other-ca");
-    leaf(dir, "server", "ca", "127.0.0.1", "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1", 1);
-    leaf(dir, "client", "ca", "mesh-agent", "extendedKeyUsage=clientAuth", 2);
-    leaf(dir, "foreign", "other-ca", "mesh-agent", "extendedKeyUsage=clientAuth", 3);
+    leaf(
+        dir,
+        "server",
+        "ca",
+        "127.0.0.1",
+        "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1",
+        1,
+    );
+    leaf(
+        dir,
+        "client",
+        "ca",
+        "mesh-agent",
+        "extendedKeyUsage=clientAuth",
+        2,
+    );
+    leaf(
+        dir,
+        "foreign",
+        "other-ca",
+        "mesh-agent",
+        "extendedKeyUsage=clientAuth",
+        3,
+    );
     Pki {
         ca: dir.join("ca.pem"),
         server_cert: dir.join("server.pem"),
@@ -161,8 +232,21 @@ fn start_agent(d: &Dockerd, tmp: &Path, tag: &str, certs: &Path) -> AgentProc {
     let pins = PathBuf::from(format!("/sys/fs/bpf/mesh-tls-{}-{tag}", std::process::id()));
     let f = std::fs::File::create(&log).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_mesh-agent"))
-        .args(["run", "--runtime", "docker", "--no-dns", "--metrics-addr", "none", "--resync-ms", "500"])
-        .args(["--docker-host", &format!("tcp://127.0.0.1:{PORT}"), "--docker-tls-verify"])
+        .args([
+            "run",
+            "--runtime",
+            "docker",
+            "--no-dns",
+            "--metrics-addr",
+            "none",
+            "--resync-ms",
+            "500",
+        ])
+        .args([
+            "--docker-host",
+            &format!("tcp://127.0.0.1:{PORT}"),
+            "--docker-tls-verify",
+        ])
         .arg("--docker-cert-path")
         .arg(certs)
         .arg("--netns")
@@ -179,7 +263,11 @@ fn start_agent(d: &Dockerd, tmp: &Path, tag: &str, certs: &Path) -> AgentProc {
         .stdin(Stdio::null())
         .spawn()
         .expect("start mesh-agent");
-    AgentProc { child: Some(child), log, pins }
+    AgentProc {
+        child: Some(child),
+        log,
+        pins,
+    }
 }
 
 fn eventually<T>(why: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
@@ -192,7 +280,11 @@ fn eventually<T>(why: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> 
 fn tls_endpoint(certs: &Path) -> Result<DockerEndpoint, swarm::SwarmError> {
     DockerEndpoint::resolve(
         Some(&format!("tcp://127.0.0.1:{PORT}")),
-        &TlsOptions { verify: true, cert_path: Some(certs.to_path_buf()), ..Default::default() },
+        &TlsOptions {
+            verify: true,
+            cert_path: Some(certs.to_path_buf()),
+            ..Default::default()
+        },
     )
 }
 
@@ -201,7 +293,11 @@ fn tls_endpoint(certs: &Path) -> Result<DockerEndpoint, swarm::SwarmError> {
 fn in_netns<T: Send + 'static>(d: &Dockerd, f: impl AsyncFnOnce() -> T + Send + 'static) -> T {
     let ns = PathBuf::from(format!("/run/netns/{}", d.netns));
     mesh_agent::netns::run_in(&ns, move || {
-        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f())
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f())
     })
     .expect("enter the daemon's namespace")
 }
@@ -229,7 +325,15 @@ fn mesh_reaches_the_manager_over_tls() {
     let s = |p: &Path| p.display().to_string();
     let (ca, cert, key) = (s(&pki.ca), s(&pki.server_cert), s(&pki.server_key));
     let mut d = match Dockerd::start_with(&[
-        "--tlsverify", "--tlscacert", &ca, "--tlscert", &cert, "--tlskey", &key, "-H", &host,
+        "--tlsverify",
+        "--tlscacert",
+        &ca,
+        "--tlscert",
+        &cert,
+        "--tlskey",
+        &key,
+        "-H",
+        &host,
     ]) {
         Ok(d) => d,
         Err(why) => {
@@ -242,12 +346,17 @@ fn mesh_reaches_the_manager_over_tls() {
     // ---- refusals ------------------------------------------------------------------------
     // No key.pem in the cert directory: `mesh-agent run` stops at once, naming the file.
     let mut no_key = start_agent(&d, tmp.path(), "no-key", &pki.no_key);
-    let st = no_key.wait_exit(Duration::from_secs(10)).expect("mesh-agent run exits without key.pem");
+    let st = no_key
+        .wait_exit(Duration::from_secs(10))
+        .expect("mesh-agent run exits without key.pem");
     let text = no_key.log();
     eprintln!("no key.pem, mesh-agent run says: {}", text.trim());
     assert!(!st.success(), "{text}");
     let key_path = pki.no_key.join("key.pem").display().to_string();
-    assert!(text.contains(&key_path) && text.contains("client key"), "names the missing key:\n{text}");
+    assert!(
+        text.contains(&key_path) && text.contains("client key"),
+        "names the missing key:\n{text}"
+    );
     assert!(text.contains("No such file"), "{text}");
     // The wrong CA, through `mesh-agent run`: it retries for its initial timeout (30 s),
     // then exits with the TLS error. It runs while the swarm is set up below.
@@ -257,12 +366,18 @@ fn mesh_reaches_the_manager_over_tls() {
     let text = initial_error(&d, tls_endpoint(&pki.wrong_ca).unwrap());
     eprintln!("wrong CA: {text}");
     assert!(text.contains(&host), "names the endpoint: {text}");
-    assert!(text.contains("invalid peer certificate") && text.contains("UnknownIssuer"), "{text}");
+    assert!(
+        text.contains("invalid peer certificate") && text.contains("UnknownIssuer"),
+        "{text}"
+    );
     // A client certificate of another CA: the daemon refuses it.
     let text = initial_error(&d, tls_endpoint(&pki.foreign_client).unwrap());
     eprintln!("foreign client certificate: {text}");
     assert!(text.contains(&host), "{text}");
-    assert!(text.contains("received fatal alert") && text.contains("Certificate"), "{text}");
+    assert!(
+        text.contains("received fatal alert") && text.contains("Certificate"),
+        "{text}"
+    );
     // Plain HTTP to the TLS port.
     let text = initial_error(&d, DockerEndpoint::try_from(host.as_str()).unwrap());
     eprintln!("plain TCP: {text}");
@@ -282,7 +397,11 @@ fn mesh_reaches_the_manager_over_tls() {
     let src = in_netns(&d, async move || {
         let mut src = SwarmSource::new(good).with_initial_timeout(Duration::from_secs(20));
         let s = src.initial().await;
-        (src.describe(), s.map(|s| s.running_tasks("web").count()).map_err(|e| e.to_string()))
+        (
+            src.describe(),
+            s.map(|s| s.running_tasks("web").count())
+                .map_err(|e| e.to_string()),
+        )
     });
     assert_eq!(src.0, format!("swarm:{host} (TLS)"));
     assert_eq!(src.1, Ok(3), "the state over TLS");
@@ -291,38 +410,73 @@ fn mesh_reaches_the_manager_over_tls() {
     let mut agent = start_agent(&d, tmp.path(), "agent", &pki.good);
     eventually("agent ready", Duration::from_secs(60), || {
         let log = agent.log();
-        assert!(agent.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None))), "agent exited:\n{log}");
+        assert!(
+            agent
+                .child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(None))),
+            "agent exited:\n{log}"
+        );
         log.contains("agent ready").then_some(())
     });
-    assert!(agent.log().contains(&format!("swarm:{host} (TLS)")), "{}", agent.log());
+    assert!(
+        agent.log().contains(&format!("swarm:{host} (TLS)")),
+        "{}",
+        agent.log()
+    );
     let hosts = d.task_hosts("web");
     assert_eq!(hosts.len(), 3, "{hosts:?}");
-    eventually("the published port answers", Duration::from_secs(30), || d.curl("http://127.0.0.1:8080/"));
-    let answers: Vec<String> = (0..30).map(|_| d.curl("http://127.0.0.1:8080/").unwrap_or_default()).collect();
+    eventually(
+        "the published port answers",
+        Duration::from_secs(30),
+        || d.curl("http://127.0.0.1:8080/"),
+    );
+    let answers: Vec<String> = (0..30)
+        .map(|_| d.curl("http://127.0.0.1:8080/").unwrap_or_default())
+        .collect();
     let mut tally = BTreeMap::new();
     for a in &answers {
         *tally.entry(a.clone()).or_insert(0) += 1;
     }
-    assert_eq!(tally.keys().cloned().collect::<BTreeSet<_>>(), hosts, "{tally:?}\n{}", agent.log());
+    assert_eq!(
+        tally.keys().cloned().collect::<BTreeSet<_>>(),
+        hosts,
+        "{tally:?}\n{}",
+        agent.log()
+    );
     assert!(tally.values().all(|&n| n == 10), "10 each: {tally:?}");
 
     // Events and syncs over TLS: a scale-up is followed.
     d.docker_ok(&["service", "scale", "-d", "web=4"]);
     d.wait_running("web", 4, Duration::from_secs(90));
     let hosts4 = d.task_hosts("web");
-    eventually("4 tasks behind the published port", Duration::from_secs(40), || {
-        let got: BTreeSet<String> = (0..12).filter_map(|_| d.curl("http://127.0.0.1:8080/")).collect();
-        (got == hosts4).then_some(())
-    });
+    eventually(
+        "4 tasks behind the published port",
+        Duration::from_secs(40),
+        || {
+            let got: BTreeSet<String> = (0..12)
+                .filter_map(|_| d.curl("http://127.0.0.1:8080/"))
+                .collect();
+            (got == hosts4).then_some(())
+        },
+    );
     assert!(agent.stop(), "clean exit:\n{}", agent.log());
     assert!(!agent.pins.exists(), "pins removed");
 
     // The wrong-CA agent has given up by now (or does within its 30 s), saying why.
-    let st = wrong_ca_agent.wait_exit(Duration::from_secs(45)).expect("the wrong-CA agent gives up");
+    let st = wrong_ca_agent
+        .wait_exit(Duration::from_secs(45))
+        .expect("the wrong-CA agent gives up");
     let text = wrong_ca_agent.log();
-    eprintln!("wrong CA, mesh-agent run says: {}", text.lines().last().unwrap_or_default());
+    eprintln!(
+        "wrong CA, mesh-agent run says: {}",
+        text.lines().last().unwrap_or_default()
+    );
     assert!(!st.success(), "{text}");
-    assert!(text.contains(&host) && text.contains("invalid peer certificate"), "{text}");
+    assert!(
+        text.contains(&host) && text.contains("invalid peer certificate"),
+        "{text}"
+    );
     assert!(!text.contains("agent ready"), "{text}");
     drop(d);
 }

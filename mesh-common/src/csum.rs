@@ -170,9 +170,19 @@ mod tests {
 
     #[test]
     fn diffs_add_up_to_the_replacements_they_stand_for() {
-        let (c, a0, a1, b0, b1) = (0x1c46u16, 0x0200_12c6u32, 0x0b01_000au32, 0x901f_40c4u32, 0x5000_40c4u32);
+        let (c, a0, a1, b0, b1) = (
+            0x1c46u16,
+            0x0200_12c6u32,
+            0x0b01_000au32,
+            0x901f_40c4u32,
+            0x5000_40c4u32,
+        );
         for (from, to) in [(a0, a1), (b0, b1), (0, u32::MAX), (u32::MAX, 0), (a1, a1)] {
-            assert_eq!(apply_diff(c, diff4(from, to)), replace4(c, from, to), "{from:#x} -> {to:#x}");
+            assert_eq!(
+                apply_diff(c, diff4(from, to)),
+                replace4(c, from, to),
+                "{from:#x} -> {to:#x}"
+            );
         }
         let both = add_diff(diff4(a0, a1), diff4(b0, b1));
         assert_eq!(apply_diff(c, both), replace4(replace4(c, a0, a1), b0, b1));

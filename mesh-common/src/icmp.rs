@@ -82,7 +82,9 @@ mod tests {
     fn the_error_quotes_the_datagram_and_both_checksums_verify() {
         let mut f = [0u8; FRAME];
         // The quote: a UDP datagram 198.18.0.2:5002 → 198.18.0.1:8053 of 1500 bytes, DF.
-        let mut ip = [0x45, 0, 0x05, 0xdc, 0x12, 0x34, 0x40, 0, 64, 17, 0, 0, 198, 18, 0, 2, 198, 18, 0, 1];
+        let mut ip = [
+            0x45, 0, 0x05, 0xdc, 0x12, 0x34, 0x40, 0, 64, 17, 0, 0, 198, 18, 0, 2, 198, 18, 0, 1,
+        ];
         let c = csum::ipv4_header(&ip).to_be_bytes();
         ip[10..12].copy_from_slice(&c);
         f[ETH + HDRS..ETH + HDRS + 20].copy_from_slice(&ip);
@@ -91,14 +93,34 @@ mod tests {
         fill_frag_needed(&mut f, 1450);
         let e = &f[ETH..];
         assert_eq!(e[0], 0x45);
-        assert_eq!(u16::from_be_bytes([e[2], e[3]]) as usize, HDRS + QUOTE, "total length");
+        assert_eq!(
+            u16::from_be_bytes([e[2], e[3]]) as usize,
+            HDRS + QUOTE,
+            "total length"
+        );
         assert_eq!(e[9], 1, "ICMP");
-        assert_eq!(&e[12..16], &[198, 18, 0, 1], "from the address the client sent to");
+        assert_eq!(
+            &e[12..16],
+            &[198, 18, 0, 1],
+            "from the address the client sent to"
+        );
         assert_eq!(&e[16..20], &[198, 18, 0, 2], "to the client");
-        assert_eq!(!csum::fold(csum::sum_be(&e[..20])), 0, "IPv4 header checksum");
-        assert_eq!((e[20], e[21]), (3, 4), "destination unreachable, fragmentation needed");
+        assert_eq!(
+            !csum::fold(csum::sum_be(&e[..20])),
+            0,
+            "IPv4 header checksum"
+        );
+        assert_eq!(
+            (e[20], e[21]),
+            (3, 4),
+            "destination unreachable, fragmentation needed"
+        );
         assert_eq!(u16::from_be_bytes([e[26], e[27]]), 1450, "next-hop MTU");
-        assert_eq!(!csum::fold(csum::sum_be(&e[20..])), 0, "ICMP checksum over header and quote");
+        assert_eq!(
+            !csum::fold(csum::sum_be(&e[20..])),
+            0,
+            "ICMP checksum over header and quote"
+        );
         assert_eq!(&e[HDRS..], &quote[..], "the quote is left as received");
     }
 }

@@ -519,7 +519,10 @@ impl TrafficStats {
 const _: () = {
     let mut i = 0;
     while i < maps::ALL.len() {
-        assert!(maps::ALL[i].len() <= 15, "map name longer than BPF_OBJ_NAME_LEN - 1");
+        assert!(
+            maps::ALL[i].len() <= 15,
+            "map name longer than BPF_OBJ_NAME_LEN - 1"
+        );
         i += 1;
     }
 };

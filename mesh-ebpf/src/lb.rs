@@ -12,11 +12,11 @@ use aya_ebpf::{
     maps::{LruHashMap, lpm_trie::Key as LpmKey},
 };
 
-use crate::parse::{CLOSE_FIN, CLOSE_RST, FRAG_FIRST, FRAG_LATER, FRAG_NONE, OPEN_SYN, Pkt};
 use crate::maps::{
     BACKENDS, BE_STATS, CONFIG, CT_TCP, CT_UDP, FRAGS, FRONTENDS, IFACE_NET, NODE_ADDRS, PORTS, RR,
     SLOTS, SNAT_NEXT, SUBNETS, SVC_STATS, count,
 };
+use crate::parse::{CLOSE_FIN, CLOSE_RST, FRAG_FIRST, FRAG_LATER, FRAG_NONE, OPEN_SYN, Pkt};
 
 /// How many SNAT ports a new flow tries before giving up.
 const SNAT_TRIES: u32 = 8;
@@ -182,7 +182,14 @@ pub struct Origin {
 /// a random start with linear probes needed up to twice [`SNAT_TRIES`] lookups once the
 /// range was full of closed flows, and chose among those few.
 #[inline(always)]
-fn snat_port<C: CtTable>(snat_addr: u32, min: u16, max: u16, be_id: u32, be_addr: u32, be_port: u16) -> Result<u16, u32> {
+fn snat_port<C: CtTable>(
+    snat_addr: u32,
+    min: u16,
+    max: u16,
+    be_id: u32,
+    be_addr: u32,
+    be_port: u16,
+) -> Result<u16, u32> {
     if max < min {
         return Err(reason::ERR_SNAT_PORTS);
     }
@@ -279,7 +286,14 @@ pub fn ct_create4<C: CtTable>(
     let be_port = if be.port == 0 { key.dport } else { be.port };
     let (saddr, sport) = match CONFIG.get(0) {
         Some(cfg) if !local && cfg.snat_addr != 0 => {
-            let p = snat_port::<C>(cfg.snat_addr, cfg.snat_port_min, cfg.snat_port_max, be_id, be.addr, be_port)?;
+            let p = snat_port::<C>(
+                cfg.snat_addr,
+                cfg.snat_port_min,
+                cfg.snat_port_max,
+                be_id,
+                be.addr,
+                be_port,
+            )?;
             count(reason::SNAT);
             (cfg.snat_addr, p)
         }
@@ -311,7 +325,9 @@ pub fn ct_create4<C: CtTable>(
         flags: ct_flags::REPLY,
     };
     // Reply entry first: once the forward entry exists the backend may answer at once.
-    C::map().insert(rev_key, rev, 0).map_err(|_| reason::ERR_CT_INSERT)?;
+    C::map()
+        .insert(rev_key, rev, 0)
+        .map_err(|_| reason::ERR_CT_INSERT)?;
     if C::map().insert(key, fwd, 0).is_err() {
         let _ = C::map().remove(rev_key);
         return Err(reason::ERR_CT_INSERT);
@@ -342,7 +358,12 @@ fn stats_add(stats: Option<*mut TrafficStats>, bytes: u64, forward: bool, new_fl
 pub fn lb4_account(ct: &CtEntry, bytes: u64, new_flow: bool) {
     let forward = ct.flags & ct_flags::FORWARD != 0;
     stats_add(SVC_STATS.get_ptr_mut(ct.svc_id), bytes, forward, new_flow);
-    stats_add(BE_STATS.get_ptr_mut(ct.backend_id), bytes, forward, new_flow);
+    stats_add(
+        BE_STATS.get_ptr_mut(ct.backend_id),
+        bytes,
+        forward,
+        new_flow,
+    );
 }
 
 /// Count a flow balanced at the socket layer (no packets are seen there).
@@ -401,7 +422,12 @@ pub fn lb4_ingress<C: CtTable>(
 
 /// Pick a backend for a new flow to `fe`, create its conntrack entries and count it.
 #[inline(always)]
-pub fn lb4_new_flow<C: CtTable>(key: &CtKey, fe: &Frontend, bytes: u64, origin: &Origin) -> Result<(CtEntry, u32), u32> {
+pub fn lb4_new_flow<C: CtTable>(
+    key: &CtKey,
+    fe: &Frontend,
+    bytes: u64,
+    origin: &Origin,
+) -> Result<(CtEntry, u32), u32> {
     let (be_id, be) = lb4_select_backend(fe).ok_or(reason::PASS_NO_BACKEND)?;
     let ct = ct_create4::<C>(key, fe, be_id, &be, origin)?;
     lb4_account(&ct, bytes, true);
@@ -448,7 +474,10 @@ pub fn frag_ports(pkt: &mut Pkt) -> Result<(), u32> {
         return Ok(());
     }
     // SAFETY: copied out at once.
-    let p = FRAGS.get_ptr(&frag_key(pkt)).map(|p| unsafe { *p }).ok_or(reason::PASS_FRAGMENT)?;
+    let p = FRAGS
+        .get_ptr(&frag_key(pkt))
+        .map(|p| unsafe { *p })
+        .ok_or(reason::PASS_FRAGMENT)?;
     pkt.key.sport = p.sport;
     pkt.key.dport = p.dport;
     Ok(())
@@ -466,7 +495,13 @@ pub fn frag_done(pkt: &Pkt, r: Result<(CtEntry, u32), u32>) -> Result<(CtEntry, 
         return r;
     }
     // A later fragment whose flow is gone: passed as one.
-    let r = r.map_err(|e| if pkt.frag == FRAG_LATER { reason::PASS_FRAGMENT } else { e });
+    let r = r.map_err(|e| {
+        if pkt.frag == FRAG_LATER {
+            reason::PASS_FRAGMENT
+        } else {
+            e
+        }
+    });
     match (&r, pkt.frag == FRAG_FIRST) {
         (Ok(_), true) => {
             let ports = FragPorts {
@@ -516,7 +551,6 @@ pub fn lb4_tracked<C: CtTable>(key: &CtKey, tcp: u8, bytes: u64) -> Result<(CtEn
     };
     Ok((ct, r))
 }
-
 
 /// Network isolation: does a packet entering from a task's interface `ifindex` head for an
 /// address of a mesh network other than that interface's? (Every network's bridge lives in

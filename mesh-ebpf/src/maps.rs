@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use mesh_common::{
-    Backend, Config, CtEntry, CtKey, FragKey, FragPorts, Frontend, FrontendKey, SlotKey, SockRevEntry, SockRevKey,
-    TaskNetKey, TrafficStats, maps::*, reason,
+    Backend, Config, CtEntry, CtKey, FragKey, FragPorts, Frontend, FrontendKey, SlotKey,
+    SockRevEntry, SockRevKey, TaskNetKey, TrafficStats, maps::*, reason,
 };
 
 #[map(name = "FRONTENDS_V1")]

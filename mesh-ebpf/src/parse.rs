@@ -132,7 +132,12 @@ pub fn parse_ipv4(data: usize, data_end: usize, frame_len: usize) -> Result<Pkt,
             return Err(reason::PASS_NOT_TCP_UDP);
         }
         return Ok(Pkt {
-            key: CtKey { saddr, daddr, sport: 0, dport: 0 },
+            key: CtKey {
+                saddr,
+                daddr,
+                sport: 0,
+                dport: 0,
+            },
             proto: l4proto,
             l4_off,
             tcp: CLOSE_NONE,
@@ -147,7 +152,15 @@ pub fn parse_ipv4(data: usize, data_end: usize, frame_len: usize) -> Result<Pkt,
             // SAFETY: bounds checked by ptr_at.
             let (s, d, doff, fin, rst, syn, ack) = unsafe {
                 let t = &*tcp;
-                (t.source, t.dest, t.doff(), t.fin(), t.rst(), t.syn(), t.ack())
+                (
+                    t.source,
+                    t.dest,
+                    t.doff(),
+                    t.fin(),
+                    t.rst(),
+                    t.syn(),
+                    t.ack(),
+                )
             };
             if doff < 5 || tot_len < ihl * 4 + TcpHdr::LEN {
                 return Err(reason::PASS_MALFORMED);

@@ -151,8 +151,13 @@ pub fn sock4_translate(ctx: &SockAddrContext, record_rev: bool) -> i32 {
 /// 127.0.0.11:53 in a task → the port the embedded DNS server really listens on.
 #[inline(always)]
 fn dns4_redirect(ctx: &SockAddrContext, daddr: u32, dport: u16, record_rev: bool) -> bool {
-    let Some(cfg) = CONFIG.get(0) else { return false };
-    if cfg.dns_port == 0 || daddr != u32::from_ne_bytes(mesh_common::DNS_ADDR) || dport != 53u16.to_be() {
+    let Some(cfg) = CONFIG.get(0) else {
+        return false;
+    };
+    if cfg.dns_port == 0
+        || daddr != u32::from_ne_bytes(mesh_common::DNS_ADDR)
+        || dport != 53u16.to_be()
+    {
         return false;
     }
     let port = cfg.dns_port.to_be();
@@ -161,8 +166,21 @@ fn dns4_redirect(ctx: &SockAddrContext, daddr: u32, dport: u16, record_rev: bool
     if record_rev {
         // SAFETY: helper valid for sock_addr programs.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        let key = SockRevKey { cookie, addr: daddr, port, _pad: 0 };
-        let _ = SOCK_REV.insert(key, SockRevEntry { addr: daddr, port: dport, _pad: 0 }, 0);
+        let key = SockRevKey {
+            cookie,
+            addr: daddr,
+            port,
+            _pad: 0,
+        };
+        let _ = SOCK_REV.insert(
+            key,
+            SockRevEntry {
+                addr: daddr,
+                port: dport,
+                _pad: 0,
+            },
+            0,
+        );
     }
     true
 }

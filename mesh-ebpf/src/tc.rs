@@ -5,8 +5,9 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT, __sk_buff, bpf_fib_lookup,
+        __sk_buff, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        bpf_fib_lookup,
     },
     helpers::{
         bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer,
@@ -65,11 +66,14 @@ pub fn tc_ingress(ctx: &TcContext) -> Result<i32, u32> {
         // A fragment: the first is balanced by its ports and leaves them for the later ones,
         // which only follow an existing flow (see tc_nat for where fragments go).
         lb::frag_ports(&mut pkt)?;
-        lb::frag_done(&pkt, if pkt.proto == proto::TCP {
-            lb::lb4_ingress_fragment::<Tcp>(&pkt, bytes, origin)
-        } else {
-            lb::lb4_ingress_fragment::<Udp>(&pkt, bytes, origin)
-        })
+        lb::frag_done(
+            &pkt,
+            if pkt.proto == proto::TCP {
+                lb::lb4_ingress_fragment::<Tcp>(&pkt, bytes, origin)
+            } else {
+                lb::lb4_ingress_fragment::<Udp>(&pkt, bytes, origin)
+            },
+        )
     } else if pkt.proto == proto::TCP {
         lb::lb4_ingress::<Tcp>(&pkt.key, pkt.tcp, bytes, origin)
     } else {
@@ -93,11 +97,14 @@ pub fn tc_from_task(ctx: &TcContext) -> Result<i32, u32> {
         // fragment by its ports, the later ones by the ports the first left.
         lb::frag_ports(&mut pkt)?;
         let bytes = ctx.len() as u64;
-        let r = lb::frag_done(&pkt, if pkt.proto == proto::TCP {
-            lb::lb4_tracked::<Tcp>(&pkt.key, pkt.tcp, bytes)
-        } else {
-            lb::lb4_tracked::<Udp>(&pkt.key, pkt.tcp, bytes)
-        })?;
+        let r = lb::frag_done(
+            &pkt,
+            if pkt.proto == proto::TCP {
+                lb::lb4_tracked::<Tcp>(&pkt.key, pkt.tcp, bytes)
+            } else {
+                lb::lb4_tracked::<Udp>(&pkt.key, pkt.tcp, bytes)
+            },
+        )?;
         Ok((pkt, r))
     }) {
         Ok((pkt, (ct, why))) => {
@@ -148,7 +155,11 @@ fn tc_origin(ctx: &TcContext) -> Origin {
 #[inline(always)]
 fn tc_rewrite_tuple(ctx: &TcContext, pkt: &Pkt, ct: &CtEntry) -> Result<(), u32> {
     let k = &pkt.key;
-    let mangled = if pkt.proto == proto::UDP { BPF_F_MARK_MANGLED_0 } else { 0 };
+    let mangled = if pkt.proto == proto::UDP {
+        BPF_F_MARK_MANGLED_0
+    } else {
+        0
+    };
     let csum_off = pkt.l4_csum_off();
     // A later fragment has no L4 header: its addresses only (the first fragment's L4
     // checksum covers the whole datagram, and its update covers the new addresses).
@@ -157,7 +168,10 @@ fn tc_rewrite_tuple(ctx: &TcContext, pkt: &Pkt, ct: &CtEntry) -> Result<(), u32>
         let ip: *const Ipv4Hdr = ptr_at(ctx.data(), ctx.data_end(), ETH_LEN)?;
         // SAFETY: bounds checked by ptr_at.
         let check = u16::from_ne_bytes(unsafe { (*ip).check });
-        let diff = csum::add_diff(csum::diff4(k.saddr, ct.saddr), csum::diff4(k.daddr, ct.daddr));
+        let diff = csum::add_diff(
+            csum::diff4(k.saddr, ct.saddr),
+            csum::diff4(k.daddr, ct.daddr),
+        );
         let mut hdr = [0u8; 10];
         hdr[0..2].copy_from_slice(&csum::apply_diff(check, diff).to_ne_bytes());
         hdr[2..6].copy_from_slice(&ct.saddr.to_ne_bytes());
@@ -166,14 +180,16 @@ fn tc_rewrite_tuple(ctx: &TcContext, pkt: &Pkt, ct: &CtEntry) -> Result<(), u32>
             ctx.l4_csum_replace(csum_off, 0, diff as u64, BPF_F_PSEUDO_HDR | mangled)
                 .map_err(|_| reason::DROP_REWRITE)?;
         }
-        ctx.store(ETH_LEN + IP_CSUM_OFF, &hdr, 0).map_err(|_| reason::DROP_REWRITE)?;
+        ctx.store(ETH_LEN + IP_CSUM_OFF, &hdr, 0)
+            .map_err(|_| reason::DROP_REWRITE)?;
     }
     if l4 && (k.sport != ct.sport || k.dport != ct.dport) {
         let from = ports_word(k.sport, k.dport);
         let to = ports_word(ct.sport, ct.dport);
         ctx.l4_csum_replace(csum_off, 0, csum::diff4(from, to) as u64, mangled)
             .map_err(|_| reason::DROP_REWRITE)?;
-        ctx.store(pkt.l4_off + L4_SPORT_OFF, &to, 0).map_err(|_| reason::DROP_REWRITE)?;
+        ctx.store(pkt.l4_off + L4_SPORT_OFF, &to, 0)
+            .map_err(|_| reason::DROP_REWRITE)?;
     }
     Ok(())
 }
@@ -197,7 +213,12 @@ fn tc_route(ctx: &TcContext, ct: &CtEntry, proto: u8) -> (i64, bpf_fib_lookup) {
     let mut p = lb::fib_params4(ct, proto, unsafe { (*ctx.skb.skb).ifindex }, 0);
     // SAFETY: helper call with a valid, correctly sized parameter block.
     let rc = unsafe {
-        fib_lookup(ctx.as_ptr(), &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0)
+        fib_lookup(
+            ctx.as_ptr(),
+            &mut p,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
     };
     (rc, p)
 }
@@ -279,11 +300,18 @@ pub fn tc_nat(ctx: &TcContext, pkt: &Pkt, ct: &CtEntry, how: Deliver) -> Result<
     // it is answered with its MTU, as the client sent it (the kernel would tell the
     // rewritten source, this node). A task's own link is not checked: redirect_peer
     // delivers into its namespace whatever the link's MTU.
-    let route = if ct.ifindex == 0 { Some(tc_route(ctx, ct, pkt.proto)) } else { None };
+    let route = if ct.ifindex == 0 {
+        Some(tc_route(ctx, ct, pkt.proto))
+    } else {
+        None
+    };
     if let Some((rc, p)) = &route {
-        if *rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 && pkt.df && ct.flags & ct_flags::FORWARD != 0 {
+        if *rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 && pkt.df && ct.flags & ct_flags::FORWARD != 0
+        {
             // SAFETY: the kernel wrote mtu_result with this return code.
-            return Ok(tc_frag_needed(ctx.skb.skb, unsafe { p.__bindgen_anon_1.mtu_result }));
+            return Ok(tc_frag_needed(ctx.skb.skb, unsafe {
+                p.__bindgen_anon_1.mtu_result
+            }));
         }
     }
     if let Err(e) = tc_rewrite_tuple(ctx, pkt, ct) {

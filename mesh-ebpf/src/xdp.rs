@@ -7,7 +7,9 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_FIB_LKUP_RET_FRAG_NEEDED, bpf_check_mtu_ret::BPF_MTU_CHK_RET_FRAG_NEEDED, bpf_fib_lookup,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED,
+        bpf_check_mtu_ret::BPF_MTU_CHK_RET_FRAG_NEEDED,
+        bpf_fib_lookup,
         xdp_action::{XDP_DROP, XDP_PASS, XDP_REDIRECT},
         xdp_md,
     },
@@ -79,12 +81,23 @@ fn xdp_path_mtu(ctx: *mut xdp_md, ct: &CtEntry, proto: u8, len: u32) -> u16 {
         let mut mtu = 0u32;
         // SAFETY: helper call on the program's own context.
         let rc = unsafe { bpf_check_mtu(ctx as *mut _, ct.ifindex, &mut mtu, 0, 0) };
-        return if rc == BPF_MTU_CHK_RET_FRAG_NEEDED as i64 { mtu as u16 } else { 0 };
+        return if rc == BPF_MTU_CHK_RET_FRAG_NEEDED as i64 {
+            mtu as u16
+        } else {
+            0
+        };
     }
     // SAFETY: reading a field of the context the kernel gave us.
     let mut p = lb::fib_params4(ct, proto, unsafe { (*ctx).ingress_ifindex }, len as u16);
     // SAFETY: helper call with a valid, correctly sized parameter block.
-    let rc = unsafe { fib_lookup(ctx as *mut _, &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0) };
+    let rc = unsafe {
+        fib_lookup(
+            ctx as *mut _,
+            &mut p,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
     if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
         // SAFETY: the kernel wrote mtu_result with this return code.
         unsafe { p.__bindgen_anon_1.mtu_result }
@@ -101,7 +114,9 @@ fn xdp_frag_needed(raw: *mut xdp_md, mtu: u16) -> u32 {
     let ctx = XdpContext::new(raw);
     let cut = (ETH_LEN + QUOTE) as i32 - (ctx.data_end() - ctx.data()) as i32;
     // SAFETY: helper calls on our own context; every pointer is derived after them.
-    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, cut) } != 0 || unsafe { bpf_xdp_adjust_head(ctx.ctx, -(HDRS as i32)) } != 0 {
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, cut) } != 0
+        || unsafe { bpf_xdp_adjust_head(ctx.ctx, -(HDRS as i32)) } != 0
+    {
         count(mesh_common::reason::DROP_REWRITE);
         return XDP_DROP;
     }
@@ -141,11 +156,14 @@ fn xdp_fragment(ctx: &XdpContext, pkt: &mut Pkt) -> Result<u32, u32> {
     lb::frag_ports(pkt)?;
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let origin = || xdp_origin(ctx);
-    let (ct, why) = lb::frag_done(pkt, if pkt.proto == proto::TCP {
-        lb::lb4_ingress_fragment::<Tcp>(pkt, bytes, origin)
-    } else {
-        lb::lb4_ingress_fragment::<Udp>(pkt, bytes, origin)
-    })?;
+    let (ct, why) = lb::frag_done(
+        pkt,
+        if pkt.proto == proto::TCP {
+            lb::lb4_ingress_fragment::<Tcp>(pkt, bytes, origin)
+        } else {
+            lb::lb4_ingress_fragment::<Udp>(pkt, bytes, origin)
+        },
+    )?;
     count(why);
     // Toward a task, fragments go to the kernel (see xdp_nat); a reply's leave as replies do.
     let to_kernel = ct.ifindex == 0 || ct.flags & ct_flags::FORWARD != 0;

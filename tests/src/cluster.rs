@@ -8,12 +8,7 @@
 //! NIC fills checksums in; a veth would hand over partial ones, which XDP cannot see), and
 //! GRO is on at the bridge side so XDP redirects out of a node are accepted.
 
-use std::{
-    collections::BTreeMap,
-    fmt::Write as _,
-    net::Ipv4Addr,
-    path::PathBuf,
-};
+use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, path::PathBuf};
 
 use crate::{Agent, AgentOpts, Netns, Proc, sh, whoami, write_atomic};
 
@@ -102,7 +97,20 @@ impl Cluster {
             let port = format!("up{}", i + 1);
             sh(
                 "ip",
-                &["link", "add", "ul0", "netns", &ns.name, "type", "veth", "peer", "name", &port, "netns", &underlay.name],
+                &[
+                    "link",
+                    "add",
+                    "ul0",
+                    "netns",
+                    &ns.name,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    &port,
+                    "netns",
+                    &underlay.name,
+                ],
             );
             ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "ul0"]);
             ns.ip(&["link", "set", "ul0", "up"]);
@@ -121,7 +129,20 @@ impl Cluster {
         let client_addr = Ipv4Addr::new(198, 18, 0, 100);
         sh(
             "ip",
-            &["link", "add", "eth0", "netns", &client.name, "type", "veth", "peer", "name", "upc", "netns", &underlay.name],
+            &[
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                &client.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "upc",
+                "netns",
+                &underlay.name,
+            ],
         );
         client.ip(&["addr", "add", &format!("{client_addr}/24"), "dev", "eth0"]);
         client.ip(&["link", "set", "eth0", "up"]);
@@ -176,14 +197,28 @@ impl Cluster {
         node: usize,
         server: impl FnOnce(&Netns, &str) -> Proc,
     ) -> String {
-        let svc = self.services.iter().find(|s| s.name == service).expect("service").clone();
-        let id = format!("{}{:02}x{}", service.chars().next().unwrap_or('t'), self.next_task, crate::uniq());
+        let svc = self
+            .services
+            .iter()
+            .find(|s| s.name == service)
+            .expect("service")
+            .clone();
+        let id = format!(
+            "{}{:02}x{}",
+            service.chars().next().unwrap_or('t'),
+            self.next_task,
+            crate::uniq()
+        );
         self.next_task += 1;
         let mut addrs = Vec::new();
         for net in &svc.networks {
             let h = self.next_host.entry(net.clone()).or_insert(20);
             *h += 1;
-            let nd = self.networks.iter().find(|n| &n.name == net).expect("network");
+            let nd = self
+                .networks
+                .iter()
+                .find(|n| &n.name == net)
+                .expect("network");
             addrs.push((net.clone(), nd.addr(*h)));
         }
         let ns = Netns::new("t");
@@ -191,7 +226,16 @@ impl Cluster {
         let server = server(&ns, &name);
         self.tasks.insert(
             id.clone(),
-            TaskBed { id: id.clone(), service: service.into(), slot, node, state: "running".into(), addrs, ns, server },
+            TaskBed {
+                id: id.clone(),
+                service: service.into(),
+                slot,
+                node,
+                state: "running".into(),
+                addrs,
+                ns,
+                server,
+            },
         );
         id
     }
@@ -202,7 +246,10 @@ impl Cluster {
 
     /// Tasks of `service` in `state`.
     pub fn tasks_of(&self, service: &str, state: &str) -> Vec<&TaskBed> {
-        self.tasks.values().filter(|t| t.service == service && t.state == state).collect()
+        self.tasks
+            .values()
+            .filter(|t| t.service == service && t.state == state)
+            .collect()
     }
 
     pub fn yaml(&self) -> String {
@@ -212,11 +259,22 @@ impl Cluster {
         }
         y.push_str("networks:\n");
         for n in &self.networks {
-            let _ = writeln!(y, "  - {{name: {}, subnet: {}, vni: {}}}", n.name, n.subnet(), n.vni);
+            let _ = writeln!(
+                y,
+                "  - {{name: {}, subnet: {}, vni: {}}}",
+                n.name,
+                n.subnet(),
+                n.vni
+            );
         }
         y.push_str("services:\n");
         for s in &self.services {
-            let _ = writeln!(y, "  - name: {}\n    endpoint_mode: {}", s.name, if s.dnsrr { "dnsrr" } else { "vip" });
+            let _ = writeln!(
+                y,
+                "  - name: {}\n    endpoint_mode: {}",
+                s.name,
+                if s.dnsrr { "dnsrr" } else { "vip" }
+            );
             y.push_str("    networks:\n");
             for net in &s.networks {
                 match self.vip(&s.name, net) {
@@ -235,7 +293,10 @@ impl Cluster {
             if !s.ports.is_empty() {
                 y.push_str("    ports:\n");
                 for (p, t, proto) in &s.ports {
-                    let _ = writeln!(y, "      - {{published: {p}, target: {t}, protocol: {proto}}}");
+                    let _ = writeln!(
+                        y,
+                        "      - {{published: {p}, target: {t}, protocol: {proto}}}"
+                    );
                 }
             }
         }
@@ -251,8 +312,11 @@ impl Cluster {
                 t.state,
                 t.ns.path().display()
             );
-            let parts: Vec<String> =
-                t.addrs.iter().map(|(n, a)| format!("{{network: {n}, address: {a}}}")).collect();
+            let parts: Vec<String> = t
+                .addrs
+                .iter()
+                .map(|(n, a)| format!("{{network: {n}, address: {a}}}"))
+                .collect();
             y.push_str(&parts.join(", "));
             y.push_str("]}\n");
         }

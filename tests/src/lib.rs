@@ -22,7 +22,11 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A short unique tag for names (interface names are limited to 15 characters).
 pub fn uniq() -> String {
-    format!("{:x}{:x}", std::process::id() % 0xffff, SEQ.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{:x}{:x}",
+        std::process::id() % 0xffff,
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Run a command, panicking with its output if it fails.
@@ -103,7 +107,11 @@ impl Netns {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {cmd} in {}: {e}", self.name));
-        Proc { child: Some(child), name: cmd.to_string(), log: None }
+        Proc {
+            child: Some(child),
+            name: cmd.to_string(),
+            log: None,
+        }
     }
 
     /// Run `f` on a thread inside this namespace (e.g. to use a socket from there).
@@ -131,14 +139,22 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         // Kill anything still running in it, then delete it.
-        let _ = Command::new("ip").args(["netns", "pids", &self.name]).output().map(|o| {
-            for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
-                if let Ok(p) = pid.parse::<i32>() {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
+        let _ = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+            .map(|o| {
+                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                    if let Ok(p) = pid.parse::<i32>() {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(p),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
                 }
-            }
-        });
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+            });
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
@@ -146,7 +162,10 @@ impl Drop for Netns {
 pub fn veth(a: &Netns, a_if: &str, a_addr: &str, b: &Netns, b_if: &str, b_addr: &str) {
     sh(
         "ip",
-        &["link", "add", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if, "netns", &b.name],
+        &[
+            "link", "add", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if, "netns",
+            &b.name,
+        ],
     );
     a.ip(&["addr", "add", a_addr, "dev", a_if]);
     a.ip(&["link", "set", a_if, "up"]);
@@ -173,7 +192,11 @@ impl Proc {
             .stderr(Stdio::null())
             .spawn()
             .expect("start the agent binary");
-        Proc { child: Some(child), name: args.join(" "), log: None }
+        Proc {
+            child: Some(child),
+            name: args.join(" "),
+            log: None,
+        }
     }
 
     pub fn pid(&self) -> i32 {
@@ -182,8 +205,13 @@ impl Proc {
 
     /// Send SIGTERM and wait (bounded) for exit; returns true when it exited on its own.
     pub fn stop(&mut self, grace: Duration) -> bool {
-        let Some(mut c) = self.child.take() else { return true };
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let Some(mut c) = self.child.take() else {
+            return true;
+        };
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = c.try_wait() {
@@ -201,7 +229,10 @@ impl Proc {
     }
 
     pub fn log(&self) -> String {
-        self.log.as_ref().and_then(|p| fs::read_to_string(p).ok()).unwrap_or_default()
+        self.log
+            .as_ref()
+            .and_then(|p| fs::read_to_string(p).ok())
+            .unwrap_or_default()
     }
 }
 
@@ -216,7 +247,10 @@ pub fn agent_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("MESH_AGENT_BIN") {
         return PathBuf::from(p);
     }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("target");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .join("target");
     for profile in ["debug", "release"] {
         let p = root.join(profile).join("mesh-agent");
         if p.is_file() {
@@ -279,7 +313,11 @@ impl Agent {
             .stderr(logf);
         let child = cmd.spawn().expect("start mesh-agent");
         let mut a = Agent {
-            proc: Proc { child: Some(child), name: "mesh-agent".into(), log: Some(log) },
+            proc: Proc {
+                child: Some(child),
+                name: "mesh-agent".into(),
+                log: Some(log),
+            },
             node: o.node.to_string(),
             pin_dir,
             run_dir,
@@ -294,7 +332,8 @@ impl Agent {
     pub fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if self.run_dir.join("catalog.json").exists() && self.proc.log().contains("agent ready") {
+            if self.run_dir.join("catalog.json").exists() && self.proc.log().contains("agent ready")
+            {
                 return;
             }
             if !self.proc.is_running() {
@@ -347,7 +386,15 @@ impl Drop for Agent {
 pub fn whoami(ns: &Netns, name: &str) -> Proc {
     let bin = agent_bin();
     let child = Command::new(bin)
-        .args(["whoami", "--name", name, "--http", "0.0.0.0:80", "--udp", "0.0.0.0:7"])
+        .args([
+            "whoami",
+            "--name",
+            name,
+            "--http",
+            "0.0.0.0:80",
+            "--udp",
+            "0.0.0.0:7",
+        ])
         .arg("--netns")
         .arg(ns.path())
         .stdin(Stdio::null())
@@ -355,7 +402,11 @@ pub fn whoami(ns: &Netns, name: &str) -> Proc {
         .stderr(Stdio::null())
         .spawn()
         .expect("start whoami");
-    Proc { child: Some(child), name: format!("whoami {name}"), log: None }
+    Proc {
+        child: Some(child),
+        name: format!("whoami {name}"),
+        log: None,
+    }
 }
 
 /// `curl -s --max-time 5 URL` from `ns`; `None` on failure.
@@ -371,10 +422,10 @@ pub fn curl(ns: &Netns, url: &str) -> Option<String> {
 pub fn curl_until(ns: &Netns, url: &str, why: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if let Some(s) = curl(ns, url) {
-            if !s.is_empty() {
-                return s;
-            }
+        if let Some(s) = curl(ns, url)
+            && !s.is_empty()
+        {
+            return s;
         }
         if Instant::now() > deadline {
             panic!("{why}: {url} never answered from {}", ns.name);
@@ -407,7 +458,10 @@ pub fn udp_ask_large(ns: &Netns, to: SocketAddr, size: usize, fill: u8) -> Optio
         let (n, _) = s.recv_from(&mut buf).ok()?;
         let sp = buf[..n].iter().position(|&b| b == b' ')?;
         let echo = &buf[sp + 1..n];
-        Some((String::from_utf8_lossy(&buf[..sp]).to_string(), echo.len() == size && echo.iter().all(|&b| b == fill)))
+        Some((
+            String::from_utf8_lossy(&buf[..sp]).to_string(),
+            echo.len() == size && echo.iter().all(|&b| b == fill),
+        ))
     })
 }
 

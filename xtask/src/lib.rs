@@ -26,9 +26,13 @@ pub const SETUP_COMMAND: &str = "bash xtask/setup.sh";
 pub enum Route {
     Prebuilt(PathBuf),
     /// Debian's rustc with a prebuilt `core` for the BPF targets.
-    DebianCore { rustc: PathBuf },
+    DebianCore {
+        rustc: PathBuf,
+    },
     /// A rustup nightly toolchain with `rust-src`: `-Z build-std=core`.
-    NightlyBuildStd { toolchain: String },
+    NightlyBuildStd {
+        toolchain: String,
+    },
 }
 
 #[derive(Debug)]
@@ -66,9 +70,10 @@ fn path_with_cargo_bin() -> std::ffi::OsString {
     let mut paths: Vec<PathBuf> = env::var_os("PATH")
         .map(|p| env::split_paths(&p).collect())
         .unwrap_or_default();
-    if let Some(home) = env::var_os("CARGO_HOME").map(PathBuf::from).or_else(|| {
-        env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo"))
-    }) {
+    if let Some(home) = env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+    {
         paths.push(home.join("bin"));
     }
     env::join_paths(paths).unwrap_or_default()
@@ -94,18 +99,27 @@ pub fn detect_route() -> Result<Route, BuildError> {
     if debian.is_file() && Path::new("/usr/lib/rustlib/bpfel-unknown-none/lib").is_dir() {
         return Ok(Route::DebianCore { rustc: debian });
     }
-    if on_path("rustup") || Path::new(&format!("{}/.cargo/bin/rustup", env::var("HOME").unwrap_or_default())).is_file() {
+    if on_path("rustup")
+        || Path::new(&format!(
+            "{}/.cargo/bin/rustup",
+            env::var("HOME").unwrap_or_default()
+        ))
+        .is_file()
+    {
         let out = Command::new("rustup")
             .args(["run", "nightly", "rustc", "--print", "sysroot"])
             .output();
-        if let Ok(out) = out {
-            if out.status.success() {
-                let sysroot = String::from_utf8_lossy(&out.stdout).trim().to_string();
-                if Path::new(&sysroot).join("lib/rustlib/src/rust/library/core").is_dir() {
-                    return Ok(Route::NightlyBuildStd {
-                        toolchain: "nightly".into(),
-                    });
-                }
+        if let Ok(out) = out
+            && out.status.success()
+        {
+            let sysroot = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if Path::new(&sysroot)
+                .join("lib/rustlib/src/rust/library/core")
+                .is_dir()
+            {
+                return Ok(Route::NightlyBuildStd {
+                    toolchain: "nightly".into(),
+                });
             }
         }
     }
@@ -141,7 +155,13 @@ pub fn build_ebpf() -> Result<PathBuf, BuildError> {
         }
     }
     cmd.current_dir(&root)
-        .args(["--release", "--target", "bpfel-unknown-none", "-p", "mesh-ebpf"])
+        .args([
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-p",
+            "mesh-ebpf",
+        ])
         .arg("--target-dir")
         .arg(&target_dir)
         // A leaked wrapper or rustflags from an outer cargo (clippy, build scripts) breaks
@@ -160,7 +180,11 @@ pub fn build_ebpf() -> Result<PathBuf, BuildError> {
     for (k, _) in env::vars_os() {
         // Profile/feature settings of the outer build must not leak in.
         let k = k.to_string_lossy().to_string();
-        if k.starts_with("CARGO_FEATURE_") || k.starts_with("CARGO_CFG_") || k == "TARGET" || k == "HOST" {
+        if k.starts_with("CARGO_FEATURE_")
+            || k.starts_with("CARGO_CFG_")
+            || k == "TARGET"
+            || k == "HOST"
+        {
             cmd.env_remove(&k);
         }
     }
@@ -172,7 +196,10 @@ pub fn build_ebpf() -> Result<PathBuf, BuildError> {
     }
     let obj = target_dir.join("bpfel-unknown-none/release/mesh");
     if !obj.is_file() {
-        return err(format!("eBPF build produced no object at {}", obj.display()));
+        return err(format!(
+            "eBPF build produced no object at {}",
+            obj.display()
+        ));
     }
     Ok(obj)
 }
@@ -213,7 +240,11 @@ pub mod image {
     pub fn libraries(bin: &Path) -> Result<Vec<PathBuf>> {
         let out = io("cannot run ldd", Command::new("ldd").arg(bin).output())?;
         if !out.status.success() {
-            return fail(format!("ldd {}: {}", bin.display(), String::from_utf8_lossy(&out.stderr)));
+            return fail(format!(
+                "ldd {}: {}",
+                bin.display(),
+                String::from_utf8_lossy(&out.stderr)
+            ));
         }
         let mut libs = Vec::new();
         for line in String::from_utf8_lossy(&out.stdout).lines() {
@@ -234,26 +265,43 @@ pub mod image {
     pub fn rootfs(bin: &Path, out: &Path) -> Result<PathBuf> {
         let fs = out.join("rootfs");
         let _ = std::fs::remove_dir_all(&fs);
-        io("create rootfs", std::fs::create_dir_all(fs.join("usr/local/bin")))?;
+        io(
+            "create rootfs",
+            std::fs::create_dir_all(fs.join("usr/local/bin")),
+        )?;
         let dest = fs.join("usr/local/bin/mesh-agent");
         io("copy the agent", std::fs::copy(bin, &dest))?;
         // Host debug info is not needed in the image (the embedded eBPF object keeps its BTF:
         // it is data inside the binary, not a section strip touches).
-        let st = io("cannot run strip", Command::new("strip").arg("--strip-debug").arg(&dest).status())?;
+        let st = io(
+            "cannot run strip",
+            Command::new("strip")
+                .arg("--strip-debug")
+                .arg(&dest)
+                .status(),
+        )?;
         if !st.success() {
             return fail("strip failed");
         }
-        let mut listing = vec![("/usr/local/bin/mesh-agent".to_string(), io("stat", std::fs::metadata(&dest))?.len())];
+        let mut listing = vec![(
+            "/usr/local/bin/mesh-agent".to_string(),
+            io("stat", std::fs::metadata(&dest))?.len(),
+        )];
         for lib in libraries(bin)? {
             // Copy the file the path resolves to, under the path the loader looks for.
             let real = io("resolve library", std::fs::canonicalize(&lib))?;
-            let rel = lib.strip_prefix("/").map_err(|e| BuildError(e.to_string()))?;
+            let rel = lib
+                .strip_prefix("/")
+                .map_err(|e| BuildError(e.to_string()))?;
             let dest = fs.join(rel);
             if let Some(parent) = dest.parent() {
                 io("create library dir", std::fs::create_dir_all(parent))?;
             }
             io("copy library", std::fs::copy(&real, &dest))?;
-            listing.push((lib.display().to_string(), io("stat", std::fs::metadata(&real))?.len()));
+            listing.push((
+                lib.display().to_string(),
+                io("stat", std::fs::metadata(&real))?.len(),
+            ));
         }
         // Mount points and files the agent uses at run time.
         for d in ["tmp", "run", "sys", "proc", "etc", "var/run", "host"] {
@@ -274,7 +322,11 @@ pub mod image {
             return fail("tar failed");
         }
         let total: u64 = listing.iter().map(|(_, n)| n).sum();
-        println!("image content ({} files, {:.1} MiB):", listing.len(), total as f64 / 1048576.0);
+        println!(
+            "image content ({} files, {:.1} MiB):",
+            listing.len(),
+            total as f64 / 1048576.0
+        );
         for (p, n) in &listing {
             println!("  {p:<50} {:>8.1} KiB", *n as f64 / 1024.0);
         }
@@ -284,19 +336,26 @@ pub mod image {
     /// `docker import` the rootfs as `image` with the agent as entrypoint (`docker`: the CLI
     /// command, e.g. "docker" or a wrapper pointing at another daemon).
     pub fn import(docker: &str, tar: &Path, image: &str) -> Result<()> {
-        let st = io("cannot run docker (is a daemon reachable? DOCKER_HOST)", Command::new(docker)
-            .arg("import")
-            .args(["--change", "ENTRYPOINT [\"/usr/local/bin/mesh-agent\"]"])
-            .args(["--change", "CMD [\"run\"]"])
-            .arg(tar)
-            .arg(image)
-            .status())?;
+        let st = io(
+            "cannot run docker (is a daemon reachable? DOCKER_HOST)",
+            Command::new(docker)
+                .arg("import")
+                .args(["--change", "ENTRYPOINT [\"/usr/local/bin/mesh-agent\"]"])
+                .args(["--change", "CMD [\"run\"]"])
+                .arg(tar)
+                .arg(image)
+                .status(),
+        )?;
         if !st.success() {
             return fail("docker import failed");
         }
-        let out = io("docker run", Command::new(docker).args(["run", "--rm", image, "--version"]).output())?;
+        let out = io(
+            "docker run",
+            Command::new(docker)
+                .args(["run", "--rm", image, "--version"])
+                .output(),
+        )?;
         println!("{image}: {}", String::from_utf8_lossy(&out.stdout).trim());
         Ok(())
     }
 }
-

@@ -37,6 +37,9 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Check formatting (rustfmt) and lints (clippy, warnings are errors); `test` runs it
+    /// first.
+    Lint,
     /// Build and run the single-node demo mesh.
     Demo {
         /// Extra arguments for `mesh-agent demo`.
@@ -103,6 +106,34 @@ fn run(mut c: Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// rustfmt and clippy over the host crates (mesh-ebpf only builds for the BPF target).
+fn lint(built: &Built) -> anyhow::Result<()> {
+    let mut c = cargo();
+    c.args(["fmt", "--all", "--check"]);
+    run(c).context("the tree is not rustfmt-clean: run `cargo fmt --all`")?;
+    let mut c = built.cargo();
+    c.args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "mesh-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    run(c)
+}
+
+/// Is `cargo <sub>` installed?
+fn has_subcommand(sub: &str) -> bool {
+    let mut c = cargo();
+    c.args([sub, "--version"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    c.status().is_ok_and(|s| s.success())
+}
+
 fn require_root(why: &str) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -166,14 +197,29 @@ fn real_main() -> anyhow::Result<()> {
         Task::Test { unit, args } => {
             require_root("the test suite (BPF_PROG_TEST_RUN, network namespaces)")?;
             let built = build(false)?;
+            // Lints first, where the toolchain has them (rustup's does; Debian's cargo may
+            // lack rustfmt and clippy).
+            if has_subcommand("fmt") && has_subcommand("clippy") {
+                lint(&built)?;
+            } else {
+                eprintln!("note: cargo fmt/clippy not installed: lints skipped");
+            }
             let bin = &built.bin;
             // Unit tests: pure logic, checksum math, and the real programs through
             // BPF_PROG_TEST_RUN (each test loads its own copy; they run in parallel).
             let mut c = built.cargo();
-            c.args(["test", "-p", "mesh-common", "-p", "mesh-agent", "-p", "xtask"])
-                .env("MESH_AGENT_BIN", bin)
-                .arg("--")
-                .args(&args);
+            c.args([
+                "test",
+                "-p",
+                "mesh-common",
+                "-p",
+                "mesh-agent",
+                "-p",
+                "xtask",
+            ])
+            .env("MESH_AGENT_BIN", bin)
+            .arg("--")
+            .args(&args);
             run(c)?;
             if !unit {
                 // Integration: real agents in namespaces. One at a time: they share the
@@ -187,6 +233,7 @@ fn real_main() -> anyhow::Result<()> {
                 run(c)?;
             }
         }
+        Task::Lint => lint(&build(false)?)?,
         Task::Demo { args } => {
             require_root("the demo (it attaches eBPF programs and creates namespaces)")?;
             let built = build(true)?;
@@ -202,7 +249,8 @@ fn real_main() -> anyhow::Result<()> {
             if rootfs_only {
                 println!("{}", tar.display());
             } else {
-                xtask::image::import("docker", &tar, &format!("mesh-agent:{tag}")).map_err(|e| anyhow::anyhow!("{e}"))?;
+                xtask::image::import("docker", &tar, &format!("mesh-agent:{tag}"))
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
             }
         }
         Task::Cluster { nodes } => {
@@ -219,8 +267,16 @@ fn real_main() -> anyhow::Result<()> {
             require_root("the benchmarks")?;
             let built = build(true)?;
             let mut c = built.cargo();
-            c.args(["run", "--release", "-p", "mesh-tests", "--bin", "mesh-bench", "--"])
-                .env("MESH_AGENT_BIN", &built.bin);
+            c.args([
+                "run",
+                "--release",
+                "-p",
+                "mesh-tests",
+                "--bin",
+                "mesh-bench",
+                "--",
+            ])
+            .env("MESH_AGENT_BIN", &built.bin);
             if quick {
                 c.arg("--quick");
             }

@@ -38,7 +38,10 @@ pub enum AttachError {
     #[error("task {task}: {source}")]
     Netlink { task: String, source: NetlinkError },
     #[error("network {network}: {source}")]
-    Bridge { network: String, source: NetlinkError },
+    Bridge {
+        network: String,
+        source: NetlinkError,
+    },
     #[error("task {task}: inside its namespace: {message}")]
     Inside { task: String, message: String },
 }
@@ -116,7 +119,12 @@ fn fingerprint(state: &State, task: &Task) -> Vec<(String, Ipv4Addr, Ipv4Addr, u
         .iter()
         .filter_map(|tn| {
             let net = state.networks.get(&tn.network)?;
-            Some((tn.network.clone(), tn.address, net.gateway, net.subnet.prefix_len()))
+            Some((
+                tn.network.clone(),
+                tn.address,
+                net.gateway,
+                net.subnet.prefix_len(),
+            ))
         })
         .collect()
 }
@@ -136,7 +144,11 @@ impl Attacher {
         let mut out = LocalLinks::new();
         for (id, a) in &self.tasks {
             for l in &a.links {
-                let gw_mac = self.bridges.get(&l.network).map(|b| b.mac).unwrap_or([0; 6]);
+                let gw_mac = self
+                    .bridges
+                    .get(&l.network)
+                    .map(|b| b.mac)
+                    .unwrap_or([0; 6]);
                 out.insert(
                     (id.clone(), l.network.clone()),
                     LocalLink {
@@ -152,7 +164,10 @@ impl Attacher {
 
     /// Host-side interfaces of an attached task.
     pub fn host_links(&self, task_id: &str) -> Vec<HostLink> {
-        self.tasks.get(task_id).map(|a| a.links.clone()).unwrap_or_default()
+        self.tasks
+            .get(task_id)
+            .map(|a| a.links.clone())
+            .unwrap_or_default()
     }
 
     pub fn attached(&self) -> impl Iterator<Item = &String> {
@@ -161,12 +176,20 @@ impl Attacher {
 
     /// Bridge ifindex of every network with a bridge on this node.
     pub fn bridges(&self) -> BTreeMap<String, u32> {
-        self.bridges.iter().map(|(n, b)| (n.clone(), b.index)).collect()
+        self.bridges
+            .iter()
+            .map(|(n, b)| (n.clone(), b.index))
+            .collect()
     }
 
     /// Make the kernel match `state` for the tasks of `node`. Networks in `keep` get a bridge
     /// even without a local task (an overlay reaches remote tasks through it).
-    pub async fn converge(&mut self, state: &State, node: &str, keep: &BTreeSet<String>) -> Converged {
+    pub async fn converge(
+        &mut self,
+        state: &State,
+        node: &str,
+        keep: &BTreeSet<String>,
+    ) -> Converged {
         let mut out = Converged::default();
         let want: BTreeMap<&str, &Task> = state
             .attached_tasks_on(node)
@@ -180,7 +203,8 @@ impl Attacher {
             .filter(|(id, a)| match want.get(id.as_str()) {
                 None => true,
                 Some(t) => {
-                    t.netns.as_deref() != Some(a.netns.as_path()) || fingerprint(state, t) != a.fingerprint
+                    t.netns.as_deref() != Some(a.netns.as_path())
+                        || fingerprint(state, t) != a.fingerprint
                 }
             })
             .map(|(id, _)| id.clone())
@@ -204,11 +228,11 @@ impl Attacher {
         }
 
         for name in keep {
-            if let Some(net) = state.networks.get(name) {
-                if let Err(e) = self.ensure_bridge(net).await {
-                    warn!(network = name, error = %e, "cannot create bridge");
-                    out.failed.push(e);
-                }
+            if let Some(net) = state.networks.get(name)
+                && let Err(e) = self.ensure_bridge(net).await
+            {
+                warn!(network = name, error = %e, "cannot create bridge");
+                out.failed.push(e);
             }
         }
 
@@ -226,10 +250,10 @@ impl Attacher {
             .cloned()
             .collect();
         for n in unused {
-            if let Some(b) = self.bridges.remove(&n) {
-                if let Err(e) = self.nl.delete_link(&b.name).await {
-                    warn!(network = n, error = %e, "cannot delete bridge");
-                }
+            if let Some(b) = self.bridges.remove(&n)
+                && let Err(e) = self.nl.delete_link(&b.name).await
+            {
+                warn!(network = n, error = %e, "cannot delete bridge");
             }
         }
         out
@@ -245,7 +269,11 @@ impl Attacher {
             source,
         };
         // The gateway's MAC derives from its address, like the tasks' (stable across restarts).
-        let l = self.nl.ensure_bridge(&name, self.mtu, task_mac(net.gateway)).await.map_err(wrap)?;
+        let l = self
+            .nl
+            .ensure_bridge(&name, self.mtu, task_mac(net.gateway))
+            .await
+            .map_err(wrap)?;
         self.nl
             .add_addr(l.index, net.gateway, net.subnet.prefix_len())
             .await
@@ -275,7 +303,9 @@ impl Attacher {
         let mut links = Vec::new();
         let mut inside = Vec::new();
         for (i, (network, addr, gw, prefix)) in fp.iter().enumerate() {
-            let Some(net) = state.networks.get(network) else { continue };
+            let Some(net) = state.networks.get(network) else {
+                continue;
+            };
             let br = self.ensure_bridge(net).await?;
             let host = host_veth_name(&tid, network);
             let ifname = format!("eth{i}");
@@ -292,7 +322,10 @@ impl Attacher {
                     .await
                     .map_err(wrap)?,
             };
-            self.nl.set_controller_up(l.index, br.index).await.map_err(wrap)?;
+            self.nl
+                .set_controller_up(l.index, br.index)
+                .await
+                .map_err(wrap)?;
             links.push(HostLink {
                 network: network.clone(),
                 host_name: host,
@@ -348,7 +381,10 @@ impl Attacher {
             if let Some(a) = self.tasks.remove(&id) {
                 for l in &a.links {
                     if let Err(source) = self.nl.delete_link(&l.host_name).await {
-                        errors.push(AttachError::Netlink { task: id.clone(), source });
+                        errors.push(AttachError::Netlink {
+                            task: id.clone(),
+                            source,
+                        });
                     }
                 }
             }
@@ -365,7 +401,10 @@ impl Attacher {
 /// Inside the task's namespace: `lo` up; each `eth<i>` gets its address, comes up, gets GRO
 /// (so frames redirected by XDP into the veth are accepted); default route via the first
 /// network's gateway.
-fn configure_inside(path: &Path, ifaces: Vec<(String, Ipv4Addr, u8, Ipv4Addr)>) -> Result<(), String> {
+fn configure_inside(
+    path: &Path,
+    ifaces: Vec<(String, Ipv4Addr, u8, Ipv4Addr)>,
+) -> Result<(), String> {
     netns::run_in(path, move || -> Result<(), String> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -382,11 +421,15 @@ fn configure_inside(path: &Path, ifaces: Vec<(String, Ipv4Addr, u8, Ipv4Addr)>) 
                     .await
                     .map_err(|e| e.to_string())?
                     .ok_or_else(|| format!("{name} missing"))?;
-                nl.add_addr(l.index, *addr, *prefix).await.map_err(|e| e.to_string())?;
+                nl.add_addr(l.index, *addr, *prefix)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 nl.set_up(l.index).await.map_err(|e| e.to_string())?;
                 set_gro(name, true).map_err(|e| format!("{name}: enable GRO: {e}"))?;
                 if i == 0 {
-                    nl.set_default_route(*gw, l.index).await.map_err(|e| e.to_string())?;
+                    nl.set_default_route(*gw, l.index)
+                        .await
+                        .map_err(|e| e.to_string())?;
                 }
             }
             Ok(())
@@ -462,6 +505,9 @@ mod tests {
 
     #[test]
     fn mac_from_ip_like_docker() {
-        assert_eq!(task_mac(Ipv4Addr::new(10, 0, 1, 11)), [0x02, 0x42, 10, 0, 1, 11]);
+        assert_eq!(
+            task_mac(Ipv4Addr::new(10, 0, 1, 11)),
+            [0x02, 0x42, 10, 0, 1, 11]
+        );
     }
 }

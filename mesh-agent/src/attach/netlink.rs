@@ -5,6 +5,7 @@
 use std::{net::Ipv4Addr, os::fd::RawFd};
 
 use futures::TryStreamExt;
+use netlink_packet_core::DefaultNla;
 use rtnetlink::{
     Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder,
     packet_route::{
@@ -12,7 +13,6 @@ use rtnetlink::{
         link::{AfSpecInet, AfSpecUnspec, InfoData, InfoVeth, LinkAttribute, LinkMessage},
     },
 };
-use netlink_packet_core::DefaultNla;
 
 /// Per-device IPv4 settings for [`Netlink::set_ipv4_conf`]: `IPV4_DEVCONF_*` ids
 /// (include/uapi/linux/ip.h).
@@ -92,7 +92,12 @@ impl Netlink {
     }
 
     pub async fn link(&self, name: &str) -> Result<Option<Link>, NetlinkError> {
-        let mut s = self.handle.link().get().match_name(name.to_string()).execute();
+        let mut s = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
         match s.try_next().await {
             Ok(Some(m)) => Ok(Some(link_from_msg(&m))),
             Ok(None) => Ok(None),
@@ -132,24 +137,38 @@ impl Netlink {
     }
 
     async fn must_link(&self, name: &str) -> Result<Link, NetlinkError> {
-        self.link(name).await?.ok_or_else(|| NetlinkError::NotFound {
-            op: "get link",
-            name: name.into(),
-        })
+        self.link(name)
+            .await?
+            .ok_or_else(|| NetlinkError::NotFound {
+                op: "get link",
+                name: name.into(),
+            })
     }
 
     /// Create a bridge with a fixed MAC (no-op if it exists with it) and return it. Without
     /// an explicit MAC a bridge takes its lowest port's, which changes as ports come and go.
-    pub async fn ensure_bridge(&self, name: &str, mtu: u32, mac: [u8; 6]) -> Result<Link, NetlinkError> {
+    pub async fn ensure_bridge(
+        &self,
+        name: &str,
+        mtu: u32,
+        mac: [u8; 6],
+    ) -> Result<Link, NetlinkError> {
         if let Some(l) = self.link(name).await? {
             if l.mac != mac {
-                let msg = LinkUnspec::new_with_index(l.index).address(mac.to_vec()).build();
-                self.set_link(msg, "set bridge address", name.into()).await?;
+                let msg = LinkUnspec::new_with_index(l.index)
+                    .address(mac.to_vec())
+                    .build();
+                self.set_link(msg, "set bridge address", name.into())
+                    .await?;
                 return self.must_link(name).await;
             }
             return Ok(l);
         }
-        let msg = LinkBridge::new(name).mtu(mtu).address(mac.to_vec()).up().build();
+        let msg = LinkBridge::new(name)
+            .mtu(mtu)
+            .address(mac.to_vec())
+            .up()
+            .build();
         match self.handle.link().add(msg).execute().await {
             Ok(()) => {}
             Err(e) if is_exists(&e) => {}
@@ -199,8 +218,12 @@ impl Netlink {
 
     /// Enslave `index` to bridge `bridge` and bring it up.
     pub async fn set_controller_up(&self, index: u32, bridge: u32) -> Result<(), NetlinkError> {
-        let msg = LinkUnspec::new_with_index(index).controller(bridge).up().build();
-        self.set_link(msg, "attach to bridge", format!("#{index}")).await
+        let msg = LinkUnspec::new_with_index(index)
+            .controller(bridge)
+            .up()
+            .build();
+        self.set_link(msg, "attach to bridge", format!("#{index}"))
+            .await
     }
 
     pub async fn set_up(&self, index: u32) -> Result<(), NetlinkError> {
@@ -222,12 +245,21 @@ impl Netlink {
         const NLA_F_NESTED: u16 = 0x8000;
         let inet = AfSpecInet::Other(DefaultNla::new(IFLA_INET_CONF | NLA_F_NESTED, nested));
         let mut msg = LinkUnspec::new_with_index(index).build();
-        msg.attributes.push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet(vec![inet])]));
-        self.set_link(msg, "set IPv4 settings of", format!("#{index}")).await
+        msg.attributes
+            .push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet(vec![
+                inet,
+            ])]));
+        self.set_link(msg, "set IPv4 settings of", format!("#{index}"))
+            .await
     }
 
     /// RTM_SETLINK with `msg`; an error names `op` and the link.
-    async fn set_link(&self, msg: LinkMessage, op: &'static str, name: String) -> Result<(), NetlinkError> {
+    async fn set_link(
+        &self,
+        msg: LinkMessage,
+        op: &'static str,
+        name: String,
+    ) -> Result<(), NetlinkError> {
         self.handle
             .link()
             .set(msg)
@@ -252,7 +284,12 @@ impl Netlink {
     }
 
     /// Add `addr/prefix` to link `index` (no-op if present).
-    pub async fn add_addr(&self, index: u32, addr: Ipv4Addr, prefix: u8) -> Result<(), NetlinkError> {
+    pub async fn add_addr(
+        &self,
+        index: u32,
+        addr: Ipv4Addr,
+        prefix: u8,
+    ) -> Result<(), NetlinkError> {
         match self
             .handle
             .address()
@@ -280,10 +317,9 @@ impl Netlink {
                     for a in &m.attributes {
                         if let AddressAttribute::Local(std::net::IpAddr::V4(ip))
                         | AddressAttribute::Address(std::net::IpAddr::V4(ip)) = a
+                            && !out.contains(&(m.header.index, *ip))
                         {
-                            if !out.contains(&(m.header.index, *ip)) {
-                                out.push((m.header.index, *ip));
-                            }
+                            out.push((m.header.index, *ip));
                         }
                     }
                 }

@@ -29,7 +29,10 @@
 //! docker_cert_path = "/etc/mesh/docker-certs"   # ca.pem, cert.pem, key.pem
 //! ```
 
-use std::{net::SocketAddr, path::{Path, PathBuf}};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
 
 use clap::{ArgMatches, parser::ValueSource};
 use serde::Deserialize;
@@ -96,7 +99,10 @@ pub enum ReachName {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config {path}: {message}")]
     Invalid { path: PathBuf, message: String },
 }
@@ -116,21 +122,28 @@ pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
 /// Parse and validate config text; errors name the key.
 pub fn parse(text: &str) -> Result<FileConfig, String> {
     let c: FileConfig = toml::from_str(text).map_err(|e| e.to_string())?;
-    if let Some(m) = &c.metrics_addr {
-        if m != "none" && m.parse::<SocketAddr>().is_err() {
-            return Err(format!("metrics_addr: `{m}` is neither an address:port nor \"none\""));
-        }
+    if let Some(m) = &c.metrics_addr
+        && m != "none"
+        && m.parse::<SocketAddr>().is_err()
+    {
+        return Err(format!(
+            "metrics_addr: `{m}` is neither an address:port nor \"none\""
+        ));
     }
-    if let Some(f) = &c.log_format {
-        if f != "text" && f != "json" {
-            return Err(format!("log_format: `{f}` is neither \"text\" nor \"json\""));
-        }
+    if let Some(f) = &c.log_format
+        && f != "text"
+        && f != "json"
+    {
+        return Err(format!(
+            "log_format: `{f}` is neither \"text\" nor \"json\""
+        ));
     }
     if let Some(l) = &c.log {
         tracing_subscriber::EnvFilter::try_new(l).map_err(|e| format!("log: {e}"))?;
     }
     if let Some(p) = &c.snat_ports {
-        p.parse::<PortRange>().map_err(|e| format!("snat_ports: {e}"))?;
+        p.parse::<PortRange>()
+            .map_err(|e| format!("snat_ports: {e}"))?;
     }
     if let Some(n) = c.conntrack_tcp_max {
         crate::ebpf::check_ct_size("conntrack_tcp_max", n)?;
@@ -180,7 +193,11 @@ pub fn merge(args: &mut RunArgs, m: &ArgMatches, file: &FileConfig) {
     take!("cgroup", args.cgroup, file.cgroup.clone().map(Some));
     take!("keep_datapath", args.keep_datapath, file.keep_datapath);
     take!("no_dns", args.no_dns, file.no_dns);
-    take!("dns_upstreams", args.dns_upstreams, file.dns_upstreams.clone());
+    take!(
+        "dns_upstreams",
+        args.dns_upstreams,
+        file.dns_upstreams.clone()
+    );
     take!(
         "reach",
         args.reach,
@@ -190,9 +207,21 @@ pub fn merge(args: &mut RunArgs, m: &ArgMatches, file: &FileConfig) {
         })
     );
     // Validated by `parse`.
-    take!("snat_ports", args.snat_ports, file.snat_ports.as_deref().and_then(|p| p.parse().ok()));
-    take!("conntrack_tcp_max", args.conntrack_tcp_max, file.conntrack_tcp_max);
-    take!("conntrack_udp_max", args.conntrack_udp_max, file.conntrack_udp_max);
+    take!(
+        "snat_ports",
+        args.snat_ports,
+        file.snat_ports.as_deref().and_then(|p| p.parse().ok())
+    );
+    take!(
+        "conntrack_tcp_max",
+        args.conntrack_tcp_max,
+        file.conntrack_tcp_max
+    );
+    take!(
+        "conntrack_udp_max",
+        args.conntrack_udp_max,
+        file.conntrack_udp_max
+    );
     take!("resync_ms", args.resync_ms, file.resync_ms);
     take!("reconcile_ms", args.reconcile_ms, file.reconcile_ms);
     take!("metrics_addr", args.metrics_addr, file.metrics_addr.clone());
@@ -205,8 +234,16 @@ pub fn merge(args: &mut RunArgs, m: &ArgMatches, file: &FileConfig) {
             RuntimeName::Docker => RuntimeArg::Docker,
         })
     );
-    take!("docker_ingress_sbox", args.docker_ingress_sbox, file.docker_ingress_sbox.clone().map(Some));
-    take!("swarm_service", args.swarm_service, file.swarm_service.clone().map(Some));
+    take!(
+        "docker_ingress_sbox",
+        args.docker_ingress_sbox,
+        file.docker_ingress_sbox.clone().map(Some)
+    );
+    take!(
+        "swarm_service",
+        args.swarm_service,
+        file.swarm_service.clone().map(Some)
+    );
     // The Engine API settings form one group: any of them set (anywhere) selects the Swarm
     // source, as on the command line.
     let file_docker = file.docker_host.is_some()
@@ -219,12 +256,32 @@ pub fn merge(args: &mut RunArgs, m: &ArgMatches, file: &FileConfig) {
     if file_docker {
         let mut d = args.docker_host.take().unwrap_or_default();
         take!("docker_host", d.host, file.docker_host.clone().map(Some));
-        take!("docker_manager", d.manager, file.docker_manager.clone().map(Some));
+        take!(
+            "docker_manager",
+            d.manager,
+            file.docker_manager.clone().map(Some)
+        );
         take!("docker_tls_verify", d.tls_verify, file.docker_tls_verify);
-        take!("docker_cert_path", d.cert_path, file.docker_cert_path.clone().map(Some));
-        take!("docker_tlscacert", d.tlscacert, file.docker_tlscacert.clone().map(Some));
-        take!("docker_tlscert", d.tlscert, file.docker_tlscert.clone().map(Some));
-        take!("docker_tlskey", d.tlskey, file.docker_tlskey.clone().map(Some));
+        take!(
+            "docker_cert_path",
+            d.cert_path,
+            file.docker_cert_path.clone().map(Some)
+        );
+        take!(
+            "docker_tlscacert",
+            d.tlscacert,
+            file.docker_tlscacert.clone().map(Some)
+        );
+        take!(
+            "docker_tlscert",
+            d.tlscert,
+            file.docker_tlscert.clone().map(Some)
+        );
+        take!(
+            "docker_tlskey",
+            d.tlskey,
+            file.docker_tlskey.clone().map(Some)
+        );
         args.docker_host = Some(d);
     }
 }
@@ -239,39 +296,108 @@ pub fn restart_needed(running: &RunArgs, file: &FileConfig) -> Vec<&'static str>
         }
     };
     check("state", file.state.is_some() && file.state != running.state);
-    check("node", file.node.is_some() && file.node != running.node.node);
-    check("ifaces", file.ifaces.as_ref().is_some_and(|i| *i != running.ifaces));
+    check(
+        "node",
+        file.node.is_some() && file.node != running.node.node,
+    );
+    check(
+        "ifaces",
+        file.ifaces.as_ref().is_some_and(|i| *i != running.ifaces),
+    );
     check(
         "hook",
-        file.hook.is_some_and(|h| matches!((h, running.hook), (HookName::Xdp, Hook::Tc) | (HookName::Tc, Hook::Xdp))),
+        file.hook.is_some_and(|h| {
+            matches!(
+                (h, running.hook),
+                (HookName::Xdp, Hook::Tc) | (HookName::Tc, Hook::Xdp)
+            )
+        }),
     );
-    check("cgroup", file.cgroup.is_some() && file.cgroup != running.cgroup);
-    check("keep_datapath", file.keep_datapath.is_some_and(|k| k != running.keep_datapath));
+    check(
+        "cgroup",
+        file.cgroup.is_some() && file.cgroup != running.cgroup,
+    );
+    check(
+        "keep_datapath",
+        file.keep_datapath
+            .is_some_and(|k| k != running.keep_datapath),
+    );
     check("no_dns", file.no_dns.is_some_and(|k| k != running.no_dns));
-    check("dns_upstreams", file.dns_upstreams.as_ref().is_some_and(|u| *u != running.dns_upstreams));
+    check(
+        "dns_upstreams",
+        file.dns_upstreams
+            .as_ref()
+            .is_some_and(|u| *u != running.dns_upstreams),
+    );
     check(
         "snat_ports",
-        file.snat_ports.as_deref().is_some_and(|p| p.parse::<PortRange>().ok() != Some(running.snat_ports)),
+        file.snat_ports
+            .as_deref()
+            .is_some_and(|p| p.parse::<PortRange>().ok() != Some(running.snat_ports)),
     );
-    check("conntrack_tcp_max", file.conntrack_tcp_max.is_some_and(|n| n != running.conntrack_tcp_max));
-    check("conntrack_udp_max", file.conntrack_udp_max.is_some_and(|n| n != running.conntrack_udp_max));
-    check("resync_ms", file.resync_ms.is_some_and(|r| r != running.resync_ms));
-    check("reconcile_ms", file.reconcile_ms.is_some_and(|r| r != running.reconcile_ms));
-    check("metrics_addr", file.metrics_addr.as_ref().is_some_and(|m| *m != running.metrics_addr));
+    check(
+        "conntrack_tcp_max",
+        file.conntrack_tcp_max
+            .is_some_and(|n| n != running.conntrack_tcp_max),
+    );
+    check(
+        "conntrack_udp_max",
+        file.conntrack_udp_max
+            .is_some_and(|n| n != running.conntrack_udp_max),
+    );
+    check(
+        "resync_ms",
+        file.resync_ms.is_some_and(|r| r != running.resync_ms),
+    );
+    check(
+        "reconcile_ms",
+        file.reconcile_ms.is_some_and(|r| r != running.reconcile_ms),
+    );
+    check(
+        "metrics_addr",
+        file.metrics_addr
+            .as_ref()
+            .is_some_and(|m| *m != running.metrics_addr),
+    );
     check(
         "runtime",
         file.runtime.is_some_and(|r| {
-            matches!((r, running.runtime), (RuntimeName::Mesh, RuntimeArg::Docker) | (RuntimeName::Docker, RuntimeArg::Mesh))
+            matches!(
+                (r, running.runtime),
+                (RuntimeName::Mesh, RuntimeArg::Docker) | (RuntimeName::Docker, RuntimeArg::Mesh)
+            )
         }),
     );
     let docker = running.docker_host.clone().unwrap_or_default();
-    check("docker_host", file.docker_host.is_some() && file.docker_host != docker.host);
-    check("docker_manager", file.docker_manager.is_some() && file.docker_manager != docker.manager);
-    check("docker_tls_verify", file.docker_tls_verify.is_some_and(|v| v != docker.tls_verify));
-    check("docker_cert_path", file.docker_cert_path.is_some() && file.docker_cert_path != docker.cert_path);
-    check("docker_tlscacert", file.docker_tlscacert.is_some() && file.docker_tlscacert != docker.tlscacert);
-    check("docker_tlscert", file.docker_tlscert.is_some() && file.docker_tlscert != docker.tlscert);
-    check("docker_tlskey", file.docker_tlskey.is_some() && file.docker_tlskey != docker.tlskey);
+    check(
+        "docker_host",
+        file.docker_host.is_some() && file.docker_host != docker.host,
+    );
+    check(
+        "docker_manager",
+        file.docker_manager.is_some() && file.docker_manager != docker.manager,
+    );
+    check(
+        "docker_tls_verify",
+        file.docker_tls_verify
+            .is_some_and(|v| v != docker.tls_verify),
+    );
+    check(
+        "docker_cert_path",
+        file.docker_cert_path.is_some() && file.docker_cert_path != docker.cert_path,
+    );
+    check(
+        "docker_tlscacert",
+        file.docker_tlscacert.is_some() && file.docker_tlscacert != docker.tlscacert,
+    );
+    check(
+        "docker_tlscert",
+        file.docker_tlscert.is_some() && file.docker_tlscert != docker.tlscert,
+    );
+    check(
+        "docker_tlskey",
+        file.docker_tlskey.is_some() && file.docker_tlskey != docker.tlskey,
+    );
     out
 }
 
@@ -287,13 +413,17 @@ mod tests {
     static ENV: std::sync::RwLock<()> = std::sync::RwLock::new(());
 
     fn run_args(argv: &[&str], file: &str) -> RunArgs {
-        let _env = ENV.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _env = ENV
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         run_args_unlocked(argv, file)
     }
 
     /// `f` with `key` set in the environment, no parse running meanwhile.
     fn with_env<T>(key: &str, value: &str, f: impl FnOnce() -> T) -> T {
-        let _env = ENV.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _env = ENV
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         // SAFETY: tests change the environment only here, under the write lock, and read
         // it only through parses holding the read lock.
         unsafe { std::env::set_var(key, value) };
@@ -306,7 +436,9 @@ mod tests {
     fn run_args_unlocked(argv: &[&str], file: &str) -> RunArgs {
         let m = Cli::command().try_get_matches_from(argv).unwrap();
         let cli = Cli::from_arg_matches(&m).unwrap();
-        let Command::Run(mut args) = cli.command else { panic!("run") };
+        let Command::Run(mut args) = cli.command else {
+            panic!("run")
+        };
         let (_, sub) = m.subcommand().unwrap();
         merge(&mut args, sub, &parse(file).unwrap());
         args
@@ -316,30 +448,62 @@ mod tests {
     fn conntrack_sizes_come_from_flags_env_or_file_within_bounds() {
         use mesh_common::maps::{MAX_CT_TCP, MAX_CT_UDP};
         let d = run_args(&["mesh-agent", "run"], "");
-        assert_eq!((d.conntrack_tcp_max, d.conntrack_udp_max), (MAX_CT_TCP, MAX_CT_UDP));
+        assert_eq!(
+            (d.conntrack_tcp_max, d.conntrack_udp_max),
+            (MAX_CT_TCP, MAX_CT_UDP)
+        );
         let file = "conntrack_tcp_max = 1048576\n";
         let a = run_args(&["mesh-agent", "run"], file);
-        assert_eq!((a.conntrack_tcp_max, a.conntrack_udp_max), (1_048_576, MAX_CT_UDP));
-        let a = run_args(&["mesh-agent", "run", "--conntrack-tcp-max", "65_536", "--conntrack-udp-max", "4096"], file);
-        assert_eq!((a.conntrack_tcp_max, a.conntrack_udp_max), (65_536, 4_096), "flags win");
+        assert_eq!(
+            (a.conntrack_tcp_max, a.conntrack_udp_max),
+            (1_048_576, MAX_CT_UDP)
+        );
+        let a = run_args(
+            &[
+                "mesh-agent",
+                "run",
+                "--conntrack-tcp-max",
+                "65_536",
+                "--conntrack-udp-max",
+                "4096",
+            ],
+            file,
+        );
+        assert_eq!(
+            (a.conntrack_tcp_max, a.conntrack_udp_max),
+            (65_536, 4_096),
+            "flags win"
+        );
         assert_eq!(
             a.agent_config().conntrack,
-            crate::ebpf::CtSizes { tcp: 65_536, udp: 4_096 },
+            crate::ebpf::CtSizes {
+                tcp: 65_536,
+                udp: 4_096
+            },
             "handed to the agent"
         );
-        let a = with_env("MESH_CONNTRACK_UDP_MAX", "8192", || run_args_unlocked(&["mesh-agent", "run"], ""));
+        let a = with_env("MESH_CONNTRACK_UDP_MAX", "8192", || {
+            run_args_unlocked(&["mesh-agent", "run"], "")
+        });
         assert_eq!(a.conntrack_udp_max, 8_192);
         // Out of bounds, in the file or on the command line: an error naming the setting.
         let e = parse("conntrack_udp_max = 10\n").unwrap_err();
         assert!(e.contains("conntrack_udp_max") && e.contains("1024"), "{e}");
-        assert!(parse("conntrack_tcp_max = 33554432\n").unwrap_err().contains("conntrack_tcp_max"));
+        assert!(
+            parse("conntrack_tcp_max = 33554432\n")
+                .unwrap_err()
+                .contains("conntrack_tcp_max")
+        );
         let e = Cli::command()
             .try_get_matches_from(["mesh-agent", "run", "--conntrack-tcp-max", "100"])
             .unwrap_err()
             .to_string();
         assert!(e.contains("--conntrack-tcp-max"), "{e}");
         // A new size in a reloaded file takes effect on restart only.
-        assert_eq!(restart_needed(&d, &parse(file).unwrap()), ["conntrack_tcp_max"]);
+        assert_eq!(
+            restart_needed(&d, &parse(file).unwrap()),
+            ["conntrack_tcp_max"]
+        );
     }
 
     #[test]
@@ -348,8 +512,15 @@ mod tests {
         let a = run_args(&["mesh-agent", "run", "--hook", "xdp"], file);
         assert_eq!(a.reconcile_ms, 5000, "file beats the default");
         assert_eq!(run_args(&["mesh-agent", "run"], "").reconcile_ms, 30_000);
-        assert_eq!(run_args(&["mesh-agent", "run", "--reconcile-ms", "900"], file).reconcile_ms, 900);
-        assert_eq!(a.state.as_deref(), Some(Path::new("/from/file.yaml")), "file fills what flags left");
+        assert_eq!(
+            run_args(&["mesh-agent", "run", "--reconcile-ms", "900"], file).reconcile_ms,
+            900
+        );
+        assert_eq!(
+            a.state.as_deref(),
+            Some(Path::new("/from/file.yaml")),
+            "file fills what flags left"
+        );
         assert_eq!(a.hook, Hook::Xdp, "flag wins");
         assert_eq!(a.resync_ms, 700, "file beats the default");
         assert_eq!(a.ifaces, ["eth9"]);
@@ -368,22 +539,61 @@ mod tests {
         let dflt = PortRange::default();
         assert_eq!(run_args(&["mesh-agent", "run"], "").snat_ports, dflt);
         let a = run_args(&["mesh-agent", "run"], "snat_ports = \"40000-40999\"\n");
-        assert_eq!(a.snat_ports, PortRange { min: 40000, max: 40999 });
-        let a = run_args(&["mesh-agent", "run", "--snat-ports", "2000-2999"], "snat_ports = \"40000-40999\"\n");
-        assert_eq!(a.snat_ports, PortRange { min: 2000, max: 2999 }, "flag wins");
+        assert_eq!(
+            a.snat_ports,
+            PortRange {
+                min: 40000,
+                max: 40999
+            }
+        );
+        let a = run_args(
+            &["mesh-agent", "run", "--snat-ports", "2000-2999"],
+            "snat_ports = \"40000-40999\"\n",
+        );
+        assert_eq!(
+            a.snat_ports,
+            PortRange {
+                min: 2000,
+                max: 2999
+            },
+            "flag wins"
+        );
         for bad in ["40000", "0-10", "9-8", "1-70000", "a-b"] {
             let e = parse(&format!("snat_ports = \"{bad}\"\n")).unwrap_err();
-            assert!(e.starts_with("snat_ports: ") && e.contains(bad), "{bad}: {e}");
+            assert!(
+                e.starts_with("snat_ports: ") && e.contains(bad),
+                "{bad}: {e}"
+            );
         }
-        assert!(Cli::command().try_get_matches_from(["mesh-agent", "run", "--snat-ports", "9-8"]).is_err());
+        assert!(
+            Cli::command()
+                .try_get_matches_from(["mesh-agent", "run", "--snat-ports", "9-8"])
+                .is_err()
+        );
         let running = run_args(&["mesh-agent", "run"], "");
         let changed = parse("snat_ports = \"10000-32767\"\nresync_ms = 2000\n").unwrap();
-        assert_eq!(restart_needed(&running, &changed), Vec::<&str>::new(), "same as running");
+        assert_eq!(
+            restart_needed(&running, &changed),
+            Vec::<&str>::new(),
+            "same as running"
+        );
         let changed = parse("snat_ports = \"10000-20000\"\n").unwrap();
         assert_eq!(restart_needed(&running, &changed), ["snat_ports"]);
         // The default stays clear of Linux's default ephemeral range.
-        assert!(!dflt.overlaps(&PortRange { min: 32768, max: 60999 }));
-        assert!(PortRange { min: 30000, max: 32768 }.overlaps(&PortRange { min: 32768, max: 60999 }));
+        assert!(!dflt.overlaps(&PortRange {
+            min: 32768,
+            max: 60999
+        }));
+        assert!(
+            PortRange {
+                min: 30000,
+                max: 32768
+            }
+            .overlaps(&PortRange {
+                min: 32768,
+                max: 60999
+            })
+        );
     }
 
     #[test]
@@ -393,10 +603,24 @@ mod tests {
         let a = run_args(&["mesh-agent", "run"], file);
         assert_eq!(a.runtime, RuntimeArg::Docker);
         assert_eq!(a.swarm_service.as_deref(), Some("mesh_agent"));
-        assert_eq!(a.docker_endpoint().unwrap(), DockerEndpoint::Unix("/run/file.sock".into()));
+        assert_eq!(
+            a.docker_endpoint().unwrap(),
+            DockerEndpoint::Unix("/run/file.sock".into())
+        );
         // A flag of the group wins over the file's value of the same key only.
-        let a = run_args(&["mesh-agent", "run", "--docker-host", "unix:///run/flag.sock"], file);
-        assert_eq!(a.docker_endpoint().unwrap(), DockerEndpoint::Unix("/run/flag.sock".into()));
+        let a = run_args(
+            &[
+                "mesh-agent",
+                "run",
+                "--docker-host",
+                "unix:///run/flag.sock",
+            ],
+            file,
+        );
+        assert_eq!(
+            a.docker_endpoint().unwrap(),
+            DockerEndpoint::Unix("/run/flag.sock".into())
+        );
         // TLS files without verification are refused, naming the setting, as with flags.
         let a = run_args(
             &["mesh-agent", "run"],
@@ -404,11 +628,23 @@ mod tests {
         );
         let e = a.docker_endpoint().unwrap_err().to_string();
         assert!(e.contains("docker-tls-verify") || e.contains("tls"), "{e}");
-        assert!(parse("docker_tls_verify = \"yes\"\n").unwrap_err().contains("docker_tls_verify"));
-        assert!(parse("runtime = \"k8s\"\n").unwrap_err().contains("runtime"));
+        assert!(
+            parse("docker_tls_verify = \"yes\"\n")
+                .unwrap_err()
+                .contains("docker_tls_verify")
+        );
+        assert!(
+            parse("runtime = \"k8s\"\n")
+                .unwrap_err()
+                .contains("runtime")
+        );
         let running = run_args(&["mesh-agent", "run"], file);
-        let changed = parse("runtime = \"mesh\"\ndocker_host = \"unix:///run/other.sock\"\n").unwrap();
-        assert_eq!(restart_needed(&running, &changed), ["runtime", "docker_host"]);
+        let changed =
+            parse("runtime = \"mesh\"\ndocker_host = \"unix:///run/other.sock\"\n").unwrap();
+        assert_eq!(
+            restart_needed(&running, &changed),
+            ["runtime", "docker_host"]
+        );
     }
 
     #[test]
@@ -417,29 +653,65 @@ mod tests {
         let a = run_args(&["mesh-agent", "run", "--runtime", "docker"], "");
         assert_eq!(a.docker_host, None, "no Docker setting: the default socket");
         assert_eq!(a.docker_endpoint().unwrap(), DockerEndpoint::default());
-        let a = run_args(&["mesh-agent", "run", "--docker-host", "unix:///run/d.sock"], "");
-        assert_eq!(a.docker_endpoint().unwrap(), DockerEndpoint::Unix("/run/d.sock".into()));
+        let a = run_args(
+            &["mesh-agent", "run", "--docker-host", "unix:///run/d.sock"],
+            "",
+        );
+        assert_eq!(
+            a.docker_endpoint().unwrap(),
+            DockerEndpoint::Unix("/run/d.sock".into())
+        );
 
         let d = tempfile::tempdir().unwrap();
         let dir = d.path().to_str().unwrap();
         for f in ["ca.pem", "cert.pem", "key.pem", "k2.pem"] {
             std::fs::write(d.path().join(f), "x").unwrap();
         }
-        let tls = ["mesh-agent", "run", "--docker-host", "tcp://10.0.0.1:2376", "--docker-tls-verify"];
+        let tls = [
+            "mesh-agent",
+            "run",
+            "--docker-host",
+            "tcp://10.0.0.1:2376",
+            "--docker-tls-verify",
+        ];
         let a = run_args(&[&tls[..], &["--docker-cert-path", dir]].concat(), "");
         let files = TlsFiles {
             ca: d.path().join("ca.pem"),
             cert: d.path().join("cert.pem"),
             key: d.path().join("key.pem"),
         };
-        let tcp = |tls| DockerEndpoint::Tcp { addr: "10.0.0.1:2376".into(), tls };
+        let tcp = |tls| DockerEndpoint::Tcp {
+            addr: "10.0.0.1:2376".into(),
+            tls,
+        };
         assert_eq!(a.docker_endpoint().unwrap(), tcp(Some(files.clone())));
         // One file on its own beats the directory's.
         let k2 = d.path().join("k2.pem");
-        let a = run_args(&[&tls[..], &["--docker-cert-path", dir, "--docker-tlskey", k2.to_str().unwrap()]].concat(), "");
-        assert_eq!(a.docker_endpoint().unwrap(), tcp(Some(TlsFiles { key: k2, ..files.clone() })));
+        let a = run_args(
+            &[
+                &tls[..],
+                &[
+                    "--docker-cert-path",
+                    dir,
+                    "--docker-tlskey",
+                    k2.to_str().unwrap(),
+                ],
+            ]
+            .concat(),
+            "",
+        );
+        assert_eq!(
+            a.docker_endpoint().unwrap(),
+            tcp(Some(TlsFiles {
+                key: k2,
+                ..files.clone()
+            }))
+        );
         // Plain TCP.
-        let a = run_args(&["mesh-agent", "run", "--docker-host", "tcp://10.0.0.1:2376"], "");
+        let a = run_args(
+            &["mesh-agent", "run", "--docker-host", "tcp://10.0.0.1:2376"],
+            "",
+        );
         assert_eq!(a.docker_endpoint().unwrap(), tcp(None));
         // A missing file is named, with where it was looked for.
         std::fs::remove_file(d.path().join("cert.pem")).unwrap();
@@ -447,8 +719,14 @@ mod tests {
         let e = a.docker_endpoint().unwrap_err();
         assert!(matches!(e, SwarmError::TlsFile { .. }), "{e:?}");
         let text = e.to_string();
-        assert!(text.contains(&d.path().join("cert.pem").display().to_string()), "{text}");
-        assert!(text.contains("client certificate") && text.contains("--docker-cert-path"), "{text}");
+        assert!(
+            text.contains(&d.path().join("cert.pem").display().to_string()),
+            "{text}"
+        );
+        assert!(
+            text.contains("client certificate") && text.contains("--docker-cert-path"),
+            "{text}"
+        );
         // Only a TLS setting: still the Swarm source's settings (the docker CLI's
         // tcp://localhost:2376 with verification; refused without it).
         let a = run_args(&["mesh-agent", "run", "--docker-cert-path", dir], "");
@@ -463,28 +741,70 @@ mod tests {
         let unix = |p: &str| DockerEndpoint::Unix(p.into());
         // Flag: the manager apart, this node's daemon from --docker-host.
         let a = run_args(
-            &["mesh-agent", "run", "--docker-host", "unix:///run/local.sock", "--docker-manager", "/run/mgr.sock"],
+            &[
+                "mesh-agent",
+                "run",
+                "--docker-host",
+                "unix:///run/local.sock",
+                "--docker-manager",
+                "/run/mgr.sock",
+            ],
             "",
         );
         assert_eq!(a.docker_endpoint().unwrap(), unix("/run/local.sock"));
         assert_eq!(a.docker_manager().unwrap(), Some(unix("/run/mgr.sock")));
         // Only --docker-manager: the Swarm source, this node's daemon on the default socket.
-        let a = run_args(&["mesh-agent", "run", "--docker-manager", "unix:///run/mgr.sock"], "");
+        let a = run_args(
+            &[
+                "mesh-agent",
+                "run",
+                "--docker-manager",
+                "unix:///run/mgr.sock",
+            ],
+            "",
+        );
         assert_eq!(a.docker_endpoint().unwrap(), DockerEndpoint::default());
         assert_eq!(a.docker_manager().unwrap(), Some(unix("/run/mgr.sock")));
         // None: the one endpoint.
-        let a = run_args(&["mesh-agent", "run", "--docker-host", "unix:///run/d.sock"], "");
+        let a = run_args(
+            &["mesh-agent", "run", "--docker-host", "unix:///run/d.sock"],
+            "",
+        );
         assert_eq!(a.docker_manager().unwrap(), None);
         // The file's key, beaten by the flag; a change needs a restart.
         let file = "docker_manager = \"unix:///run/file-mgr.sock\"\n";
         let a = run_args(&["mesh-agent", "run"], file);
-        assert_eq!(a.docker_manager().unwrap(), Some(unix("/run/file-mgr.sock")));
-        let a = run_args(&["mesh-agent", "run", "--docker-manager", "/run/flag-mgr.sock"], file);
-        assert_eq!(a.docker_manager().unwrap(), Some(unix("/run/flag-mgr.sock")));
+        assert_eq!(
+            a.docker_manager().unwrap(),
+            Some(unix("/run/file-mgr.sock"))
+        );
+        let a = run_args(
+            &[
+                "mesh-agent",
+                "run",
+                "--docker-manager",
+                "/run/flag-mgr.sock",
+            ],
+            file,
+        );
+        assert_eq!(
+            a.docker_manager().unwrap(),
+            Some(unix("/run/flag-mgr.sock"))
+        );
         let changed = parse("docker_manager = \"/run/other.sock\"\n").unwrap();
         assert_eq!(restart_needed(&a, &changed), ["docker_manager"]);
-        assert!(restart_needed(&a, &parse("docker_manager = \"/run/flag-mgr.sock\"\n").unwrap()).is_empty());
-        assert!(parse("docker_manager = 1\n").unwrap_err().contains("docker_manager"));
+        assert!(
+            restart_needed(
+                &a,
+                &parse("docker_manager = \"/run/flag-mgr.sock\"\n").unwrap()
+            )
+            .is_empty()
+        );
+        assert!(
+            parse("docker_manager = 1\n")
+                .unwrap_err()
+                .contains("docker_manager")
+        );
         // The environment.
         let a = with_env("MESH_DOCKER_MANAGER", "unix:///run/env-mgr.sock", || {
             run_args_unlocked(&["mesh-agent", "run"], file)
@@ -492,7 +812,12 @@ mod tests {
         assert_eq!(a.docker_manager().unwrap(), Some(unix("/run/env-mgr.sock")));
         // A bad host is named.
         let a = run_args(&["mesh-agent", "run", "--docker-manager", "ssh://mgr"], "");
-        assert!(a.docker_manager().unwrap_err().to_string().contains("ssh://mgr"));
+        assert!(
+            a.docker_manager()
+                .unwrap_err()
+                .to_string()
+                .contains("ssh://mgr")
+        );
     }
 
     #[test]
@@ -510,26 +835,64 @@ mod tests {
         };
         let tls = ["--docker-tls-verify", "--docker-cert-path", dir];
         // A worker: its own socket (default), the manager over TLS.
-        let a = run_args(&[&["mesh-agent", "run", "--docker-manager", "tcp://10.0.0.1"][..], &tls].concat(), "");
+        let a = run_args(
+            &[
+                &["mesh-agent", "run", "--docker-manager", "tcp://10.0.0.1"][..],
+                &tls,
+            ]
+            .concat(),
+            "",
+        );
         assert_eq!(a.docker_endpoint().unwrap(), DockerEndpoint::default());
         assert_eq!(
             a.docker_manager().unwrap(),
-            Some(DockerEndpoint::Tcp { addr: "10.0.0.1:2376".into(), tls: Some(files.clone()) })
+            Some(DockerEndpoint::Tcp {
+                addr: "10.0.0.1:2376".into(),
+                tls: Some(files.clone())
+            })
         );
         // Both over TLS, with the same files.
         let a = run_args(
-            &[&["mesh-agent", "run", "--docker-host", "tcp://10.0.0.2", "--docker-manager", "tcp://10.0.0.1:2376"][..], &tls]
-                .concat(),
+            &[
+                &[
+                    "mesh-agent",
+                    "run",
+                    "--docker-host",
+                    "tcp://10.0.0.2",
+                    "--docker-manager",
+                    "tcp://10.0.0.1:2376",
+                ][..],
+                &tls,
+            ]
+            .concat(),
             "",
         );
         assert_eq!(
             a.docker_endpoint().unwrap(),
-            DockerEndpoint::Tcp { addr: "10.0.0.2:2376".into(), tls: Some(files.clone()) }
+            DockerEndpoint::Tcp {
+                addr: "10.0.0.2:2376".into(),
+                tls: Some(files.clone())
+            }
         );
-        assert!(matches!(a.docker_manager().unwrap(), Some(DockerEndpoint::Tcp { tls: Some(_), .. })));
+        assert!(matches!(
+            a.docker_manager().unwrap(),
+            Some(DockerEndpoint::Tcp { tls: Some(_), .. })
+        ));
         // TLS settings with two unix sockets: refused, as without a manager.
-        let a = run_args(&[&["mesh-agent", "run", "--docker-manager", "/run/mgr.sock"][..], &tls].concat(), "");
-        assert!(a.docker_manager().unwrap_err().to_string().contains("tcp://"));
+        let a = run_args(
+            &[
+                &["mesh-agent", "run", "--docker-manager", "/run/mgr.sock"][..],
+                &tls,
+            ]
+            .concat(),
+            "",
+        );
+        assert!(
+            a.docker_manager()
+                .unwrap_err()
+                .to_string()
+                .contains("tcp://")
+        );
         assert!(a.docker_endpoint().is_err());
     }
 
@@ -538,7 +901,10 @@ mod tests {
         let e = parse("stat = \"/x\"\n").unwrap_err();
         assert!(e.contains("unknown field `stat`"), "{e}");
         let e = parse("hook = \"ebpf\"\n").unwrap_err();
-        assert!(e.contains("hook") || e.contains("unknown variant `ebpf`"), "{e}");
+        assert!(
+            e.contains("hook") || e.contains("unknown variant `ebpf`"),
+            "{e}"
+        );
         let e = parse("metrics_addr = \"localhost\"\n").unwrap_err();
         assert!(e.starts_with("metrics_addr:"), "{e}");
         let e = parse("dns_upstreams = [\"nonsense\"]\n").unwrap_err();

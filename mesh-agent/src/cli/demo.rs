@@ -40,7 +40,11 @@ struct Runtime {
 
 impl Runtime {
     fn netns_name(path: &Path) -> Option<String> {
-        let name = path.strip_prefix(netns::NETNS_RUN_DIR).ok()?.to_str()?.to_string();
+        let name = path
+            .strip_prefix(netns::NETNS_RUN_DIR)
+            .ok()?
+            .to_str()?
+            .to_string();
         name.starts_with(NETNS_PREFIX).then_some(name)
     }
 
@@ -52,7 +56,12 @@ impl Runtime {
                 want.insert(t.id.clone(), (ns, t.name()));
             }
         }
-        let gone: Vec<String> = self.tasks.keys().filter(|k| !want.contains_key(*k)).cloned().collect();
+        let gone: Vec<String> = self
+            .tasks
+            .keys()
+            .filter(|k| !want.contains_key(*k))
+            .cloned()
+            .collect();
         for id in gone {
             if let Some((ns, mut child)) = self.tasks.remove(&id) {
                 let _ = child.kill().await;
@@ -87,7 +96,15 @@ fn start_task(ns: &str, name: &str) -> anyhow::Result<Child> {
     let path = netns::create_named(ns)?;
     let exe = std::env::current_exe().context("cannot find my own executable")?;
     let child = Command::new(exe)
-        .args(["whoami", "--name", name, "--http", "0.0.0.0:80", "--udp", "0.0.0.0:7"])
+        .args([
+            "whoami",
+            "--name",
+            name,
+            "--http",
+            "0.0.0.0:80",
+            "--udp",
+            "0.0.0.0:7",
+        ])
         .arg("--netns")
         .arg(&path)
         .kill_on_drop(true)
@@ -103,18 +120,30 @@ async fn node_address(ifaces: &[String]) -> Option<(String, Ipv4Addr)> {
         None => nl.default_route_ifindex().await.ok()??,
     };
     let name = nl.link_by_index(idx).await.ok()??.name;
-    let addr = nl.ipv4_addrs().await.ok()?.into_iter().find(|(i, _)| *i == idx)?.1;
+    let addr = nl
+        .ipv4_addrs()
+        .await
+        .ok()?
+        .into_iter()
+        .find(|(i, _)| *i == idx)?
+        .1;
     Some((name, addr))
 }
 
-pub async fn run(args: DemoArgs, stop: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(
+    args: DemoArgs,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let run_dir = PathBuf::from(RUN_DIR);
     std::fs::create_dir_all(&run_dir)?;
     let state_path = run_dir.join("state.yaml");
     std::fs::write(&state_path, DEMO_STATE)?;
-    let initial = model::parse_yaml(DEMO_STATE).map_err(|e| anyhow::anyhow!("bundled demo state: {e}"))?;
+    let initial =
+        model::parse_yaml(DEMO_STATE).map_err(|e| anyhow::anyhow!("bundled demo state: {e}"))?;
 
-    let mut rt = Runtime { tasks: BTreeMap::new() };
+    let mut rt = Runtime {
+        tasks: BTreeMap::new(),
+    };
     rt.sync(&initial).await;
 
     let mut cfg = AgentConfig::for_node(DEMO_NODE);
@@ -128,15 +157,22 @@ pub async fn run(args: DemoArgs, stop: impl std::future::Future<Output = ()>) ->
         .await
         .map(|(n, a)| (n, a.to_string()))
         .unwrap_or_else(|| ("?".into(), "NODE_IP".into()));
-    println!("mesh demo: service whoami (3 tasks), published tcp/8080 and udp/8053 on every address of this node");
+    println!(
+        "mesh demo: service whoami (3 tasks), published tcp/8080 and udp/8053 on every address of this node"
+    );
     println!("  XDP on {where_}; local clients through the socket-level LB");
     println!();
     println!("  for i in 1 2 3 4 5 6; do curl -s http://{addr}:8080; done");
     println!("  for i in 1 2 3; do curl -s http://localhost:8080; done");
     println!("  mesh-agent status --node {DEMO_NODE}");
     println!("  curl -s http://127.0.0.1:9464/metrics | grep mesh_backend_flows_total");
-    println!("  ip netns exec mesh-demo-1 getent hosts whoami tasks.whoami   # embedded DNS in every task");
-    println!("  edit {} to scale (tasks of node demo, netns /run/netns/mesh-demo-N)", state_path.display());
+    println!(
+        "  ip netns exec mesh-demo-1 getent hosts whoami tasks.whoami   # embedded DNS in every task"
+    );
+    println!(
+        "  edit {} to scale (tasks of node demo, netns /run/netns/mesh-demo-N)",
+        state_path.display()
+    );
     println!("  Ctrl-C stops and removes everything");
     println!();
 
@@ -147,15 +183,17 @@ pub async fn run(args: DemoArgs, stop: impl std::future::Future<Output = ()>) ->
         let mut last = String::new();
         loop {
             tokio::time::sleep(Duration::from_millis(300)).await;
-            let Ok(text) = tokio::fs::read_to_string(&sp).await else { continue };
+            let Ok(text) = tokio::fs::read_to_string(&sp).await else {
+                continue;
+            };
             if text == last {
                 continue;
             }
             last = text.clone();
-            if let Ok(s) = model::parse_yaml(&text) {
-                if rt_tx.send(s).await.is_err() {
-                    return;
-                }
+            if let Ok(s) = model::parse_yaml(&text)
+                && rt_tx.send(s).await.is_err()
+            {
+                return;
             }
         }
     });

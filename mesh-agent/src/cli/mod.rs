@@ -17,7 +17,11 @@ use crate::{
 };
 
 #[derive(Debug, Parser)]
-#[command(name = "mesh-agent", version, about = "mesh: eBPF routing mesh and service load balancer node agent")]
+#[command(
+    name = "mesh-agent",
+    version,
+    about = "mesh: eBPF routing mesh and service load balancer node agent"
+)]
 pub struct Cli {
     /// Log format.
     #[arg(long, global = true, env = "MESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -33,6 +37,8 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once at start; boxing `RunArgs` would only add noise at every use.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Run the node agent.
     Run(RunArgs),
@@ -58,9 +64,7 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
     /// Validate a config file (TOML) without starting; unknown keys are errors.
-    Check {
-        file: PathBuf,
-    },
+    Check { file: PathBuf },
 }
 
 #[derive(Debug, Args, Clone)]
@@ -143,7 +147,11 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_NO_DNS")]
     pub no_dns: bool,
     /// Upstream resolvers for names mesh does not know (default: the node's resolv.conf).
-    #[arg(long = "dns-upstream", env = "MESH_DNS_UPSTREAMS", value_delimiter = ',')]
+    #[arg(
+        long = "dns-upstream",
+        env = "MESH_DNS_UPSTREAMS",
+        value_delimiter = ','
+    )]
     pub dns_upstreams: Vec<SocketAddr>,
     /// Which tasks can be backends: this node's only, or the whole cluster (over overlays).
     #[arg(long, env = "MESH_REACH", value_enum, default_value_t = ReachArg::Local)]
@@ -195,32 +203,66 @@ pub struct DockerHostArgs {
     /// Docker runtime: the managers' Engine API, as docker's -H: unix:///path (or a path;
     /// default /var/run/docker.sock) or tcp://host[:port] (with --docker-tls-verify for TLS);
     /// implies the Swarm source.
-    #[arg(id = "docker_host", long = "docker-host", env = "MESH_DOCKER_HOST", value_name = "HOST")]
+    #[arg(
+        id = "docker_host",
+        long = "docker-host",
+        env = "MESH_DOCKER_HOST",
+        value_name = "HOST"
+    )]
     pub host: Option<String>,
     /// Docker runtime on a worker node: a manager's Engine API (same syntax as
     /// --docker-host), read for the cluster state (nodes, networks, services, tasks), while
     /// --docker-host is this node's own daemon (its swarm node id, its tasks' sandboxes,
     /// container events), which may then be a worker's. The TLS settings below apply to
     /// both (to whichever of them is tcp://). Without it, --docker-host must be a manager.
-    #[arg(id = "docker_manager", long = "docker-manager", env = "MESH_DOCKER_MANAGER", value_name = "HOST")]
+    #[arg(
+        id = "docker_manager",
+        long = "docker-manager",
+        env = "MESH_DOCKER_MANAGER",
+        value_name = "HOST"
+    )]
     pub manager: Option<String>,
     /// TLS to the tcp:// host: verify the daemon against the CA, present the client
     /// certificate (docker --tlsverify). Without --docker-host: tcp://localhost:2376, as
     /// docker does.
-    #[arg(id = "docker_tls_verify", long = "docker-tls-verify", env = "MESH_DOCKER_TLS_VERIFY")]
+    #[arg(
+        id = "docker_tls_verify",
+        long = "docker-tls-verify",
+        env = "MESH_DOCKER_TLS_VERIFY"
+    )]
     pub tls_verify: bool,
     /// Directory with ca.pem, cert.pem and key.pem (docker's DOCKER_CERT_PATH).
-    #[arg(id = "docker_cert_path", long = "docker-cert-path", env = "MESH_DOCKER_CERT_PATH", value_name = "DIR")]
+    #[arg(
+        id = "docker_cert_path",
+        long = "docker-cert-path",
+        env = "MESH_DOCKER_CERT_PATH",
+        value_name = "DIR"
+    )]
     pub cert_path: Option<PathBuf>,
     /// CA certificate that the daemon's certificate must chain to (default: ca.pem in
     /// --docker-cert-path).
-    #[arg(id = "docker_tlscacert", long = "docker-tlscacert", env = "MESH_DOCKER_TLSCACERT", value_name = "FILE")]
+    #[arg(
+        id = "docker_tlscacert",
+        long = "docker-tlscacert",
+        env = "MESH_DOCKER_TLSCACERT",
+        value_name = "FILE"
+    )]
     pub tlscacert: Option<PathBuf>,
     /// Client certificate (default: cert.pem in --docker-cert-path).
-    #[arg(id = "docker_tlscert", long = "docker-tlscert", env = "MESH_DOCKER_TLSCERT", value_name = "FILE")]
+    #[arg(
+        id = "docker_tlscert",
+        long = "docker-tlscert",
+        env = "MESH_DOCKER_TLSCERT",
+        value_name = "FILE"
+    )]
     pub tlscert: Option<PathBuf>,
     /// Client certificate's key (default: key.pem in --docker-cert-path).
-    #[arg(id = "docker_tlskey", long = "docker-tlskey", env = "MESH_DOCKER_TLSKEY", value_name = "FILE")]
+    #[arg(
+        id = "docker_tlskey",
+        long = "docker-tlskey",
+        env = "MESH_DOCKER_TLSKEY",
+        value_name = "FILE"
+    )]
     pub tlskey: Option<PathBuf>,
 }
 
@@ -244,7 +286,11 @@ impl TryFrom<&DockerHostArgs> for DockerEndpoint {
         if args.manager.is_none() {
             return DockerEndpoint::resolve(args.host.as_deref(), &args.tls_options());
         }
-        args.resolve_with_manager(args.host.as_deref().unwrap_or(crate::source::swarm::DEFAULT_SOCKET))
+        args.resolve_with_manager(
+            args.host
+                .as_deref()
+                .unwrap_or(crate::source::swarm::DEFAULT_SOCKET),
+        )
     }
 }
 
@@ -256,12 +302,18 @@ impl DockerHostArgs {
     /// ([`crate::source::swarm::DEFAULT_SOCKET`]) even with --docker-tls-verify. TLS
     /// settings while neither is tcp:// are refused, as without a manager.
     pub fn manager_endpoint(&self) -> Result<Option<DockerEndpoint>, SwarmError> {
-        self.manager.as_deref().map(|m| self.resolve_with_manager(m)).transpose()
+        self.manager
+            .as_deref()
+            .map(|m| self.resolve_with_manager(m))
+            .transpose()
     }
 
     fn resolve_with_manager(&self, host: &str) -> Result<DockerEndpoint, SwarmError> {
         let tcp = |h: &str| h.starts_with("tcp://");
-        let local = self.host.as_deref().unwrap_or(crate::source::swarm::DEFAULT_SOCKET);
+        let local = self
+            .host
+            .as_deref()
+            .unwrap_or(crate::source::swarm::DEFAULT_SOCKET);
         let any_tcp = tcp(local) || self.manager.as_deref().is_some_and(tcp);
         if tcp(host) || !any_tcp {
             DockerEndpoint::resolve(Some(host), &self.tls_options())
@@ -303,7 +355,9 @@ impl RunArgs {
 
     /// The manager's Engine API (--docker-manager), if one is named apart from this node's.
     pub fn docker_manager(&self) -> Result<Option<DockerEndpoint>, SwarmError> {
-        self.docker_host.as_ref().map_or(Ok(None), DockerHostArgs::manager_endpoint)
+        self.docker_host
+            .as_ref()
+            .map_or(Ok(None), DockerHostArgs::manager_endpoint)
     }
 
     pub fn agent_config(&self) -> crate::agent::AgentConfig {
@@ -312,7 +366,10 @@ impl RunArgs {
         cfg.interfaces = self.ifaces.clone();
         cfg.hook = self.hook;
         cfg.snat_ports = self.snat_ports;
-        cfg.conntrack = crate::ebpf::CtSizes { tcp: self.conntrack_tcp_max, udp: self.conntrack_udp_max };
+        cfg.conntrack = crate::ebpf::CtSizes {
+            tcp: self.conntrack_tcp_max,
+            udp: self.conntrack_udp_max,
+        };
         cfg.pin_dir = self.node.pin_dir();
         cfg.run_dir = self.node.run_dir();
         if self.runtime == RuntimeArg::Docker && self.node.node.is_none() {
@@ -395,7 +452,9 @@ pub struct WhoamiArgs {
 
 /// The embedded DNS server as the agent's per-task service, unless disabled: upstreams from
 /// `--dns-upstream`, else from the node's /etc/resolv.conf.
-pub async fn dns_service(args: &RunArgs) -> anyhow::Result<Option<Box<dyn crate::agent::TaskService>>> {
+pub async fn dns_service(
+    args: &RunArgs,
+) -> anyhow::Result<Option<Box<dyn crate::agent::TaskService>>> {
     use anyhow::Context;
     if args.no_dns {
         return Ok(None);
@@ -429,7 +488,10 @@ impl crate::agent::TaskService for DnsService {
     fn update(&self, state: std::sync::Arc<crate::model::State>) {
         self.0.update(state);
     }
-    fn attach<'a>(&'a self, task: &'a crate::model::Task) -> futures::future::BoxFuture<'a, Result<(), String>> {
+    fn attach<'a>(
+        &'a self,
+        task: &'a crate::model::Task,
+    ) -> futures::future::BoxFuture<'a, Result<(), String>> {
         Box::pin(async move { self.0.attach(task).await.map_err(|e| e.to_string()) })
     }
     fn detach<'a>(&'a self, task_id: &'a str) -> futures::future::BoxFuture<'a, ()> {
@@ -449,7 +511,10 @@ impl crate::agent::TaskService for DnsService {
 
 /// A conntrack size flag: a number of entries within the bounds of [`crate::ebpf::CtSizes`].
 fn ct_size(v: &str) -> Result<u32, String> {
-    let n: u32 = v.replace('_', "").parse().map_err(|e| format!("`{v}`: {e}"))?;
+    let n: u32 = v
+        .replace('_', "")
+        .parse()
+        .map_err(|e| format!("`{v}`: {e}"))?;
     crate::ebpf::check_ct_size("entries", n)?;
     Ok(n)
 }

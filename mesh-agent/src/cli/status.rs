@@ -112,7 +112,11 @@ pub fn collect(pin_dir: &Path, run_dir: &Path) -> Result<Status, StatusError> {
 /// `ipvsadm -Ln --stats`-style text.
 pub fn render(s: &Status) -> String {
     let mut o = String::new();
-    let _ = writeln!(o, "mesh node {}", if s.node.is_empty() { "?" } else { &s.node });
+    let _ = writeln!(
+        o,
+        "mesh node {}",
+        if s.node.is_empty() { "?" } else { &s.node }
+    );
     let _ = writeln!(
         o,
         "{:<5} {:<28} {:>8} {:>10} {:>10} {:>12} {:>12}",
@@ -156,6 +160,14 @@ pub fn render(s: &Status) -> String {
         .filter(|(_, n)| **n > 0)
         .map(|(k, n)| format!("{k}={n}"))
         .collect();
-    let _ = writeln!(o, "packets: {}", if v.is_empty() { "none yet".into() } else { v.join(" ") });
+    let _ = writeln!(
+        o,
+        "packets: {}",
+        if v.is_empty() {
+            "none yet".into()
+        } else {
+            v.join(" ")
+        }
+    );
     o
 }

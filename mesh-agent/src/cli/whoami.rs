@@ -10,14 +10,20 @@ use tokio::{
 };
 
 /// Serve until the process is killed.
-pub async fn serve(name: String, http: Vec<SocketAddr>, udp: Vec<SocketAddr>) -> std::io::Result<()> {
+pub async fn serve(
+    name: String,
+    http: Vec<SocketAddr>,
+    udp: Vec<SocketAddr>,
+) -> std::io::Result<()> {
     let mut tasks = Vec::new();
     for addr in http {
         let l = TcpListener::bind(addr).await?;
         let name = name.clone();
         tasks.push(tokio::spawn(async move {
             loop {
-                let Ok((s, _)) = l.accept().await else { continue };
+                let Ok((s, _)) = l.accept().await else {
+                    continue;
+                };
                 let name = name.clone();
                 tokio::spawn(async move {
                     let _ = http_conn(s, &name).await;
@@ -31,7 +37,9 @@ pub async fn serve(name: String, http: Vec<SocketAddr>, udp: Vec<SocketAddr>) ->
         tasks.push(tokio::spawn(async move {
             let mut buf = vec![0u8; 65536];
             loop {
-                let Ok((n, peer)) = s.recv_from(&mut buf).await else { continue };
+                let Ok((n, peer)) = s.recv_from(&mut buf).await else {
+                    continue;
+                };
                 let mut reply = Vec::with_capacity(name.len() + 1 + n);
                 reply.extend_from_slice(name.as_bytes());
                 reply.push(b' ');
@@ -67,7 +75,8 @@ async fn http_conn(mut s: TcpStream, name: &str) -> std::io::Result<()> {
             buf.extend_from_slice(&chunk[..n]);
         };
         let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-        let close = head.contains("connection: close") || head.starts_with("get / http/1.0") && !head.contains("keep-alive");
+        let close = head.contains("connection: close")
+            || head.starts_with("get / http/1.0") && !head.contains("keep-alive");
         buf.drain(..end);
         let resp = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{}",

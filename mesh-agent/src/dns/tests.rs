@@ -690,7 +690,11 @@ async fn the_next_query_after_an_update_sees_the_new_state() {
     // Service gone: forwarded.
     let mut st = fixture();
     st.services.remove("db");
-    st.tasks = st.tasks.into_iter().filter(|(_, t)| t.service != "db").collect();
+    st.tasks = st
+        .tasks
+        .into_iter()
+        .filter(|(_, t)| t.service != "db")
+        .collect();
     dns.update(Arc::new(st));
     assert_eq!(a(s[0], "db").await, vec![FORWARDED]);
 }
@@ -923,7 +927,10 @@ async fn unknown_names_are_forwarded_with_flags() {
     let m = udp_msg(s[0], &q.to_vec().expect("encode")).await;
     assert_eq!(m.metadata.response_code, ResponseCode::NoError);
     assert!(m.edns.as_ref().expect("OPT").flags().dnssec_ok);
-    let st = stats_once(&dns, |st| st.forwarded >= 2 && st.forward_latency.count >= 2).await;
+    let st = stats_once(&dns, |st| {
+        st.forwarded >= 2 && st.forward_latency.count >= 2
+    })
+    .await;
     assert_eq!(st.forwarded, 2);
     assert_eq!(st.forward_failures, 0);
     assert_eq!(st.forward_latency.count, 2);
@@ -969,7 +976,10 @@ async fn a_silent_upstream_gives_servfail_within_the_timeout() {
     assert!(t0.elapsed() < 2 * timeout, "took {:?}", t0.elapsed());
     // Local names are unaffected.
     assert_eq!(a(c, "web").await, ips(&["10.0.1.2"]));
-    let st = stats_once(&dns, |st| st.responses.servfail >= 2 && st.responses.noerror >= 1).await;
+    let st = stats_once(&dns, |st| {
+        st.responses.servfail >= 2 && st.responses.noerror >= 1
+    })
+    .await;
     assert_eq!(st.forward_failures, 2);
     assert_eq!(st.responses.servfail, 2);
 }
@@ -1097,7 +1107,10 @@ async fn forwards_beyond_the_in_flight_bound_are_refused() {
         let m = p.await.expect("join");
         assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
     }
-    let st = stats_once(&dns, |st| st.forward_rejected >= 1 && st.inflight_forwards == 0).await;
+    let st = stats_once(&dns, |st| {
+        st.forward_rejected >= 1 && st.inflight_forwards == 0
+    })
+    .await;
     assert_eq!(st.forward_rejected, 1);
     assert_eq!(st.inflight_forwards, 0);
 }
@@ -1232,7 +1245,10 @@ async fn malformed_queries_get_errors_and_never_stop_the_server() {
     let m = tcp_msg(c, &query_bytes("tasks.web", RecordType::A, None)).await;
     assert_eq!(a_of(&m), ips(&["10.0.1.10", "10.0.1.11"]));
     assert_eq!(up.hits(), 0, "garbage is never forwarded");
-    let st = stats_once(&dns, |st| st.responses.formerr >= 2 && st.responses.notimp >= 3).await;
+    let st = stats_once(&dns, |st| {
+        st.responses.formerr >= 2 && st.responses.notimp >= 3
+    })
+    .await;
     assert!(
         st.responses.formerr >= 2 && st.responses.notimp == 3,
         "{st:?}"
@@ -1483,7 +1499,10 @@ async fn stats_count_by_rcode_and_path() {
     a(s[0], "web").await;
     a(s[0], "example.test").await;
     rcode_of(s[0], &header(9, 0x0100, 0, 0, 0, 0)).await;
-    let st = stats_once(&dns, |st| st.responses.total() >= 3 && st.local_latency.count >= 1).await;
+    let st = stats_once(&dns, |st| {
+        st.responses.total() >= 3 && st.local_latency.count >= 1
+    })
+    .await;
     assert_eq!(st.attached, 1);
     assert_eq!(st.local, 1);
     assert_eq!(st.forwarded, 1);
@@ -1507,18 +1526,31 @@ fn seen(m: &Message) -> String {
     let mut answers: Vec<String> = m
         .answers
         .iter()
-        .map(|r| format!("{} {} {} {:?}", r.name.to_ascii(), r.ttl, r.dns_class, r.data))
+        .map(|r| {
+            format!(
+                "{} {} {} {:?}",
+                r.name.to_ascii(),
+                r.ttl,
+                r.dns_class,
+                r.data
+            )
+        })
         .collect();
     answers.sort();
     format!(
         "id {} {} q {:?} an {:?} ns {} ar {} edns {:?}",
         m.metadata.id,
         m.metadata.flags(),
-        m.queries.iter().map(|q| (q.name().to_ascii(), q.query_type(), q.query_class())).collect::<Vec<_>>(),
+        m.queries
+            .iter()
+            .map(|q| (q.name().to_ascii(), q.query_type(), q.query_class()))
+            .collect::<Vec<_>>(),
         answers,
         m.authorities.len(),
         m.additionals.len(),
-        m.edns.as_ref().map(|e| (e.max_payload(), e.version(), e.flags().dnssec_ok)),
+        m.edns
+            .as_ref()
+            .map(|e| (e.max_payload(), e.version(), e.flags().dnssec_ok)),
     ) + &format!(" rcode {:?}", m.metadata.response_code)
 }
 
@@ -1550,7 +1582,11 @@ async fn udp_fast_path_answers_exactly_as_the_general_path() {
     for &(name, t, edns, fast) in cases {
         let q = query_bytes(name, t, edns);
         let mut out = Vec::new();
-        assert_eq!(udp::fast_answer(&h, &q, &mut out), fast, "{name} {t}: fast path taken?");
+        assert_eq!(
+            udp::fast_answer(&h, &q, &mut out),
+            fast,
+            "{name} {t}: fast path taken?"
+        );
         // The general path, through hickory's server, over TCP (same handler, no size limit).
         let general = tcp_msg(addrs[0], &q).await;
         if fast {
@@ -1558,7 +1594,11 @@ async fn udp_fast_path_answers_exactly_as_the_general_path() {
             assert_eq!(seen(&m), seen(&general), "{name} {t}");
             // Owner names are lowercase on the wire, as the general path writes them.
             for r in &m.answers {
-                assert_eq!(r.name.to_ascii(), r.name.to_ascii().to_lowercase(), "{name}");
+                assert_eq!(
+                    r.name.to_ascii(),
+                    r.name.to_ascii().to_lowercase(),
+                    "{name}"
+                );
             }
         }
         // What a client gets over UDP is the same either way.
@@ -1591,10 +1631,13 @@ async fn udp_fast_path_leaves_unusual_queries_to_the_general_path() {
         ("an answer record", variant(&|q| q[7] = 1)),
         ("trailing bytes", variant(&|q| q.push(0))),
         ("truncated question", variant(&|q| q.truncate(q.len() - 2))),
-        ("class CH", variant(&|q| {
-            let n = q.len();
-            q[n - 1] = 3;
-        })),
+        (
+            "class CH",
+            variant(&|q| {
+                let n = q.len();
+                q[n - 1] = 3;
+            }),
+        ),
         ("compression pointer in the question", {
             let mut q = base[..12].to_vec();
             q.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]);
@@ -1603,23 +1646,43 @@ async fn udp_fast_path_leaves_unusual_queries_to_the_general_path() {
         ("header only", base[..12].to_vec()),
     ];
     for (what, q) in refused {
-        assert!(!udp::fast_answer(&h, &q, &mut out), "{what}: not for the fast path");
+        assert!(
+            !udp::fast_answer(&h, &q, &mut out),
+            "{what}: not for the fast path"
+        );
     }
     // EDNS version 1 gets BADVERS from the general path.
     let mut m = Message::from_vec(&query_bytes("web.", RecordType::A, Some(1232))).unwrap();
     m.edns.as_mut().unwrap().set_version(1);
-    assert!(!udp::fast_answer(&h, &m.to_vec().unwrap(), &mut out), "EDNS version 1");
+    assert!(
+        !udp::fast_answer(&h, &m.to_vec().unwrap(), &mut out),
+        "EDNS version 1"
+    );
     // An answer over the client's UDP size needs TC: the general path truncates.
     let mut big = fixture();
     for i in 0..60u8 {
         big.tasks.insert(
             format!("x{i}"),
-            task(&format!("x{i}"), "web", 10 + i as u32, TaskState::Running, &[("appnet", &format!("10.0.1.{}", 100 + i))]),
+            task(
+                &format!("x{i}"),
+                "web",
+                10 + i as u32,
+                TaskState::Running,
+                &[("appnet", &format!("10.0.1.{}", 100 + i))],
+            ),
         );
     }
     dns.update(Arc::new(big));
-    assert!(!udp::fast_answer(&h, &query_bytes("tasks.web.", RecordType::A, None), &mut out));
-    assert!(udp::fast_answer(&h, &query_bytes("tasks.web.", RecordType::A, Some(4096)), &mut out));
+    assert!(!udp::fast_answer(
+        &h,
+        &query_bytes("tasks.web.", RecordType::A, None),
+        &mut out
+    ));
+    assert!(udp::fast_answer(
+        &h,
+        &query_bytes("tasks.web.", RecordType::A, Some(4096)),
+        &mut out
+    ));
 }
 
 /// UDP is served by the DNS thread, not the caller's runtime: a current-thread test runtime

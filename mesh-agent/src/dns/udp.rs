@@ -82,9 +82,19 @@ impl Batch {
         }
         // SAFETY: every header points at buffers owned by `self` that outlive the call.
         let n = unsafe {
-            libc::recvmmsg(fd, self.hdrs.as_mut_ptr(), want as u32, libc::MSG_DONTWAIT, std::ptr::null_mut())
+            libc::recvmmsg(
+                fd,
+                self.hdrs.as_mut_ptr(),
+                want as u32,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
         };
-        if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
     }
 
     /// sendmmsg(2) the fast answers of this batch, non-blocking: how many went out.
@@ -113,7 +123,12 @@ impl Batch {
 }
 
 /// Point `h` at one address and one buffer, no control data, flags and length cleared.
-fn point(h: &mut libc::mmsghdr, name: &mut libc::sockaddr_storage, namelen: u32, iov: &mut libc::iovec) {
+fn point(
+    h: &mut libc::mmsghdr,
+    name: &mut libc::sockaddr_storage,
+    namelen: u32,
+    iov: &mut libc::iovec,
+) {
     h.msg_hdr.msg_name = (name as *mut libc::sockaddr_storage).cast();
     h.msg_hdr.msg_namelen = namelen;
     h.msg_hdr.msg_iov = iov;
@@ -138,7 +153,10 @@ fn sockaddr(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
         libc::AF_INET6 => {
             // SAFETY: the family says the storage holds a sockaddr_in6.
             let a = unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
-            Some(SocketAddr::from((std::net::Ipv6Addr::from(a.sin6_addr.s6_addr), u16::from_be(a.sin6_port))))
+            Some(SocketAddr::from((
+                std::net::Ipv6Addr::from(a.sin6_addr.s6_addr),
+                u16::from_be(a.sin6_port),
+            )))
         }
         _ => None,
     }
@@ -168,7 +186,11 @@ pub(crate) async fn serve(sock: UdpSocket, handler: TaskHandler) {
         let mut got = 0;
         let n = match sock.try_io(tokio::io::Interest::READABLE, || {
             got = b.recv(fd, want)?;
-            if got < want { Err(io::ErrorKind::WouldBlock.into()) } else { Ok(got) }
+            if got < want {
+                Err(io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(got)
+            }
         }) {
             Ok(n) => {
                 want = BATCH;
@@ -181,7 +203,12 @@ pub(crate) async fn serve(sock: UdpSocket, handler: TaskHandler) {
                 }
                 got
             }
-            Err(e) if matches!(e.kind(), io::ErrorKind::NotConnected | io::ErrorKind::ConnectionAborted) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotConnected | io::ErrorKind::ConnectionAborted
+                ) =>
+            {
                 tracing::warn!(task = %handler.task, error = %e, "DNS UDP socket failed; no longer serving UDP");
                 return;
             }
@@ -397,18 +424,26 @@ fn simple(q: &[u8]) -> Option<Simple> {
 pub(crate) fn fast_answer(h: &TaskHandler, q: &[u8], out: &mut Vec<u8>) -> bool {
     let Some(s) = simple(q) else { return false };
     let mut d = BinDecoder::new(&q[12..s.qend]);
-    let Ok(name) = Name::read(&mut d) else { return false };
+    let Ok(name) = Name::read(&mut d) else {
+        return false;
+    };
     let index = h.shared.index.load();
     let Some(found) = index.lookup(&h.task, &h.fallback, &name) else {
         return false;
     };
     let a: &[hickory_proto::rr::Record] = if s.qtype == 1 { &found.entry.a } else { &[] };
-    let payload = s.edns.map(|p| p.clamp(512, h.shared.cfg.udp_payload.max(512)));
+    let payload = s
+        .edns
+        .map(|p| p.clamp(512, h.shared.cfg.udp_payload.max(512)));
     let qname = &q[12..s.qend - 4];
     let lower = !qname.iter().any(u8::is_ascii_uppercase);
     let size = 12
         + (s.qend - 12)
-        + if lower || a.is_empty() { 0 } else { qname.len() - 2 }
+        + if lower || a.is_empty() {
+            0
+        } else {
+            qname.len() - 2
+        }
         + a.len() * 16
         + if payload.is_some() { 11 } else { 0 };
     if size > payload.unwrap_or(512) as usize || a.len() > u16::MAX as usize {
@@ -427,7 +462,9 @@ pub(crate) fn fast_answer(h: &TaskHandler, q: &[u8], out: &mut Vec<u8>) -> bool 
     let mut owner: u16 = 12;
     let k = rng::below(a.len());
     for (n, rec) in a[k..].iter().chain(&a[..k]).enumerate() {
-        let RData::A(A(addr)) = rec.data else { return false };
+        let RData::A(A(addr)) = rec.data else {
+            return false;
+        };
         if n == 0 && !lower {
             owner = out.len() as u16;
             out.extend(qname.iter().map(u8::to_ascii_lowercase));

@@ -4,7 +4,10 @@ use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::{Key as LpmKey, LpmTrie}},
+    maps::{
+        Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues,
+        lpm_trie::{Key as LpmKey, LpmTrie},
+    },
 };
 use mesh_common::{
     Backend, Config, CtEntry, CtKey, Frontend, FrontendKey, SlotKey, TaskNetKey, TrafficStats,
@@ -40,7 +43,9 @@ pub struct Maps {
 /// The `max_entries` of a map, 0 if unknown.
 fn capacity(map: &Option<Map>) -> u32 {
     match map {
-        Some(Map::LruHashMap(d) | Map::HashMap(d)) => d.info().map(|i| i.max_entries()).unwrap_or(0),
+        Some(Map::LruHashMap(d) | Map::HashMap(d)) => {
+            d.info().map(|i| i.max_entries()).unwrap_or(0)
+        }
         _ => 0,
     }
 }
@@ -103,14 +108,24 @@ impl Maps {
     pub fn set_task_nets(&mut self, tasks: &BTreeMap<u64, Vec<u32>>) -> Result<(), DatapathError> {
         let mut want = std::collections::BTreeSet::new();
         for (cookie, nets) in tasks {
-            want.insert(TaskNetKey { cookie: *cookie, net_id: 0, _pad: 0 });
+            want.insert(TaskNetKey {
+                cookie: *cookie,
+                net_id: 0,
+                _pad: 0,
+            });
             for n in nets {
-                want.insert(TaskNetKey { cookie: *cookie, net_id: *n, _pad: 0 });
+                want.insert(TaskNetKey {
+                    cookie: *cookie,
+                    net_id: *n,
+                    _pad: 0,
+                });
             }
         }
         let have: Vec<TaskNetKey> = self.task_nets.keys().filter_map(Result::ok).collect();
         for k in &want {
-            self.task_nets.insert(k, 1, 0).map_err(me(names::TASK_NETS))?;
+            self.task_nets
+                .insert(k, 1, 0)
+                .map_err(me(names::TASK_NETS))?;
         }
         for k in have.iter().filter(|k| !want.contains(k)) {
             let _ = self.task_nets.remove(k);
@@ -122,7 +137,13 @@ impl Maps {
     pub fn set_subnets(&mut self, nets: &[(ipnet::Ipv4Net, u32)]) -> Result<(), DatapathError> {
         let want: Vec<(u32, u32, u32)> = nets
             .iter()
-            .map(|(n, id)| (n.prefix_len() as u32, u32::from_ne_bytes(n.network().octets()), *id))
+            .map(|(n, id)| {
+                (
+                    n.prefix_len() as u32,
+                    u32::from_ne_bytes(n.network().octets()),
+                    *id,
+                )
+            })
             .collect();
         let have: Vec<LpmKey<u32>> = self.subnets.keys().filter_map(Result::ok).collect();
         for (plen, addr, id) in &want {
@@ -143,7 +164,9 @@ impl Maps {
     pub fn set_iface_nets(&mut self, ifaces: &BTreeMap<u32, u32>) -> Result<(), DatapathError> {
         let have: Vec<u32> = self.iface_net.keys().filter_map(Result::ok).collect();
         for (ifindex, id) in ifaces {
-            self.iface_net.insert(ifindex, id, 0).map_err(me(names::IFACE_NET))?;
+            self.iface_net
+                .insert(ifindex, id, 0)
+                .map_err(me(names::IFACE_NET))?;
         }
         for k in have.iter().filter(|k| !ifaces.contains_key(k)) {
             let _ = self.iface_net.remove(k);
@@ -153,10 +176,15 @@ impl Maps {
 
     /// Replace the node-address set with `addrs`.
     pub fn set_node_addrs(&mut self, addrs: &[Ipv4Addr]) -> Result<(), DatapathError> {
-        let want: Vec<u32> = addrs.iter().map(|a| u32::from_ne_bytes(a.octets())).collect();
+        let want: Vec<u32> = addrs
+            .iter()
+            .map(|a| u32::from_ne_bytes(a.octets()))
+            .collect();
         let have: Vec<u32> = self.node_addrs.keys().filter_map(Result::ok).collect();
         for a in &want {
-            self.node_addrs.insert(a, 1, 0).map_err(me(names::NODE_ADDRS))?;
+            self.node_addrs
+                .insert(a, 1, 0)
+                .map_err(me(names::NODE_ADDRS))?;
         }
         for a in have.iter().filter(|a| !want.contains(a)) {
             let _ = self.node_addrs.remove(a);
@@ -171,11 +199,17 @@ impl Maps {
     ) -> Result<(), DatapathError> {
         let n = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Map {
             name,
-            source: MapError::SyscallError(aya::sys::SyscallError { call: "nr_cpus", io_error: e }),
+            source: MapError::SyscallError(aya::sys::SyscallError {
+                call: "nr_cpus",
+                io_error: e,
+            }),
         })?;
         let v = PerCpuValues::try_from(vec![T::default(); n]).map_err(|e| DatapathError::Map {
             name,
-            source: MapError::SyscallError(aya::sys::SyscallError { call: "percpu", io_error: e }),
+            source: MapError::SyscallError(aya::sys::SyscallError {
+                call: "percpu",
+                io_error: e,
+            }),
         })?;
         map.set(idx, v, 0).map_err(me(name))
     }
@@ -184,9 +218,10 @@ impl Maps {
     pub fn apply(&mut self, ops: &[MapOp]) -> Result<(), DatapathError> {
         for op in ops {
             match op {
-                MapOp::SetBackend { id, value } => {
-                    self.backends.set(*id, value, 0).map_err(me(names::BACKENDS))?
-                }
+                MapOp::SetBackend { id, value } => self
+                    .backends
+                    .set(*id, value, 0)
+                    .map_err(me(names::BACKENDS))?,
                 MapOp::ClearBackend { id } => self
                     .backends
                     .set(*id, zero_backend(), 0)
@@ -213,13 +248,11 @@ impl Maps {
                         0,
                     )
                     .map_err(me(names::SLOTS))?,
-                MapOp::DeleteSlot { svc_id, slot } => {
-                    ignore_missing(self.slots.remove(&SlotKey {
-                        svc_id: *svc_id,
-                        slot: *slot,
-                    }))
-                    .map_err(me(names::SLOTS))?
-                }
+                MapOp::DeleteSlot { svc_id, slot } => ignore_missing(self.slots.remove(&SlotKey {
+                    svc_id: *svc_id,
+                    slot: *slot,
+                }))
+                .map_err(me(names::SLOTS))?,
                 MapOp::SetFrontend { key, value } => self
                     .frontends
                     .insert(key, value, 0)
@@ -237,7 +270,8 @@ impl Maps {
 
     /// The programmed view a previous agent left in these (pinned) maps.
     pub fn adopt_tables(&self) -> crate::tables::Tables {
-        let fes: Vec<(FrontendKey, Frontend)> = self.frontends.iter().filter_map(Result::ok).collect();
+        let fes: Vec<(FrontendKey, Frontend)> =
+            self.frontends.iter().filter_map(Result::ok).collect();
         let slots: Vec<(SlotKey, u32)> = self.slots.iter().filter_map(Result::ok).collect();
         let mut ids: Vec<u32> = slots.iter().map(|(_, b)| *b).collect();
         ids.sort_unstable();
@@ -247,16 +281,19 @@ impl Maps {
             .filter_map(|id| self.backends.get(&id, 0).ok().map(|b| (id, b)))
             .collect();
         let ports: Vec<(u32, u32)> = (0..names::PORT_WORDS)
-            .filter_map(|w| self.ports.get(&w, 0).ok().filter(|b| *b != 0).map(|b| (w, b)))
+            .filter_map(|w| {
+                self.ports
+                    .get(&w, 0)
+                    .ok()
+                    .filter(|b| *b != 0)
+                    .map(|b| (w, b))
+            })
             .collect();
         crate::tables::Tables::adopt(&fes, &slots, &bes, &ports)
     }
 
     /// Sum of a per-CPU stats slot.
-    pub fn sum_stats(
-        map: &PerCpuArray<MapData, TrafficStats>,
-        idx: u32,
-    ) -> TrafficStats {
+    pub fn sum_stats(map: &PerCpuArray<MapData, TrafficStats>, idx: u32) -> TrafficStats {
         let mut total = TrafficStats::default();
         if let Ok(v) = map.get(&idx, 0) {
             for s in v.iter() {
@@ -300,7 +337,11 @@ impl Maps {
 
     /// The conntrack table of `proto` ([`mesh_common::proto`]).
     pub fn conntrack(&mut self, proto: u8) -> &mut HashMap<MapData, CtKey, CtEntry> {
-        if proto == mesh_common::proto::UDP { &mut self.ct_udp } else { &mut self.ct_tcp }
+        if proto == mesh_common::proto::UDP {
+            &mut self.ct_udp
+        } else {
+            &mut self.ct_tcp
+        }
     }
 }
 

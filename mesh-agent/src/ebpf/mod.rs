@@ -58,7 +58,10 @@ impl PortRange {
     pub fn ephemeral() -> Option<PortRange> {
         let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
         let mut it = text.split_whitespace().map(|p| p.parse::<u16>().ok());
-        Some(PortRange { min: it.next()??, max: it.next()?? })
+        Some(PortRange {
+            min: it.next()??,
+            max: it.next()??,
+        })
     }
 }
 
@@ -94,7 +97,9 @@ impl std::str::FromStr for PortRange {
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh.bpf.o"));
 
 /// Where the node's external traffic is intercepted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Hook {
     /// XDP (native where the driver supports it, else generic): what runs on a real NIC.
@@ -106,7 +111,10 @@ pub enum Hook {
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
     #[error("cannot prepare bpffs pin directory {path}: {source}")]
-    PinDir { path: PathBuf, source: std::io::Error },
+    PinDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot mount bpffs on /sys/fs/bpf: {0}")]
     MountBpffs(nix::Error),
     #[error("cannot load the eBPF object: {0}")]
@@ -133,7 +141,10 @@ pub enum DatapathError {
     #[error("map {name} is missing from the object")]
     MissingMap { name: &'static str },
     #[error("cannot open cgroup {path}: {source}")]
-    Cgroup { path: PathBuf, source: std::io::Error },
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot read the netns cookie: {0}")]
     NetnsCookie(std::io::Error),
     #[error("{0}")]
@@ -149,7 +160,10 @@ pub struct CtSizes {
 
 impl Default for CtSizes {
     fn default() -> Self {
-        CtSizes { tcp: mesh_common::maps::MAX_CT_TCP, udp: mesh_common::maps::MAX_CT_UDP }
+        CtSizes {
+            tcp: mesh_common::maps::MAX_CT_TCP,
+            udp: mesh_common::maps::MAX_CT_UDP,
+        }
     }
 }
 
@@ -162,7 +176,10 @@ impl CtSizes {
 
     /// Both sizes within [`CtSizes::MIN`]..=[`CtSizes::MAX`]; the error names the setting.
     pub fn validate(&self) -> Result<(), String> {
-        for (key, n) in [("conntrack_tcp_max", self.tcp), ("conntrack_udp_max", self.udp)] {
+        for (key, n) in [
+            ("conntrack_tcp_max", self.tcp),
+            ("conntrack_udp_max", self.udp),
+        ] {
             check_ct_size(key, n)?;
         }
         Ok(())
@@ -172,7 +189,11 @@ impl CtSizes {
 /// One conntrack size within bounds, or an error naming `key`.
 pub fn check_ct_size(key: &str, n: u32) -> Result<(), String> {
     if !(CtSizes::MIN..=CtSizes::MAX).contains(&n) {
-        return Err(format!("{key}: {n} entries is outside {}..={}", CtSizes::MIN, CtSizes::MAX));
+        return Err(format!(
+            "{key}: {n} entries is outside {}..={}",
+            CtSizes::MIN,
+            CtSizes::MAX
+        ));
     }
     Ok(())
 }
@@ -202,7 +223,9 @@ const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 const CGROUP2_SUPER_MAGIC: i64 = 0x63677270;
 
 fn fs_magic(path: &Path) -> Option<i64> {
-    nix::sys::statfs::statfs(path).ok().map(|s| s.filesystem_type().0 as i64)
+    nix::sys::statfs::statfs(path)
+        .ok()
+        .map(|s| s.filesystem_type().0)
 }
 
 /// Make sure bpffs is mounted at /sys/fs/bpf (it is not by default on every host).
@@ -286,10 +309,17 @@ macro_rules! loaded_program {
             .program_mut($name)
             .ok_or(DatapathError::MissingProgram { name: $name })?
             .try_into()
-            .map_err(|source| DatapathError::Program { name: $name, op: "type", source })?;
+            .map_err(|source| DatapathError::Program {
+                name: $name,
+                op: "type",
+                source,
+            })?;
         if p.fd().is_err() {
-            p.load()
-                .map_err(|source| DatapathError::Program { name: $name, op: "load", source })?;
+            p.load().map_err(|source| DatapathError::Program {
+                name: $name,
+                op: "load",
+                source,
+            })?;
         }
         Ok(p)
     }};
@@ -332,7 +362,10 @@ impl Datapath {
             path: pin_dir.into(),
             source,
         })?;
-        let sizes = [(mesh_common::maps::CT_TCP, ct.tcp), (mesh_common::maps::CT_UDP, ct.udp)];
+        let sizes = [
+            (mesh_common::maps::CT_TCP, ct.tcp),
+            (mesh_common::maps::CT_UDP, ct.udp),
+        ];
         for (name, want) in sizes {
             unpin_if_resized(pin_dir, name, want)?;
         }
@@ -366,7 +399,10 @@ impl Datapath {
         loaded_program!(self, name, Xdp)
     }
 
-    pub fn tc_program(&mut self, name: &'static str) -> Result<&mut SchedClassifier, DatapathError> {
+    pub fn tc_program(
+        &mut self,
+        name: &'static str,
+    ) -> Result<&mut SchedClassifier, DatapathError> {
         loaded_program!(self, name, SchedClassifier)
     }
 
@@ -376,13 +412,22 @@ impl Datapath {
 
     /// Write the agent-wide settings: this netns's cookie (for the socket hooks) and the
     /// SNAT source for flows to tasks on other nodes.
-    pub fn configure(&mut self, snat_addr: Option<std::net::Ipv4Addr>, node_scope: bool) -> Result<(), DatapathError> {
+    pub fn configure(
+        &mut self,
+        snat_addr: Option<std::net::Ipv4Addr>,
+        node_scope: bool,
+    ) -> Result<(), DatapathError> {
         self.configure_dns(snat_addr.map(|a| (a, PortRange::default())), node_scope, 0)
     }
 
     /// [`Datapath::configure`], plus the port the embedded DNS server listens on in tasks
     /// (0: port 53 itself, no redirect).
-    pub fn configure_dns(&mut self, snat: Option<(std::net::Ipv4Addr, PortRange)>, node_scope: bool, dns_port: u16) -> Result<(), DatapathError> {
+    pub fn configure_dns(
+        &mut self,
+        snat: Option<(std::net::Ipv4Addr, PortRange)>,
+        node_scope: bool,
+        dns_port: u16,
+    ) -> Result<(), DatapathError> {
         let ports = snat.map(|s| s.1).unwrap_or_default();
         // Without the node scope (under Docker, whose iptables steer published ports into its
         // ingress sandbox) the socket hooks act only in task namespaces.
@@ -390,7 +435,9 @@ impl Datapath {
         self.maps.set_config(mesh_common::Config {
             netns_cookie: cookie,
             flags: 0,
-            snat_addr: snat.map(|(a, _)| u32::from_ne_bytes(a.octets())).unwrap_or(0),
+            snat_addr: snat
+                .map(|(a, _)| u32::from_ne_bytes(a.octets()))
+                .unwrap_or(0),
             snat_port_min: ports.min,
             snat_port_max: ports.max,
             dns_port,
@@ -400,21 +447,31 @@ impl Datapath {
 
     /// Intercept published-port traffic arriving on `iface`.
     pub fn attach_ingress(&mut self, iface: &str, hook: Hook) -> Result<(), DatapathError> {
-        let pin = self.link_pin(match hook { Hook::Xdp => "xdp", Hook::Tc => "tc" }, iface);
+        let pin = self.link_pin(
+            match hook {
+                Hook::Xdp => "xdp",
+                Hook::Tc => "tc",
+            },
+            iface,
+        );
         let pinned = take_pinned(&pin);
         let attached = match hook {
             Hook::Xdp => {
                 let prog = self.xdp_program(progs::XDP_INGRESS)?;
                 // A hand-over: swap the new program into the previous agent's link atomically
                 // (no packet sees the interface without a program).
-                if let Some(link) = pinned.and_then(|l| aya::programs::xdp::XdpLink::try_from(l).ok()) {
+                if let Some(link) =
+                    pinned.and_then(|l| aya::programs::xdp::XdpLink::try_from(l).ok())
+                {
                     match prog.attach_to_link(link) {
                         Ok(id) => {
                             info!(iface, "XDP program replaced in the pinned link");
                             self.ingress.push((iface.to_string(), Attached::Xdp(id)));
                             return Ok(());
                         }
-                        Err(e) => warn!(iface, error = %e, "cannot reuse the pinned XDP link; attaching afresh"),
+                        Err(e) => {
+                            warn!(iface, error = %e, "cannot reuse the pinned XDP link; attaching afresh")
+                        }
                     }
                 }
                 let _ = std::fs::remove_file(&pin);
@@ -422,10 +479,12 @@ impl Datapath {
                     Ok(id) => id,
                     Err(e) => {
                         warn!(iface, error = %e, "native XDP attach failed; falling back to generic (skb) XDP");
-                        prog.attach(iface, XdpMode::Skb).map_err(|source| DatapathError::Attach {
-                            name: progs::XDP_INGRESS,
-                            target: iface.into(),
-                            source,
+                        prog.attach(iface, XdpMode::Skb).map_err(|source| {
+                            DatapathError::Attach {
+                                name: progs::XDP_INGRESS,
+                                target: iface.into(),
+                                source,
+                            }
                         })?
                     }
                 };
@@ -433,21 +492,22 @@ impl Datapath {
             }
             Hook::Tc => {
                 let prog = self.tc_program(progs::TC_INGRESS)?;
-                if let Some(link) = pinned.and_then(|l| aya::programs::tc::SchedClassifierLink::try_from(l).ok()) {
-                    if let Ok(id) = prog.attach_to_link(link) {
-                        info!(iface, "TC program replaced in the pinned link");
-                        self.ingress.push((iface.to_string(), Attached::Tc(id)));
-                        return Ok(());
-                    }
+                if let Some(link) =
+                    pinned.and_then(|l| aya::programs::tc::SchedClassifierLink::try_from(l).ok())
+                    && let Ok(id) = prog.attach_to_link(link)
+                {
+                    info!(iface, "TC program replaced in the pinned link");
+                    self.ingress.push((iface.to_string(), Attached::Tc(id)));
+                    return Ok(());
                 }
                 let _ = std::fs::remove_file(&pin);
-                let id = prog.attach(iface, TcAttachType::Ingress).map_err(|source| {
-                    DatapathError::Attach {
+                let id = prog
+                    .attach(iface, TcAttachType::Ingress)
+                    .map_err(|source| DatapathError::Attach {
                         name: progs::TC_INGRESS,
                         target: iface.into(),
                         source,
-                    }
-                })?;
+                    })?;
                 Attached::Tc(id)
             }
         };
@@ -458,22 +518,35 @@ impl Datapath {
 
     /// [`Datapath::attach_ingress`] on an interface of another network namespace (Docker's
     /// ingress sandbox): the attach runs on a thread inside it, where the name resolves.
-    pub fn attach_ingress_in(&mut self, netns_path: &Path, iface: &str, hook: Hook) -> Result<(), DatapathError> {
+    pub fn attach_ingress_in(
+        &mut self,
+        netns_path: &Path,
+        iface: &str,
+        hook: Hook,
+    ) -> Result<(), DatapathError> {
         let ns = File::open(netns_path).map_err(|source| DatapathError::PinDir {
             path: netns_path.into(),
             source,
         })?;
         std::thread::scope(|sc| {
             sc.spawn(|| {
-                nix::sched::setns(std::os::fd::AsFd::as_fd(&ns), nix::sched::CloneFlags::CLONE_NEWNET)
-                    .map_err(|e| DatapathError::PinDir { path: netns_path.into(), source: e.into() })?;
+                nix::sched::setns(
+                    std::os::fd::AsFd::as_fd(&ns),
+                    nix::sched::CloneFlags::CLONE_NEWNET,
+                )
+                .map_err(|e| DatapathError::PinDir {
+                    path: netns_path.into(),
+                    source: e.into(),
+                })?;
                 self.attach_ingress(iface, hook)
             })
             .join()
-            .unwrap_or_else(|_| Err(DatapathError::PinDir {
-                path: netns_path.into(),
-                source: std::io::Error::other("attach thread panicked"),
-            }))
+            .unwrap_or_else(|_| {
+                Err(DatapathError::PinDir {
+                    path: netns_path.into(),
+                    source: std::io::Error::other("attach thread panicked"),
+                })
+            })
         })
     }
 
@@ -485,11 +558,12 @@ impl Datapath {
         let pin = self.link_pin("task", host_veth);
         let pinned = take_pinned(&pin);
         let prog = self.tc_program(progs::TC_TASK)?;
-        if let Some(link) = pinned.and_then(|l| aya::programs::tc::SchedClassifierLink::try_from(l).ok()) {
-            if let Ok(id) = prog.attach_to_link(link) {
-                self.tasks.insert(host_veth.to_string(), id);
-                return Ok(());
-            }
+        if let Some(link) =
+            pinned.and_then(|l| aya::programs::tc::SchedClassifierLink::try_from(l).ok())
+            && let Ok(id) = prog.attach_to_link(link)
+        {
+            self.tasks.insert(host_veth.to_string(), id);
+            return Ok(());
         }
         let _ = std::fs::remove_file(&pin);
         let id = prog
@@ -506,11 +580,11 @@ impl Datapath {
     /// Forget (and detach, if the device still exists) a task interface's program.
     pub fn detach_task(&mut self, host_veth: &str) {
         let _ = std::fs::remove_file(self.link_pin("task", host_veth));
-        if let Some(id) = self.tasks.remove(host_veth) {
-            if let Ok(prog) = self.tc_program(progs::TC_TASK) {
-                // The link is already gone when the veth was deleted first.
-                let _ = prog.detach(id);
-            }
+        if let Some(id) = self.tasks.remove(host_veth)
+            && let Ok(prog) = self.tc_program(progs::TC_TASK)
+        {
+            // The link is already gone when the veth was deleted first.
+            let _ = prog.detach(id);
         }
     }
 
@@ -521,7 +595,12 @@ impl Datapath {
             path: cgroup.into(),
             source,
         })?;
-        for name in [progs::CONNECT4, progs::SENDMSG4, progs::RECVMSG4, progs::GETPEERNAME4] {
+        for name in [
+            progs::CONNECT4,
+            progs::SENDMSG4,
+            progs::RECVMSG4,
+            progs::GETPEERNAME4,
+        ] {
             // cgroup links cannot swap programs; a hand-over attaches the new program next to
             // the old one, then drops the old link (both act the same on the same maps).
             let old = take_pinned(&self.link_pin("sock", name));
@@ -549,8 +628,12 @@ impl Datapath {
     pub fn detach_all(&mut self) {
         for (iface, a) in std::mem::take(&mut self.ingress) {
             let r = match a {
-                Attached::Xdp(id) => self.xdp_program(progs::XDP_INGRESS).map(|p| p.detach(id).is_ok()),
-                Attached::Tc(id) => self.tc_program(progs::TC_INGRESS).map(|p| p.detach(id).is_ok()),
+                Attached::Xdp(id) => self
+                    .xdp_program(progs::XDP_INGRESS)
+                    .map(|p| p.detach(id).is_ok()),
+                Attached::Tc(id) => self
+                    .tc_program(progs::TC_INGRESS)
+                    .map(|p| p.detach(id).is_ok()),
             };
             if !matches!(r, Ok(true)) {
                 warn!(iface, "ingress program was already detached");
@@ -573,20 +656,31 @@ impl Datapath {
         let mut errors = Vec::new();
         let dir = self.pin_dir.join(LINKS_DIR);
         if let Err(source) = std::fs::create_dir_all(&dir) {
-            errors.push(DatapathError::PinDir { path: dir.clone(), source });
+            errors.push(DatapathError::PinDir {
+                path: dir.clone(),
+                source,
+            });
             return errors;
         }
-        let pin = |link: Result<FdLink, String>, path: PathBuf, errors: &mut Vec<DatapathError>| match link {
-            Ok(l) => {
-                if path.exists() {
-                    // Already pinned (adopted from the previous agent): it runs our program now.
-                    return;
+        let pin = |link: Result<FdLink, String>, path: PathBuf, errors: &mut Vec<DatapathError>| {
+            match link {
+                Ok(l) => {
+                    if path.exists() {
+                        // Already pinned (adopted from the previous agent): it runs our program now.
+                        return;
+                    }
+                    if let Err(e) = l.pin(&path) {
+                        errors.push(DatapathError::PinDir {
+                            path,
+                            source: std::io::Error::other(e.to_string()),
+                        });
+                    }
                 }
-                if let Err(e) = l.pin(&path) {
-                    errors.push(DatapathError::PinDir { path, source: std::io::Error::other(e.to_string()) });
-                }
+                Err(e) => errors.push(DatapathError::PinDir {
+                    path,
+                    source: std::io::Error::other(e),
+                }),
             }
-            Err(e) => errors.push(DatapathError::PinDir { path, source: std::io::Error::other(e) }),
         };
         for (iface, a) in std::mem::take(&mut self.ingress) {
             match a {

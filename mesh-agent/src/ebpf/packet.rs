@@ -29,9 +29,13 @@ pub struct Frame {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum L4 {
-    Tcp { flags: u8 },
+    Tcp {
+        flags: u8,
+    },
     /// `zero_csum`: send without a UDP checksum (allowed over IPv4).
-    Udp { zero_csum: bool },
+    Udp {
+        zero_csum: bool,
+    },
     /// Any other IP protocol with an opaque payload.
     Other(u8),
 }
@@ -145,12 +149,26 @@ pub fn parse(f: &[u8]) -> Option<Parsed> {
     let proto = ip[9];
     let ip_csum_ok = !csum::fold(csum::sum_be(ip)) == 0;
     let (l4_csum_ok, udp_csum_zero) = match proto {
-        6 => (!csum::fold(csum::sum_be(&src) + csum::sum_be(&dst) + 6 + l4.len() as u64 + csum::sum_be(l4)) == 0, false),
+        6 => (
+            !csum::fold(
+                csum::sum_be(&src) + csum::sum_be(&dst) + 6 + l4.len() as u64 + csum::sum_be(l4),
+            ) == 0,
+            false,
+        ),
         17 => {
             if l4[6..8] == [0, 0] {
                 (true, true)
             } else {
-                (!csum::fold(csum::sum_be(&src) + csum::sum_be(&dst) + 17 + l4.len() as u64 + csum::sum_be(l4)) == 0, false)
+                (
+                    !csum::fold(
+                        csum::sum_be(&src)
+                            + csum::sum_be(&dst)
+                            + 17
+                            + l4.len() as u64
+                            + csum::sum_be(l4),
+                    ) == 0,
+                    false,
+                )
             }
         }
         _ => (true, false),
@@ -173,7 +191,10 @@ pub fn parse(f: &[u8]) -> Option<Parsed> {
 /// fragments of its datagram: the first with `at` bytes of the IP payload (a multiple of 8)
 /// and MF set, the later one with the rest at offset `at`; both carry IP identification `id`.
 pub fn fragment(whole: &[u8], at: usize, id: u16) -> (Vec<u8>, Vec<u8>) {
-    assert!(at.is_multiple_of(8) && whole.len() > 34 + at, "a fragment boundary inside the payload");
+    assert!(
+        at.is_multiple_of(8) && whole.len() > 34 + at,
+        "a fragment boundary inside the payload"
+    );
     let (hdr, payload) = whole.split_at(34);
     let piece = |data: &[u8], frag: u16| {
         let mut f = hdr.to_vec();
@@ -186,7 +207,10 @@ pub fn fragment(whole: &[u8], at: usize, id: u16) -> (Vec<u8>, Vec<u8>) {
         f.extend_from_slice(data);
         f
     };
-    (piece(&payload[..at], 0x2000), piece(&payload[at..], (at / 8) as u16))
+    (
+        piece(&payload[..at], 0x2000),
+        piece(&payload[at..], (at / 8) as u16),
+    )
 }
 
 /// The whole frame two fragments of [`fragment`] make (the first's Ethernet and IP header,
@@ -194,9 +218,19 @@ pub fn fragment(whole: &[u8], at: usize, id: u16) -> (Vec<u8>, Vec<u8>) {
 /// first and the later fragment of one datagram, or either IP header checksum is wrong.
 pub fn reassemble(first: &[u8], later: &[u8]) -> Option<Vec<u8>> {
     let ok = |f: &[u8]| f.len() >= 34 && !csum::fold(csum::sum_be(&f[14..34])) == 0;
-    let same = first.get(26..34)? == later.get(26..34)? && first[18..20] == later[18..20] && first[23] == later[23];
-    let (ffrag, lfrag) = (u16::from_be_bytes([first[20], first[21]]), u16::from_be_bytes([later[20], later[21]]));
-    if !ok(first) || !ok(later) || !same || ffrag != 0x2000 || (lfrag & 0x1fff) as usize * 8 != first.len() - 34 {
+    let same = first.get(26..34)? == later.get(26..34)?
+        && first[18..20] == later[18..20]
+        && first[23] == later[23];
+    let (ffrag, lfrag) = (
+        u16::from_be_bytes([first[20], first[21]]),
+        u16::from_be_bytes([later[20], later[21]]),
+    );
+    if !ok(first)
+        || !ok(later)
+        || !same
+        || ffrag != 0x2000
+        || (lfrag & 0x1fff) as usize * 8 != first.len() - 34
+    {
         return None;
     }
     let mut w = first.to_vec();

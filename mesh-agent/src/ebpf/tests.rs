@@ -61,7 +61,13 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 
 fn state(n_tasks: u8, running: &[u8]) -> State {
     let mut s = State::default();
-    s.nodes.insert("n1".into(), Node { name: "n1".into(), address: NODE });
+    s.nodes.insert(
+        "n1".into(),
+        Node {
+            name: "n1".into(),
+            address: NODE,
+        },
+    );
     s.networks.insert(
         "demo".into(),
         Network {
@@ -82,8 +88,16 @@ fn state(n_tasks: u8, running: &[u8]) -> State {
                 aliases: vec![],
             }],
             ports: vec![
-                PortSpec { published: 8080, target: 80, protocol: Protocol::Tcp },
-                PortSpec { published: 8053, target: 53, protocol: Protocol::Udp },
+                PortSpec {
+                    published: 8080,
+                    target: 80,
+                    protocol: Protocol::Tcp,
+                },
+                PortSpec {
+                    published: 8053,
+                    target: 53,
+                    protocol: Protocol::Udp,
+                },
             ],
         },
     );
@@ -96,10 +110,17 @@ fn state(n_tasks: u8, running: &[u8]) -> State {
                 service: "whoami".into(),
                 slot: i as u32,
                 node: "n1".into(),
-                state: if running.contains(&i) { TaskState::Running } else { TaskState::Shutdown },
+                state: if running.contains(&i) {
+                    TaskState::Running
+                } else {
+                    TaskState::Shutdown
+                },
                 netns: Some(format!("/run/netns/t{i}").into()),
                 resolv_conf: None,
-                networks: vec![TaskNetwork { network: "demo".into(), address: task_addr(i) }],
+                networks: vec![TaskNetwork {
+                    network: "demo".into(),
+                    address: task_addr(i),
+                }],
             },
         );
     }
@@ -111,7 +132,11 @@ fn links(n: u8) -> LocalLinks {
         .map(|i| {
             (
                 (format!("t{i}"), "demo".to_string()),
-                LocalLink { ifindex: 100 + i as u32, task_mac: task_mac(i), gw_mac: GW_MAC },
+                LocalLink {
+                    ifindex: 100 + i as u32,
+                    task_mac: task_mac(i),
+                    gw_mac: GW_MAC,
+                },
             )
         })
         .collect()
@@ -131,7 +156,11 @@ impl Fixture {
         let pins = unit_pin_dir();
         let mut dp = Datapath::load(&pins).expect("load the embedded eBPF object (needs root)");
         dp.maps.set_node_addrs(&[NODE]).unwrap();
-        let mut f = Fixture { dp: Some(dp), pins, tables: Tables::new() };
+        let mut f = Fixture {
+            dp: Some(dp),
+            pins,
+            tables: Tables::new(),
+        };
         f.program(&state(3, &[1, 2, 3]), 3);
         f
     }
@@ -153,9 +182,11 @@ impl Fixture {
     fn xdp(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
         let prog = self.dp().xdp_program(progs::XDP_INGRESS).unwrap();
         let mut out = vec![0u8; frame.len() + 256];
-        let mut opts = TestRunOptions::default();
-        opts.data_in = Some(frame);
-        opts.data_out = Some(&mut out);
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        };
         let r = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
         out.truncate(r.data_size_out as usize);
         (r.return_value, out)
@@ -164,9 +195,11 @@ impl Fixture {
     fn tc(&mut self, name: &'static str, frame: &[u8]) -> (u32, Vec<u8>) {
         let prog = self.dp().tc_program(name).unwrap();
         let mut out = vec![0u8; frame.len() + 256];
-        let mut opts = TestRunOptions::default();
-        opts.data_in = Some(frame);
-        opts.data_out = Some(&mut out);
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        };
         let r = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
         out.truncate(r.data_size_out as usize);
         (r.return_value, out)
@@ -211,7 +244,11 @@ fn established_flow_sticks_and_new_flows_round_robin() {
     for _ in 0..5 {
         let (rc, out) = f.xdp(&Frame::tcp(CLIENT, 40000, NODE, 8080, TCP_ACK).build());
         assert_eq!(rc, XDP_REDIRECT);
-        assert_eq!(checked(&out).dst, first, "every packet of a flow goes to one task");
+        assert_eq!(
+            checked(&out).dst,
+            first,
+            "every packet of a flow goes to one task"
+        );
     }
     assert_eq!(f.verdict("established"), 5);
     // 30 new flows: strict round-robin, 10 per task, in rotation.
@@ -223,7 +260,10 @@ fn established_flow_sticks_and_new_flows_round_robin() {
         seq.push(d);
     }
     assert_eq!(&per[1..], &[10, 10, 10]);
-    assert!(seq.windows(2).all(|w| w[0] != w[1]), "consecutive flows go to different tasks");
+    assert!(
+        seq.windows(2).all(|w| w[0] != w[1]),
+        "consecutive flows go to different tasks"
+    );
 }
 
 /// A client that reuses the port of a connection it closed opens a new connection: balanced
@@ -240,30 +280,70 @@ fn a_syn_on_the_tuple_of_a_closed_flow_is_balanced_again() {
         };
         let first = checked(&send(&mut f, syn(40000)).1).dst;
         let again = checked(&send(&mut f, syn(40000)).1).dst;
-        assert_eq!(again, first, "{hook:?}: a retransmitted SYN stays with its task");
+        assert_eq!(
+            again, first,
+            "{hook:?}: a retransmitted SYN stays with its task"
+        );
         assert_eq!((f.verdict("new_flow"), f.verdict("established")), (1, 1));
         // A SYN on a flow the task closed but the client did not is a retransmission too.
-        let (rc, out) = f.tc(progs::TC_TASK, &Frame::tcp(first, 80, CLIENT, 40000, TCP_FIN | TCP_ACK).build());
-        assert_eq!((rc, checked(&out).sport), (TC_ACT_REDIRECT, 8080), "the task's FIN reaches the client");
+        let (rc, out) = f.tc(
+            progs::TC_TASK,
+            &Frame::tcp(first, 80, CLIENT, 40000, TCP_FIN | TCP_ACK).build(),
+        );
+        assert_eq!(
+            (rc, checked(&out).sport),
+            (TC_ACT_REDIRECT, 8080),
+            "the task's FIN reaches the client"
+        );
         assert_eq!(checked(&send(&mut f, syn(40000)).1).dst, first);
         // The client closes too, then opens a new connection from the same port.
-        assert_eq!(checked(&send(&mut f, Frame::tcp(CLIENT, 40000, NODE, 8080, TCP_FIN | TCP_ACK)).1).dst, first);
+        assert_eq!(
+            checked(
+                &send(
+                    &mut f,
+                    Frame::tcp(CLIENT, 40000, NODE, 8080, TCP_FIN | TCP_ACK)
+                )
+                .1
+            )
+            .dst,
+            first
+        );
         let next = checked(&send(&mut f, syn(40000)).1).dst;
-        assert_ne!(next, first, "{hook:?}: the new connection is balanced again");
+        assert_ne!(
+            next, first,
+            "{hook:?}: the new connection is balanced again"
+        );
         assert_eq!((f.verdict("new_flow"), f.verdict("reopened")), (2, 1));
-        assert_eq!(f.dp().maps.conntrack_len(), 3, "the new flow's two entries and the old flow's reply entry");
+        assert_eq!(
+            f.dp().maps.conntrack_len(),
+            3,
+            "the new flow's two entries and the old flow's reply entry"
+        );
         // The new task's answer is reverse-NATed, and so is the old task's last FIN (sent
         // again from its TIME_WAIT): the client must see it from the published address.
         for task in [next, first] {
-            let (rc, out) = f.tc(progs::TC_TASK, &Frame::tcp(task, 80, CLIENT, 40000, TCP_FIN | TCP_ACK).build());
-            assert_eq!((rc, checked(&out).src, checked(&out).sport), (TC_ACT_REDIRECT, NODE, 8080));
+            let (rc, out) = f.tc(
+                progs::TC_TASK,
+                &Frame::tcp(task, 80, CLIENT, 40000, TCP_FIN | TCP_ACK).build(),
+            );
+            assert_eq!(
+                (rc, checked(&out).src, checked(&out).sport),
+                (TC_ACT_REDIRECT, NODE, 8080)
+            );
         }
         // A RST from the old task reaches the client too, but does not close the new flow:
         // a SYN sent again on it is still a retransmission.
-        let (rc, _) = f.tc(progs::TC_TASK, &Frame::tcp(first, 80, CLIENT, 40000, TCP_RST).build());
+        let (rc, _) = f.tc(
+            progs::TC_TASK,
+            &Frame::tcp(first, 80, CLIENT, 40000, TCP_RST).build(),
+        );
         assert_eq!(rc, TC_ACT_REDIRECT);
         assert_eq!(checked(&send(&mut f, syn(40000)).1).dst, next);
-        assert_eq!(f.verdict("reopened"), 1, "{hook:?}: the old task's RST closed the new flow");
+        assert_eq!(
+            f.verdict("reopened"),
+            1,
+            "{hook:?}: the old task's RST closed the new flow"
+        );
         // And the new flow is established on its task.
         let (_, out) = send(&mut f, Frame::tcp(CLIENT, 40000, NODE, 8080, TCP_ACK));
         assert_eq!(checked(&out).dst, next);
@@ -281,9 +361,17 @@ fn reply_from_task_is_reverse_nated_to_the_node_address_and_client_mac() {
     let (rc, out) = f.tc(progs::TC_TASK, &reply.build());
     assert_eq!(rc, TC_ACT_REDIRECT);
     let p = checked(&out);
-    assert_eq!((p.src, p.sport), (NODE, 8080), "client sees the published address");
+    assert_eq!(
+        (p.src, p.sport),
+        (NODE, 8080),
+        "client sees the published address"
+    );
     assert_eq!((p.dst, p.dport), (CLIENT, 40001));
-    assert_eq!((p.dst_mac, p.src_mac), (CLIENT_MAC, NODE_MAC), "back the way it came");
+    assert_eq!(
+        (p.dst_mac, p.src_mac),
+        (CLIENT_MAC, NODE_MAC),
+        "back the way it came"
+    );
     assert_eq!(f.verdict("reply"), 1);
     // A task's other traffic is not touched.
     let other = Frame::tcp(task, 80, Ipv4Addr::new(10, 200, 0, 99), 5555, TCP_ACK).build();
@@ -305,7 +393,10 @@ fn udp_checksums_and_zero_checksum() {
     let (rc, out) = f.xdp(&z.build());
     assert_eq!(rc, XDP_REDIRECT);
     let p = checked(&out);
-    assert!(p.udp_csum_zero, "a zero UDP checksum means none and must stay zero");
+    assert!(
+        p.udp_csum_zero,
+        "a zero UDP checksum means none and must stay zero"
+    );
     // And through TC (the reply direction) with the kernel helpers.
     let reply = Frame::udp(p.dst, 53, CLIENT, 5001, b"world");
     let (rc, out) = f.tc(progs::TC_TASK, &reply.build());
@@ -316,7 +407,14 @@ fn udp_checksums_and_zero_checksum() {
 
 /// `whole` in two fragments (`at` bytes of IP payload in the first, IP id `id`) through the
 /// TC program `prog`, each returning `rc`: the datagram they make, checksums checked.
-fn through_tc(f: &mut Fixture, prog: &'static str, whole: &[u8], at: usize, id: u16, rc: u32) -> packet::Parsed {
+fn through_tc(
+    f: &mut Fixture,
+    prog: &'static str,
+    whole: &[u8],
+    at: usize,
+    id: u16,
+    rc: u32,
+) -> packet::Parsed {
     let (first, later) = packet::fragment(whole, at, id);
     let (rc1, out1) = f.tc(prog, &first);
     let (rc2, out2) = f.tc(prog, &later);
@@ -345,7 +443,8 @@ fn fragments_of_a_balanced_datagram_follow_its_first_fragment_both_ways() {
     assert_eq!(f.verdict("new_flow"), 1);
     assert_eq!(f.verdict("fragment"), 2);
     assert_eq!(f.verdict("pass_rewritten"), 2);
-    let whole = packet::reassemble(&f1, &f2).expect("two fragments of one datagram, IP checksums right");
+    let whole =
+        packet::reassemble(&f1, &f2).expect("two fragments of one datagram, IP checksums right");
     let p = checked(&whole);
     assert_eq!((p.src, p.sport, p.dport), (CLIENT, 5002, 53));
     let task = p.dst;
@@ -359,7 +458,11 @@ fn fragments_of_a_balanced_datagram_follow_its_first_fragment_both_ways() {
     other.frag = 0;
     let (o1, o2) = packet::fragment(&other.build(), 48, 0x4242);
     assert_eq!(f.xdp(&o1), (XDP_PASS, o1.clone()), "not ours: untouched");
-    assert_eq!(f.xdp(&o2), (XDP_PASS, o2.clone()), "its later fragment: untouched");
+    assert_eq!(
+        f.xdp(&o2),
+        (XDP_PASS, o2.clone()),
+        "its later fragment: untouched"
+    );
     assert_eq!(f.verdict("pass_fragment"), 2);
 
     // The same flow's next datagram, whole, goes the same way (redirected: it fits).
@@ -370,15 +473,32 @@ fn fragments_of_a_balanced_datagram_follow_its_first_fragment_both_ways() {
     // The task's reply, fragmented by its stack: reverse NAT on both fragments.
     let mut r = Frame::udp(task, 53, CLIENT, 5002, &[9u8; 200]);
     r.frag = 0;
-    let p = through_tc(&mut f, progs::TC_TASK, &r.build(), 104, 0x0101, TC_ACT_REDIRECT);
+    let p = through_tc(
+        &mut f,
+        progs::TC_TASK,
+        &r.build(),
+        104,
+        0x0101,
+        TC_ACT_REDIRECT,
+    );
     assert_eq!((p.src, p.sport, p.dst, p.dport), (NODE, 8053, CLIENT, 5002));
 
     // From the TC ingress hook: a datagram of another flow, fragments to the kernel rewritten.
     let mut d2 = Frame::udp(CLIENT, 5003, NODE, 8053, &[5u8; 64]);
     d2.frag = 0;
-    let p = through_tc(&mut f, progs::TC_INGRESS, &d2.build(), 40, 0x4343, TC_ACT_OK);
+    let p = through_tc(
+        &mut f,
+        progs::TC_INGRESS,
+        &d2.build(),
+        40,
+        0x4343,
+        TC_ACT_OK,
+    );
     assert_eq!((p.src, p.sport, p.dport), (CLIENT, 5003, 53));
-    assert!((1..=3).any(|i| p.dst == task_addr(i)) && p.dst != task, "the next task: {p:?}");
+    assert!(
+        (1..=3).any(|i| p.dst == task_addr(i)) && p.dst != task,
+        "the next task: {p:?}"
+    );
 }
 
 /// A datagram larger than its task's link: with DF, XDP answers "fragmentation needed" with
@@ -389,15 +509,33 @@ fn fragments_of_a_balanced_datagram_follow_its_first_fragment_both_ways() {
 #[test]
 fn a_datagram_too_big_for_its_tasks_link_is_answered_or_fragmented() {
     std::thread::spawn(|| {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("a network namespace of its own");
-        for args in [&["link", "add", "mtu0", "type", "veth", "peer", "name", "mtu1"][..], &["link", "set", "mtu0", "mtu", "1400", "up"]] {
-            let ok = std::process::Command::new("ip").args(args).status().is_ok_and(|s| s.success());
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .expect("a network namespace of its own");
+        for args in [
+            &[
+                "link", "add", "mtu0", "type", "veth", "peer", "name", "mtu1",
+            ][..],
+            &["link", "set", "mtu0", "mtu", "1400", "up"],
+        ] {
+            let ok = std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .is_ok_and(|s| s.success());
             assert!(ok, "ip {args:?}");
         }
         let ifindex = nix::net::if_::if_nametoindex("mtu0").expect("mtu0's index");
         let mut f = Fixture::new();
         let links: LocalLinks = (1..=3u8)
-            .map(|i| ((format!("t{i}"), "demo".to_string()), LocalLink { ifindex, task_mac: task_mac(i), gw_mac: GW_MAC }))
+            .map(|i| {
+                (
+                    (format!("t{i}"), "demo".to_string()),
+                    LocalLink {
+                        ifindex,
+                        task_mac: task_mac(i),
+                        gw_mac: GW_MAC,
+                    },
+                )
+            })
             .collect();
         f.program_links(&state(3, &[1, 2, 3]), &links);
 
@@ -408,16 +546,41 @@ fn a_datagram_too_big_for_its_tasks_link_is_answered_or_fragmented() {
         // 1401 bytes with DF: the error, from the address the client sent to.
         let big = Frame::udp(CLIENT, 6001, NODE, 8053, &[2u8; 1401 - 28]).build();
         let (rc, out) = f.xdp(&big);
-        assert_eq!(rc, XDP_REDIRECT, "sent back out of the interface it came in on");
+        assert_eq!(
+            rc, XDP_REDIRECT,
+            "sent back out of the interface it came in on"
+        );
         assert_eq!(out.len(), 14 + 56, "Ethernet + IPv4 + ICMP + the quote");
-        assert_eq!((&out[0..6], &out[6..12]), (&CLIENT_MAC[..], &NODE_MAC[..]), "MACs swapped");
+        assert_eq!(
+            (&out[0..6], &out[6..12]),
+            (&CLIENT_MAC[..], &NODE_MAC[..]),
+            "MACs swapped"
+        );
         let ip = &out[14..34];
-        assert_eq!(!mesh_common::csum::fold(mesh_common::csum::sum_be(ip)), 0, "IPv4 checksum");
-        assert_eq!((ip[9], &ip[12..16], &ip[16..20]), (1, &NODE.octets()[..], &CLIENT.octets()[..]));
+        assert_eq!(
+            !mesh_common::csum::fold(mesh_common::csum::sum_be(ip)),
+            0,
+            "IPv4 checksum"
+        );
+        assert_eq!(
+            (ip[9], &ip[12..16], &ip[16..20]),
+            (1, &NODE.octets()[..], &CLIENT.octets()[..])
+        );
         let icmp = &out[34..];
-        assert_eq!(!mesh_common::csum::fold(mesh_common::csum::sum_be(icmp)), 0, "ICMP checksum");
-        assert_eq!((icmp[0], icmp[1], u16::from_be_bytes([icmp[6], icmp[7]])), (3, 4, 1400));
-        assert_eq!(&icmp[8..], &big[14..42], "quotes the datagram as the client sent it");
+        assert_eq!(
+            !mesh_common::csum::fold(mesh_common::csum::sum_be(icmp)),
+            0,
+            "ICMP checksum"
+        );
+        assert_eq!(
+            (icmp[0], icmp[1], u16::from_be_bytes([icmp[6], icmp[7]])),
+            (3, 4, 1400)
+        );
+        assert_eq!(
+            &icmp[8..],
+            &big[14..42],
+            "quotes the datagram as the client sent it"
+        );
         assert_eq!(f.verdict("drop_too_big"), 1);
 
         // The same without DF: to the kernel, rewritten.
@@ -451,9 +614,18 @@ fn tc_ingress_hook_balances_like_xdp() {
 fn traffic_that_is_not_ours_passes_untouched_and_is_counted() {
     let mut f = Fixture::new();
     let mut cases: Vec<(&str, Vec<u8>)> = vec![
-        ("pass_no_service", Frame::tcp(CLIENT, 1, NODE, 22, TCP_SYN).build()),
-        ("pass_no_service", Frame::tcp(CLIENT, 1, Ipv4Addr::new(198, 18, 0, 77), 8080, TCP_SYN).build()),
-        ("pass_no_service", Frame::udp(CLIENT, 1, NODE, 8080, b"x").build()),
+        (
+            "pass_no_service",
+            Frame::tcp(CLIENT, 1, NODE, 22, TCP_SYN).build(),
+        ),
+        (
+            "pass_no_service",
+            Frame::tcp(CLIENT, 1, Ipv4Addr::new(198, 18, 0, 77), 8080, TCP_SYN).build(),
+        ),
+        (
+            "pass_no_service",
+            Frame::udp(CLIENT, 1, NODE, 8080, b"x").build(),
+        ),
     ];
     let mut icmp = syn(1);
     icmp.l4 = L4::Other(1);
@@ -501,7 +673,11 @@ fn traffic_that_is_not_ours_passes_untouched_and_is_counted() {
         // the program, so that one case is XDP-only.
         if frame.len() >= 34 || frame[12..14] != [0x08, 0x00] {
             let (rc, out) = f.tc(progs::TC_INGRESS, &frame);
-            assert_eq!((rc, out), (TC_ACT_OK, frame.clone()), "{why} (tc): passed untouched");
+            assert_eq!(
+                (rc, out),
+                (TC_ACT_OK, frame.clone()),
+                "{why} (tc): passed untouched"
+            );
         }
     }
     assert_eq!(f.dp().maps.conntrack_len(), 0, "nothing tracked");
@@ -545,8 +721,17 @@ fn counters_track_packets_bytes_and_flows_per_service_and_backend() {
     let reply = Frame::tcp(dst, 80, CLIENT, 46000, TCP_ACK).build();
     f.tc(progs::TC_TASK, &reply);
     let (svc_id, be_id) = {
-        let (_, fe) = f.tables.frontends().find(|(id, _)| id.port == 8080).unwrap();
-        let be = f.tables.backends().find(|(_, _, b)| b.addr == dst && b.port == 80).unwrap().0;
+        let (_, fe) = f
+            .tables
+            .frontends()
+            .find(|(id, _)| id.port == 8080)
+            .unwrap();
+        let be = f
+            .tables
+            .backends()
+            .find(|(_, _, b)| b.addr == dst && b.port == 80)
+            .unwrap()
+            .0;
         (fe.svc_id, be)
     };
     let s = f.dp().maps.service_stats(svc_id);
@@ -563,10 +748,16 @@ fn a_task_cannot_send_into_another_network() {
     let mut f = Fixture::new();
     f.dp()
         .maps
-        .set_subnets(&[("10.200.0.0/24".parse().unwrap(), 4200), ("10.201.0.0/24".parse().unwrap(), 4201)])
+        .set_subnets(&[
+            ("10.200.0.0/24".parse().unwrap(), 4200),
+            ("10.201.0.0/24".parse().unwrap(), 4201),
+        ])
         .unwrap();
     // BPF_PROG_TEST_RUN runs TC programs on loopback (ifindex 1): call it a task veth on 4200.
-    f.dp().maps.set_iface_nets(&[(1u32, 4200u32)].into_iter().collect()).unwrap();
+    f.dp()
+        .maps
+        .set_iface_nets(&[(1u32, 4200u32)].into_iter().collect())
+        .unwrap();
     let from_task = |dst: Ipv4Addr| Frame::tcp(task_addr(1), 5555, dst, 80, TCP_SYN).build();
     let (rc, _) = f.tc(progs::TC_TASK, &from_task(Ipv4Addr::new(10, 201, 0, 5)));
     assert_eq!(rc, TC_ACT_SHOT, "other network: dropped");
@@ -581,7 +772,11 @@ fn a_task_cannot_send_into_another_network() {
     for ok in [Ipv4Addr::new(10, 200, 0, 99), Ipv4Addr::new(198, 18, 0, 7)] {
         let frame = from_task(ok);
         let (rc, out) = f.tc(progs::TC_TASK, &frame);
-        assert_eq!((rc, out), (TC_ACT_OK, frame), "{ok}: own network or outside the mesh passes");
+        assert_eq!(
+            (rc, out),
+            (TC_ACT_OK, frame),
+            "{ok}: own network or outside the mesh passes"
+        );
     }
     assert_eq!(f.verdict("drop_other_network"), 2);
 }
@@ -590,13 +785,20 @@ fn a_task_cannot_send_into_another_network() {
 fn remote_backend_flows_are_snated_to_the_node_and_replies_come_back() {
     let mut f = Fixture::new();
     f.dp().configure(Some(NODE), true).unwrap();
-    f.tables.reserve_ports(mesh_common::SNAT_PORT_MIN, mesh_common::SNAT_PORT_MAX);
+    f.tables
+        .reserve_ports(mesh_common::SNAT_PORT_MIN, mesh_common::SNAT_PORT_MAX);
     // Task 1 local, tasks 2 and 3 on another node (no link: reached through the kernel).
     let mut s = state(3, &[1, 2, 3]);
     for i in [2u8, 3] {
         s.tasks.get_mut(&format!("t{i}")).unwrap().node = "n2".into();
     }
-    s.nodes.insert("n2".into(), crate::model::Node { name: "n2".into(), address: Ipv4Addr::new(198, 18, 0, 9) });
+    s.nodes.insert(
+        "n2".into(),
+        crate::model::Node {
+            name: "n2".into(),
+            address: Ipv4Addr::new(198, 18, 0, 9),
+        },
+    );
     let want = tables::desired(&s, "n1", &links(1), Reach::Cluster);
     let ops = f.tables.apply(&want).unwrap();
     f.dp().maps.apply(&ops).unwrap();
@@ -609,11 +811,22 @@ fn remote_backend_flows_are_snated_to_the_node_and_replies_come_back() {
         let (rc, out) = f.xdp(&frame.build());
         let p = checked(&out);
         if p.dst == task_addr(1) {
-            assert_eq!((rc, p.src, p.sport), (XDP_REDIRECT, CLIENT, sport), "local task: client address kept");
+            assert_eq!(
+                (rc, p.src, p.sport),
+                (XDP_REDIRECT, CLIENT, sport),
+                "local task: client address kept"
+            );
         } else {
-            assert_eq!(rc, XDP_PASS, "remote task: the kernel routes it over the overlay");
+            assert_eq!(
+                rc, XDP_PASS,
+                "remote task: the kernel routes it over the overlay"
+            );
             assert_eq!(p.src, NODE, "SNAT to the node's underlay address");
-            assert!(p.sport >= mesh_common::SNAT_PORT_MIN, "SNAT port from the reserved range: {}", p.sport);
+            assert!(
+                p.sport >= mesh_common::SNAT_PORT_MIN,
+                "SNAT port from the reserved range: {}",
+                p.sport
+            );
             remote = Some((sport, p.dst, p.sport));
         }
     }
@@ -624,7 +837,10 @@ fn remote_backend_flows_are_snated_to_the_node_and_replies_come_back() {
     let (rc, out) = f.xdp(&reply.build());
     assert_eq!(rc, XDP_REDIRECT);
     let p = checked(&out);
-    assert_eq!((p.src, p.sport, p.dst, p.dport), (NODE, 8080, CLIENT, csport));
+    assert_eq!(
+        (p.src, p.sport, p.dst, p.dport),
+        (NODE, 8080, CLIENT, csport)
+    );
     assert_eq!((p.dst_mac, p.src_mac), (CLIENT_MAC, NODE_MAC));
 }
 
@@ -652,8 +868,26 @@ fn snat_fixture(ports: u16) -> Fixture {
     f.tables.reserve_ports(61_000, 61_000 + ports - 1);
     // One task, on another node: every flow is SNATed to it.
     let mut s = state(1, &[1]);
-    s.tasks = s.tasks.into_iter().map(|(k, t)| (k, Task { node: "n2".into(), ..t })).collect();
-    s.nodes.insert("n2".into(), crate::model::Node { name: "n2".into(), address: Ipv4Addr::new(198, 18, 0, 9) });
+    s.tasks = s
+        .tasks
+        .into_iter()
+        .map(|(k, t)| {
+            (
+                k,
+                Task {
+                    node: "n2".into(),
+                    ..t
+                },
+            )
+        })
+        .collect();
+    s.nodes.insert(
+        "n2".into(),
+        crate::model::Node {
+            name: "n2".into(),
+            address: Ipv4Addr::new(198, 18, 0, 9),
+        },
+    );
     let want = tables::desired(&s, "n1", &links(0), Reach::Cluster);
     let ops = f.tables.apply(&want).unwrap();
     f.dp().maps.apply(&ops).unwrap();
@@ -679,14 +913,25 @@ fn a_reset_from_either_side_frees_the_snat_port() {
         let task = p.dst;
         if task_resets {
             let (rc, out) = f.xdp(&Frame::tcp(task, 80, NODE, 61_000, TCP_RST | TCP_ACK).build());
-            assert_eq!((rc, checked(&out).dport), (XDP_REDIRECT, 40_001), "the RST reaches the client");
+            assert_eq!(
+                (rc, checked(&out).dport),
+                (XDP_REDIRECT, 40_001),
+                "the RST reaches the client"
+            );
         } else {
             let (_, out) = client_to_node(&mut f, 40_001, TCP_RST);
-            assert_eq!(checked(&out).sport, 61_000, "the client's RST reaches the task");
+            assert_eq!(
+                checked(&out).sport,
+                61_000,
+                "the client's RST reaches the task"
+            );
         }
         let (_, out) = client_to_node(&mut f, 40_002, TCP_SYN);
         let p = checked(&out);
-        assert_eq!(p.sport, 61_000, "task_resets={task_resets}: the reset flow's port is reclaimed");
+        assert_eq!(
+            p.sport, 61_000,
+            "task_resets={task_resets}: the reset flow's port is reclaimed"
+        );
         assert_eq!(f.verdict("snat_reclaimed"), 1);
     }
 }
@@ -706,7 +951,11 @@ fn snat_ports_are_handed_out_in_turn_and_an_open_flows_port_is_skipped() {
             flows.push((sport, p.sport, p.dst));
         }
         let ports: Vec<u16> = flows.iter().map(|f| f.1).collect();
-        assert_eq!(ports, [61_000, 61_001, 61_002], "in turn from the start of the range");
+        assert_eq!(
+            ports,
+            [61_000, 61_001, 61_002],
+            "in turn from the start of the range"
+        );
         // Close the first and the third flow both ways (in either order); the second stays open.
         let mut closed = vec![flows[0], flows[2]];
         if close_last_first {
@@ -718,11 +967,19 @@ fn snat_ports_are_handed_out_in_turn_and_an_open_flows_port_is_skipped() {
         }
         // The range starts over: the first port (its flow closed) is reclaimed...
         let (_, out) = client_to_node(&mut f, 40_004, TCP_SYN);
-        assert_eq!(checked(&out).sport, 61_000, "close_last_first={close_last_first}");
+        assert_eq!(
+            checked(&out).sport,
+            61_000,
+            "close_last_first={close_last_first}"
+        );
         assert_eq!(f.verdict("snat_reclaimed"), 1);
         // ... the second is held by an open flow and skipped, the third is reclaimed.
         let (_, out) = client_to_node(&mut f, 40_005, TCP_SYN);
-        assert_eq!(checked(&out).sport, 61_002, "close_last_first={close_last_first}");
+        assert_eq!(
+            checked(&out).sport,
+            61_002,
+            "close_last_first={close_last_first}"
+        );
         assert_eq!(f.verdict("snat_reclaimed"), 2);
         // Every port now held by an open flow: none for another (passed untouched).
         let (_, out) = client_to_node(&mut f, 40_006, TCP_SYN);
@@ -753,21 +1010,36 @@ fn snat_port_of_a_flow_closed_both_ways_is_reclaimed() {
     assert_eq!(task, task_addr(1));
     // No port for a second flow while flow 1 is open.
     let (rc, out) = send(&mut f, 40_004, TCP_SYN);
-    assert_eq!((rc, checked(&out).sport), (XDP_PASS, 40_004), "no free port: passed untouched");
+    assert_eq!(
+        (rc, checked(&out).sport),
+        (XDP_PASS, 40_004),
+        "no free port: passed untouched"
+    );
     assert_eq!(f.verdict("err_snat_ports"), 1);
     // The client closes (FIN): half-closed, the port stays taken.
     let (_, out) = send(&mut f, 40_001, TCP_FIN | TCP_ACK);
-    assert_eq!(checked(&out).sport, 61_000, "FIN of an open flow is rewritten as usual");
+    assert_eq!(
+        checked(&out).sport,
+        61_000,
+        "FIN of an open flow is rewritten as usual"
+    );
     let (_, out) = send(&mut f, 40_005, TCP_SYN);
     assert_eq!(checked(&out).sport, 40_005, "half-closed: still no port");
     // The task closes too: its FIN comes back over the underlay and is reverse-NATed.
     let (rc, out) = f.xdp(&Frame::tcp(task, 80, NODE, 61_000, TCP_FIN | TCP_ACK).build());
     let p = checked(&out);
-    assert_eq!((rc, p.src, p.dst, p.dport), (XDP_REDIRECT, NODE, CLIENT, 40_001));
+    assert_eq!(
+        (rc, p.src, p.dst, p.dport),
+        (XDP_REDIRECT, NODE, CLIENT, 40_001)
+    );
     // Now a new flow to that task takes the port over.
     let (rc, out) = send(&mut f, 40_006, TCP_SYN);
     let p = checked(&out);
-    assert_eq!((rc, p.dst, p.sport), (XDP_PASS, task, 61_000), "the closed flow's port is reclaimed");
+    assert_eq!(
+        (rc, p.dst, p.sport),
+        (XDP_PASS, task, 61_000),
+        "the closed flow's port is reclaimed"
+    );
     assert_eq!(f.verdict("snat_reclaimed"), 1);
     // The task's replies go to the new flow's client port; the old flow is forgotten.
     let (_, out) = f.xdp(&Frame::tcp(task, 80, NODE, 61_000, TCP_SYN | TCP_ACK).build());
@@ -794,11 +1066,18 @@ fn a_reopened_tuple_keeps_its_new_snat_port_when_the_old_one_is_reclaimed() {
     f.xdp(&Frame::tcp(task, 80, NODE, old_port, TCP_FIN | TCP_ACK).build());
     let (_, out) = client_to_node(&mut f, 40_001, TCP_SYN);
     let new_port = checked(&out).sport;
-    assert_ne!(new_port, old_port, "the free port, not the one the task may hold in TIME_WAIT");
+    assert_ne!(
+        new_port, old_port,
+        "the free port, not the one the task may hold in TIME_WAIT"
+    );
     assert_eq!((f.verdict("reopened"), f.verdict("snat_reclaimed")), (1, 0));
     // Another client: the only port left is the old flow's.
     let (_, out) = client_to_node(&mut f, 40_002, TCP_SYN);
-    assert_eq!(checked(&out).sport, old_port, "the orphaned closed port is reclaimed");
+    assert_eq!(
+        checked(&out).sport,
+        old_port,
+        "the orphaned closed port is reclaimed"
+    );
     assert_eq!(f.verdict("snat_reclaimed"), 1);
     // The reopened flow is untouched, both ways.
     let (_, out) = client_to_node(&mut f, 40_001, TCP_ACK);
@@ -818,7 +1097,9 @@ fn flows_made_on_one_cpu_can_use_the_whole_conntrack() {
     let me = nix::unistd::Pid::from_raw(0);
     let old = nix::sched::sched_getaffinity(me).expect("affinity");
     let mut one = nix::sched::CpuSet::new();
-    let cpu = (0..nix::sched::CpuSet::count()).find(|c| old.is_set(*c).unwrap_or(false)).unwrap_or(0);
+    let cpu = (0..nix::sched::CpuSet::count())
+        .find(|c| old.is_set(*c).unwrap_or(false))
+        .unwrap_or(0);
     one.set(cpu).unwrap();
     nix::sched::sched_setaffinity(me, &one).expect("pin to one CPU");
     let mut f = Fixture::new();
@@ -827,15 +1108,24 @@ fn flows_made_on_one_cpu_can_use_the_whole_conntrack() {
     let flows = mesh_common::maps::MAX_CT_TCP as usize * 3 / 8;
     for i in 0..flows {
         let src = Ipv4Addr::new(198, 19, (i >> 8) as u8, i as u8);
-        let (rc, _) = f.xdp(&Frame::tcp(src, 10_000 + (i >> 16) as u16, NODE, 8080, TCP_SYN).build());
+        let (rc, _) =
+            f.xdp(&Frame::tcp(src, 10_000 + (i >> 16) as u16, NODE, 8080, TCP_SYN).build());
         assert_eq!(rc, XDP_REDIRECT);
     }
     nix::sched::sched_setaffinity(me, &old).expect("restore affinity");
-    assert_eq!(f.dp().maps.conntrack_lens()[0], 2 * flows + 2, "no flow was evicted");
+    assert_eq!(
+        f.dp().maps.conntrack_lens()[0],
+        2 * flows + 2,
+        "no flow was evicted"
+    );
     let est = f.verdict("established");
     let (_, out) = f.xdp(&Frame::tcp(CLIENT, 40000, NODE, 8080, TCP_ACK).build());
     assert_eq!(checked(&out).dst, first);
-    assert_eq!(f.verdict("established"), est + 1, "the first flow is still known");
+    assert_eq!(
+        f.verdict("established"),
+        est + 1,
+        "the first flow is still known"
+    );
 }
 
 /// Removes a pin directory when the test ends, passed or not.
@@ -853,8 +1143,16 @@ impl Drop for Pins {
 #[test]
 fn conntrack_is_sized_at_load_and_replaced_when_its_size_changes() {
     let pins = Pins(unit_pin_dir());
-    let small = CtSizes { tcp: 4_096, udp: 2_048 };
-    let key = |i: u32| mesh_common::CtKey { saddr: i, daddr: 7, sport: 1, dport: 2 };
+    let small = CtSizes {
+        tcp: 4_096,
+        udp: 2_048,
+    };
+    let key = |i: u32| mesh_common::CtKey {
+        saddr: i,
+        daddr: 7,
+        sport: 1,
+        dport: 2,
+    };
     let entry = |i: u32| mesh_common::CtEntry {
         saddr: i,
         daddr: 7,
@@ -869,7 +1167,11 @@ fn conntrack_is_sized_at_load_and_replaced_when_its_size_changes() {
     };
     {
         let mut dp = Datapath::load_sized(&pins.0, small).expect("load (needs root)");
-        assert_eq!(dp.maps.ct_capacity, [4_096, 2_048], "created at the asked sizes");
+        assert_eq!(
+            dp.maps.ct_capacity,
+            [4_096, 2_048],
+            "created at the asked sizes"
+        );
         for i in 0..3 {
             dp.maps.ct_tcp.insert(key(i), entry(i), 0).unwrap();
         }
@@ -878,25 +1180,44 @@ fn conntrack_is_sized_at_load_and_replaced_when_its_size_changes() {
     }
     {
         let dp = Datapath::load_sized(&pins.0, small).expect("reload");
-        assert_eq!(dp.maps.conntrack_lens(), [3, 1], "same sizes: the pinned flows are kept");
+        assert_eq!(
+            dp.maps.conntrack_lens(),
+            [3, 1],
+            "same sizes: the pinned flows are kept"
+        );
     }
-    let bigger = CtSizes { tcp: 8_192, ..small };
+    let bigger = CtSizes {
+        tcp: 8_192,
+        ..small
+    };
     let mut dp = Datapath::load_sized(&pins.0, bigger).expect("reload at another size");
     assert_eq!(dp.maps.ct_capacity, [8_192, 2_048]);
-    assert_eq!(dp.maps.conntrack_lens(), [0, 1], "the resized TCP conntrack starts empty, UDP kept");
+    assert_eq!(
+        dp.maps.conntrack_lens(),
+        [0, 1],
+        "the resized TCP conntrack starts empty, UDP kept"
+    );
     // The new map holds what the old one could not: the kernel itself enforces the size.
     for i in 0..6_000 {
         dp.maps.ct_tcp.insert(key(i), entry(i), 0).unwrap();
     }
-    assert_eq!(dp.maps.conntrack_lens()[0], 6_000, "more entries than the 4,096 of before, none evicted");
     assert_eq!(
-        aya::maps::MapInfo::from_pin(pins.0.join(mesh_common::maps::CT_TCP)).unwrap().max_entries(),
+        dp.maps.conntrack_lens()[0],
+        6_000,
+        "more entries than the 4,096 of before, none evicted"
+    );
+    assert_eq!(
+        aya::maps::MapInfo::from_pin(pins.0.join(mesh_common::maps::CT_TCP))
+            .unwrap()
+            .max_entries(),
         8_192,
         "the pin names the new map"
     );
     drop(dp);
     // Out of bounds: a clear error naming the setting, nothing loaded.
-    let err = Datapath::load_sized(&pins.0, CtSizes { udp: 10, ..small }).err().expect("refused");
+    let err = Datapath::load_sized(&pins.0, CtSizes { udp: 10, ..small })
+        .err()
+        .expect("refused");
     assert!(err.to_string().contains("conntrack_udp_max"), "{err}");
 }
 
@@ -904,25 +1225,50 @@ fn conntrack_is_sized_at_load_and_replaced_when_its_size_changes() {
 fn a_tcp_and_a_udp_flow_on_one_tuple_are_tracked_apart() {
     let mut f = Fixture::new();
     let mut s = state(3, &[1, 2, 3]);
-    s.services.get_mut("whoami").unwrap().ports.push(PortSpec { published: 8053, target: 53, protocol: Protocol::Tcp });
+    s.services.get_mut("whoami").unwrap().ports.push(PortSpec {
+        published: 8053,
+        target: 53,
+        protocol: Protocol::Tcp,
+    });
     f.program(&s, 3);
     // UDP then TCP from the same client port to the same published port: two flows. (Each
     // frontend has its own round-robin cursor: a first UDP flow from another port moves the
     // UDP one on, so the two flows of the tuple land on different tasks.)
-    assert_eq!(f.xdp(&Frame::udp(CLIENT, 4999, NODE, 8053, b"q").build()).0, XDP_REDIRECT);
+    assert_eq!(
+        f.xdp(&Frame::udp(CLIENT, 4999, NODE, 8053, b"q").build()).0,
+        XDP_REDIRECT
+    );
     let (rc, out) = f.xdp(&Frame::udp(CLIENT, 5000, NODE, 8053, b"q").build());
     assert_eq!(rc, XDP_REDIRECT);
     let udp_task = checked(&out).dst;
     let (rc, out) = f.xdp(&Frame::tcp(CLIENT, 5000, NODE, 8053, TCP_SYN).build());
     assert_eq!(rc, XDP_REDIRECT);
     let tcp_task = checked(&out).dst;
-    assert_eq!(f.verdict("new_flow"), 3, "the TCP SYN is a new flow, not the UDP flow's packet");
+    assert_eq!(
+        f.verdict("new_flow"),
+        3,
+        "the TCP SYN is a new flow, not the UDP flow's packet"
+    );
     assert_ne!(tcp_task, udp_task);
-    assert_eq!(f.dp().maps.conntrack_lens(), [2, 4], "two entries per flow, each in its protocol's table");
+    assert_eq!(
+        f.dp().maps.conntrack_lens(),
+        [2, 4],
+        "two entries per flow, each in its protocol's table"
+    );
     // Each keeps its own task.
     for _ in 0..3 {
-        assert_eq!(checked(&f.xdp(&Frame::udp(CLIENT, 5000, NODE, 8053, b"q").build()).1).dst, udp_task);
-        assert_eq!(checked(&f.xdp(&Frame::tcp(CLIENT, 5000, NODE, 8053, TCP_ACK).build()).1).dst, tcp_task);
+        assert_eq!(
+            checked(&f.xdp(&Frame::udp(CLIENT, 5000, NODE, 8053, b"q").build()).1).dst,
+            udp_task
+        );
+        assert_eq!(
+            checked(
+                &f.xdp(&Frame::tcp(CLIENT, 5000, NODE, 8053, TCP_ACK).build())
+                    .1
+            )
+            .dst,
+            tcp_task
+        );
     }
     assert_eq!(f.verdict("established"), 6);
 }

@@ -183,8 +183,8 @@ pub const BACKENDS_CAPACITY: u32 = if names::MAX_SLOTS < names::MAX_BACKENDS - 1
 /// The `verdict` label of a verdict reason (see the module documentation).
 pub fn verdict_of(reason: &str) -> &'static str {
     match reason {
-        "new_flow" | "established" | "reply" | "backend_gone" | "reopened" | "snat" | "snat_reclaimed"
-        | "fragment" => "balance",
+        "new_flow" | "established" | "reply" | "backend_gone" | "reopened" | "snat"
+        | "snat_reclaimed" | "fragment" => "balance",
         "redirect" => "redirect",
         "sock_translated" | "sock_no_backend" => "socket",
         r if r.starts_with("pass_") => "pass",

@@ -496,12 +496,21 @@ fn verdicts_maps_and_build_info() {
     let e = |map: &str| p.get("mesh_map_entries", &[("map", map)]);
     let c = |map: &str| p.get("mesh_map_max_entries", &[("map", map)]);
     assert_eq!(
-        (e("frontends"), e("backends"), e("conntrack_tcp"), e("conntrack_udp")),
+        (
+            e("frontends"),
+            e("backends"),
+            e("conntrack_tcp"),
+            e("conntrack_udp")
+        ),
         (3.0, 4.0, 12.0, 2.0)
     );
     assert_eq!(c("frontends"), 65_535.0);
     assert_eq!(c("backends"), 262_143.0);
-    assert_eq!(c("conntrack_tcp"), 4_096.0, "the map's own size, not the default");
+    assert_eq!(
+        c("conntrack_tcp"),
+        4_096.0,
+        "the map's own size, not the default"
+    );
     assert_eq!(c("conntrack_udp"), 2_048.0);
 
     assert_eq!(p.kind("mesh_build_info"), "gauge");
@@ -1172,7 +1181,11 @@ mod datapath {
         let e = |map: &str| p.get("mesh_map_entries", &[("map", map)]);
         assert_eq!(e("conntrack_tcp"), 12.0, "two entries per flow");
         // Map entries: a TCP+UDP VIP is one frontend under two keys.
-        let keys: usize = cat.frontends.iter().map(|f| if f.protocol == "tcp+udp" { 2 } else { 1 }).sum();
+        let keys: usize = cat
+            .frontends
+            .iter()
+            .map(|f| if f.protocol == "tcp+udp" { 2 } else { 1 })
+            .sum();
         assert_eq!(e("frontends"), keys as f64);
         assert_eq!(
             e("backends"),

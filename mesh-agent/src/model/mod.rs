@@ -97,7 +97,9 @@ pub struct ServiceNetworkSpec {
     pub aliases: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, Hash, PartialOrd, Ord,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     #[default]
@@ -338,11 +340,15 @@ impl State {
 }
 
 /// `next` as `prev` plus the differences (see [`State::rebase`]).
-fn rebase_map<V: Clone + PartialEq>(prev: &OrdMap<String, V>, next: OrdMap<String, V>) -> OrdMap<String, V> {
+fn rebase_map<V: Clone + PartialEq>(
+    prev: &OrdMap<String, V>,
+    next: OrdMap<String, V>,
+) -> OrdMap<String, V> {
     let mut out = prev.clone();
     for d in prev.diff(&next) {
         match d {
-            imbl::ordmap::DiffItem::Add(k, v) | imbl::ordmap::DiffItem::Update { new: (k, v), .. } => {
+            imbl::ordmap::DiffItem::Add(k, v)
+            | imbl::ordmap::DiffItem::Update { new: (k, v), .. } => {
                 out.insert(k.clone(), v.clone());
             }
             imbl::ordmap::DiffItem::Remove(k, _) => {

@@ -16,8 +16,8 @@ use std::{
 use ipnet::Ipv4Net;
 
 use super::{
-    EndpointMode, Network, Node, OrdMap, Protocol, STATE_VERSION, Service, ServiceNetwork,
-    State, StateFile, Task, TaskNetwork,
+    EndpointMode, Network, Node, OrdMap, Protocol, STATE_VERSION, Service, ServiceNetwork, State,
+    StateFile, Task, TaskNetwork,
 };
 
 /// Path used for errors that concern the whole document (YAML syntax, empty input).
@@ -823,11 +823,11 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use std::collections::BTreeMap;
     use crate::model::{
         NetworkSpec, NodeSpec, PortSpec, ServiceNetworkSpec, ServiceSpec, TaskNetworkSpec,
         TaskSpec, TaskState,
     };
+    use std::collections::BTreeMap;
 
     fn ip(s: &str) -> Ipv4Addr {
         s.parse().unwrap()

@@ -637,7 +637,11 @@ struct Apis {
 
 /// One stream of both daemons' events; `None` as soon as either stream ends.
 type Events = std::pin::Pin<
-    Box<dyn futures::Stream<Item = Option<Result<bollard::models::EventMessage, bollard::errors::Error>>> + Send>,
+    Box<
+        dyn futures::Stream<
+                Item = Option<Result<bollard::models::EventMessage, bollard::errors::Error>>,
+            > + Send,
+    >,
 >;
 
 impl Apis {
@@ -659,9 +663,8 @@ impl Apis {
                     .chain(ended()),
             ),
             Some(manager) => {
-                let (local, cluster): (Vec<&str>, Vec<&str>) = api::EVENT_TYPES
-                    .iter()
-                    .partition(|t| **t == "container");
+                let (local, cluster): (Vec<&str>, Vec<&str>) =
+                    api::EVENT_TYPES.iter().partition(|t| **t == "container");
                 Box::pin(futures::stream::select(
                     self.local.events(&local).map(Some).chain(ended()),
                     manager.events(&cluster).map(Some).chain(ended()),

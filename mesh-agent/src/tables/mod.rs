@@ -185,11 +185,19 @@ fn reachable(
 /// The tables a snapshot asks for on `node`: published ports (on any node address, to the
 /// tasks' addresses on the service's ingress network, target port) and service VIPs (per
 /// network, every port, TCP and UDP, to the tasks' addresses on that network).
-pub fn desired(state: &State, node: &str, links: &LocalLinks, reach: Reach) -> BTreeMap<FeId, FrontendSpec> {
+pub fn desired(
+    state: &State,
+    node: &str,
+    links: &LocalLinks,
+    reach: Reach,
+) -> BTreeMap<FeId, FrontendSpec> {
     let mut out = BTreeMap::new();
     let by_service = state.running_tasks_by_service();
     for svc in state.services.values() {
-        let running = by_service.get(svc.name.as_str()).map(Vec::as_slice).unwrap_or(&[]);
+        let running = by_service
+            .get(svc.name.as_str())
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
         service_frontends(state, svc, running, node, links, reach, &mut out);
     }
     out
@@ -258,7 +266,11 @@ fn service_frontends(
                 })
             })
             .collect();
-        let id = FeId { addr: vip, port: 0, protocol: FeProto::Both };
+        let id = FeId {
+            addr: vip,
+            port: 0,
+            protocol: FeProto::Both,
+        };
         out.insert(
             id,
             FrontendSpec {
@@ -289,22 +301,40 @@ pub struct IngressSandbox {
 /// missing): on the node, a published port balances to the ingress sandbox (one local
 /// backend: redirect into its veth, reverse NAT on the way back); in the sandbox, the same
 /// port on the sandbox's own address balances to the tasks (SNAT, as Swarm does).
-pub fn via_ingress_sandbox(want: BTreeMap<FeId, FrontendSpec>, sbox: &IngressSandbox) -> BTreeMap<FeId, FrontendSpec> {
+pub fn via_ingress_sandbox(
+    want: BTreeMap<FeId, FrontendSpec>,
+    sbox: &IngressSandbox,
+) -> BTreeMap<FeId, FrontendSpec> {
     let mut out = BTreeMap::new();
     for (id, spec) in want {
         if !id.addr.is_unspecified() || spec.flags & fe_flags::PUBLISHED == 0 {
             out.insert(id, spec);
             continue;
         }
-        let inner = FeId { addr: sbox.addr, ..id };
+        let inner = FeId {
+            addr: sbox.addr,
+            ..id
+        };
         let to_sbox = BackendSpec {
             task_id: "ingress-sbox".into(),
             addr: sbox.addr,
             port: id.port,
             link: Some(sbox.link),
         };
-        out.insert(inner, FrontendSpec { addr: sbox.addr, ..spec.clone() });
-        out.insert(id, FrontendSpec { backends: vec![to_sbox], ..spec });
+        out.insert(
+            inner,
+            FrontendSpec {
+                addr: sbox.addr,
+                ..spec.clone()
+            },
+        );
+        out.insert(
+            id,
+            FrontendSpec {
+                backends: vec![to_sbox],
+                ..spec
+            },
+        );
     }
     out
 }
@@ -313,19 +343,43 @@ pub fn via_ingress_sandbox(want: BTreeMap<FeId, FrontendSpec>, sbox: &IngressSan
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MapOp {
     /// Write a backend (new, or changed link).
-    SetBackend { id: u32, value: Backend },
+    SetBackend {
+        id: u32,
+        value: Backend,
+    },
     /// Zero a svc id's round-robin cursor and counters (a fresh or recycled id).
-    ResetService { svc_id: u32 },
+    ResetService {
+        svc_id: u32,
+    },
     /// Zero a backend id's counters (a fresh or recycled id).
-    ResetBackendStats { id: u32 },
-    SetSlot { svc_id: u32, slot: u32, backend_id: u32 },
-    SetFrontend { key: FrontendKey, value: Frontend },
-    DeleteFrontend { key: FrontendKey },
-    DeleteSlot { svc_id: u32, slot: u32 },
+    ResetBackendStats {
+        id: u32,
+    },
+    SetSlot {
+        svc_id: u32,
+        slot: u32,
+        backend_id: u32,
+    },
+    SetFrontend {
+        key: FrontendKey,
+        value: Frontend,
+    },
+    DeleteFrontend {
+        key: FrontendKey,
+    },
+    DeleteSlot {
+        svc_id: u32,
+        slot: u32,
+    },
     /// Mark a backend inactive (zeroed): flows still pointing at it re-balance.
-    ClearBackend { id: u32 },
+    ClearBackend {
+        id: u32,
+    },
     /// Replace one 32-port word of the ports bitmap.
-    SetPortWord { word: u32, bits: u32 },
+    SetPortWord {
+        word: u32,
+        bits: u32,
+    },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -367,7 +421,12 @@ pub struct Tables {
 /// A backend's map value.
 pub fn backend_value(svc_id: u32, b: &BackendSpec) -> Backend {
     let (flags, ifindex, mac, smac) = match b.link {
-        Some(l) => (be_flags::ACTIVE | be_flags::LOCAL, l.ifindex, l.task_mac, l.gw_mac),
+        Some(l) => (
+            be_flags::ACTIVE | be_flags::LOCAL,
+            l.ifindex,
+            l.task_mac,
+            l.gw_mac,
+        ),
         None => (be_flags::ACTIVE, 0, [0; 6], [0; 6]),
     };
     Backend {
@@ -433,7 +492,11 @@ impl Tables {
         // One frontend per svc id: a VIP's TCP and UDP keys share theirs.
         let mut by_svc: BTreeMap<u32, (FrontendKey, Frontend, FeProto)> = BTreeMap::new();
         for (k, fe) in frontends {
-            let p = if k.proto == mesh_common::proto::UDP { FeProto::Udp } else { FeProto::Tcp };
+            let p = if k.proto == mesh_common::proto::UDP {
+                FeProto::Udp
+            } else {
+                FeProto::Tcp
+            };
             by_svc
                 .entry(fe.svc_id)
                 .and_modify(|e| {
@@ -453,13 +516,20 @@ impl Tables {
             };
             let mut ids: Vec<(u32, u32)> = slots_by_svc
                 .get(&fe.svc_id)
-                .map(|v| v.iter().filter(|(slot, _)| *slot >= 1 && *slot <= fe.count).copied().collect())
+                .map(|v| {
+                    v.iter()
+                        .filter(|(slot, _)| *slot >= 1 && *slot <= fe.count)
+                        .copied()
+                        .collect()
+                })
                 .unwrap_or_default();
             ids.sort();
             let mut specs = Vec::new();
             let mut slot_ids = Vec::new();
             for (_, bid) in ids {
-                let Some(b) = be_by_id.get(&bid) else { continue };
+                let Some(b) = be_by_id.get(&bid) else {
+                    continue;
+                };
                 if b.flags & be_flags::ACTIVE == 0 {
                     continue;
                 }
@@ -536,7 +606,10 @@ impl Tables {
 
     /// Compute the operations that turn the programmed tables into `want`, and record `want`
     /// as programmed. On error nothing is recorded and no op should be applied.
-    pub fn apply(&mut self, want: &BTreeMap<FeId, FrontendSpec>) -> Result<Vec<MapOp>, TablesError> {
+    pub fn apply(
+        &mut self,
+        want: &BTreeMap<FeId, FrontendSpec>,
+    ) -> Result<Vec<MapOp>, TablesError> {
         let mut changes: Vec<(FeId, Option<&FrontendSpec>)> = self
             .frontends
             .keys()
@@ -553,7 +626,10 @@ impl Tables {
 
     /// Like [`Tables::apply`] for just the frontends that changed (`None`: removed): the cost
     /// follows the size of the change, not of the tables.
-    pub fn apply_changes(&mut self, changes: &[(FeId, Option<&FrontendSpec>)]) -> Result<Vec<MapOp>, TablesError> {
+    pub fn apply_changes(
+        &mut self,
+        changes: &[(FeId, Option<&FrontendSpec>)],
+    ) -> Result<Vec<MapOp>, TablesError> {
         self.check_capacity(changes)?;
         let mut d = Delta::default();
         // Removals first: their ids are freed for the next diff only.
@@ -590,9 +666,14 @@ impl Tables {
             .count();
         let free_svc = self.free_svc.len() + (maps::MAX_SERVICES - self.next_svc) as usize;
         if new_fe > free_svc {
-            return Err(TablesError::FrontendsFull { max: maps::MAX_SERVICES - 1 });
+            return Err(TablesError::FrontendsFull {
+                max: maps::MAX_SERVICES - 1,
+            });
         }
-        let new_be: usize = changes.iter().filter_map(|(_, s)| s.map(|s| s.backends.len())).sum();
+        let new_be: usize = changes
+            .iter()
+            .filter_map(|(_, s)| s.map(|s| s.backends.len()))
+            .sum();
         let free_be = self.free_be.len() + (maps::MAX_BACKENDS - self.next_be) as usize;
         if new_be > free_be {
             // Exact count before giving up: most backends of a changed frontend are kept.
@@ -604,21 +685,28 @@ impl Tables {
                     Some(
                         s.backends
                             .iter()
-                            .filter(|b| svc.is_none_or(|svc| !self.backends.contains_key(&(svc, b.key()))))
+                            .filter(|b| {
+                                svc.is_none_or(|svc| !self.backends.contains_key(&(svc, b.key())))
+                            })
                             .count(),
                     )
                 })
                 .sum();
             if exact > free_be {
-                return Err(TablesError::BackendsFull { max: maps::MAX_BACKENDS - 1 });
+                return Err(TablesError::BackendsFull {
+                    max: maps::MAX_BACKENDS - 1,
+                });
             }
         }
         Ok(())
     }
 
     fn remove_frontend(&mut self, id: &FeId, d: &mut Delta) {
-        let Some(pf) = self.frontends.remove(id) else { return };
-        d.removes.extend(id.keys().map(|key| MapOp::DeleteFrontend { key }));
+        let Some(pf) = self.frontends.remove(id) else {
+            return;
+        };
+        d.removes
+            .extend(id.keys().map(|key| MapOp::DeleteFrontend { key }));
         for (i, _) in pf.slots.iter().enumerate() {
             d.removes.push(MapOp::DeleteSlot {
                 svc_id: pf.svc_id,
@@ -634,7 +722,12 @@ impl Tables {
         d.freed_svc.push(pf.svc_id);
     }
 
-    fn upsert_frontend(&mut self, id: &FeId, spec: &FrontendSpec, d: &mut Delta) -> Result<(), TablesError> {
+    fn upsert_frontend(
+        &mut self,
+        id: &FeId,
+        spec: &FrontendSpec,
+        d: &mut Delta,
+    ) -> Result<(), TablesError> {
         let (svc_id, old_slots, old_spec) = match self.frontends.get(id) {
             Some(pf) if pf.spec == *spec => return Ok(()),
             Some(pf) => (pf.svc_id, pf.slots.clone(), Some(pf.spec.clone())),
@@ -682,7 +775,8 @@ impl Tables {
             flags: spec.flags,
             net_id: spec.net_id,
         };
-        d.adds.extend(id.keys().map(|key| MapOp::SetFrontend { key, value }));
+        d.adds
+            .extend(id.keys().map(|key| MapOp::SetFrontend { key, value }));
         for slot in slots.len()..old_slots.len() {
             d.removes.push(MapOp::DeleteSlot {
                 svc_id,
@@ -692,11 +786,11 @@ impl Tables {
         if let Some(old) = old_spec {
             let keep: BTreeSet<BeKey> = spec.backends.iter().map(BackendSpec::key).collect();
             for b in &old.backends {
-                if !keep.contains(&b.key()) {
-                    if let Some(bid) = self.backends.remove(&(svc_id, b.key())) {
-                        d.removes.push(MapOp::ClearBackend { id: bid });
-                        d.freed_be.push(bid);
-                    }
+                if !keep.contains(&b.key())
+                    && let Some(bid) = self.backends.remove(&(svc_id, b.key()))
+                {
+                    d.removes.push(MapOp::ClearBackend { id: bid });
+                    d.freed_be.push(bid);
                 }
             }
         }
@@ -726,7 +820,10 @@ impl Tables {
         let mut ops = Vec::new();
         for (w, bits) in &ports {
             if self.ports.get(w) != Some(bits) {
-                ops.push(MapOp::SetPortWord { word: *w, bits: *bits });
+                ops.push(MapOp::SetPortWord {
+                    word: *w,
+                    bits: *bits,
+                });
             }
         }
         for w in self.ports.keys() {
@@ -821,7 +918,10 @@ impl DesiredCache {
                 self.running = by_service
                     .iter()
                     .map(|(svc, tasks)| {
-                        let set = tasks.iter().map(|t| (t.slot, Box::from(t.id.as_str()))).collect();
+                        let set = tasks
+                            .iter()
+                            .map(|t| (t.slot, Box::from(t.id.as_str())))
+                            .collect();
                         (svc.to_string(), set)
                     })
                     .collect();
@@ -843,7 +943,9 @@ impl DesiredCache {
                 self.specs.remove(&id);
                 changes.insert(id, None);
             }
-            let Some(svc) = state.services.get(&name) else { continue };
+            let Some(svc) = state.services.get(&name) else {
+                continue;
+            };
             let running: &[&crate::model::Task] = match &grouped {
                 Some(g) => g.get(name.as_str()).map(Vec::as_slice).unwrap_or(&[]),
                 None => {
@@ -906,7 +1008,12 @@ impl DesiredCache {
     fn running_index(&self) -> BTreeMap<String, Vec<String>> {
         self.running
             .iter()
-            .map(|(s, set)| (s.clone(), set.iter().map(|(_, id)| id.to_string()).collect()))
+            .map(|(s, set)| {
+                (
+                    s.clone(),
+                    set.iter().map(|(_, id)| id.to_string()).collect(),
+                )
+            })
             .collect()
     }
 }
@@ -918,7 +1025,10 @@ struct SnapshotDiff<'a> {
     /// was) one of their running tasks.
     services: BTreeSet<&'a str>,
     /// The tasks that differ, (before, after); `None`: absent on that side.
-    tasks: Vec<(Option<&'a crate::model::Task>, Option<&'a crate::model::Task>)>,
+    tasks: Vec<(
+        Option<&'a crate::model::Task>,
+        Option<&'a crate::model::Task>,
+    )>,
 }
 
 /// `f(a, b)` for every key whose value differs between two snapshots' maps (`None`: absent
@@ -955,10 +1065,16 @@ fn same_for_tables(a: &crate::model::Task, b: &crate::model::Task) -> bool {
         && a.networks.len() == b.networks.len()
         && a.node.len() == b.node.len()
         && a.service.len() == b.service.len()
-        && a.networks.iter().zip(&b.networks).all(|(x, y)| x.address == y.address)
+        && a.networks
+            .iter()
+            .zip(&b.networks)
+            .all(|(x, y)| x.address == y.address)
         && a.node == b.node
         && a.service == b.service
-        && a.networks.iter().zip(&b.networks).all(|(x, y)| x.network == y.network)
+        && a.networks
+            .iter()
+            .zip(&b.networks)
+            .all(|(x, y)| x.network == y.network)
 }
 
 /// Are two versions of a service (same name) the same? Cheapest first.
@@ -967,7 +1083,10 @@ fn same_service(a: &crate::model::Service, b: &crate::model::Service) -> bool {
     a.endpoint_mode == b.endpoint_mode
         && a.ports == b.ports
         && a.networks.len() == b.networks.len()
-        && a.networks.iter().zip(&b.networks).all(|(x, y)| x.vip == y.vip)
+        && a.networks
+            .iter()
+            .zip(&b.networks)
+            .all(|(x, y)| x.vip == y.vip)
         && a.networks == b.networks
 }
 
@@ -978,7 +1097,9 @@ fn same_service(a: &crate::model::Service, b: &crate::model::Service) -> bool {
 fn diff_snapshots<'a>(prev: &'a State, next: &'a State) -> SnapshotDiff<'a> {
     let mut d = SnapshotDiff::default();
     merge_join(&prev.services, &next.services, |a, b| match (a, b) {
-        (Some(a), Some(b)) if same_service(a, b) => debug_assert_eq!(a.name, b.name, "services are keyed by name"),
+        (Some(a), Some(b)) if same_service(a, b) => {
+            debug_assert_eq!(a.name, b.name, "services are keyed by name")
+        }
         (a, b) => d.services.extend(a.or(b).map(|s| s.name.as_str())),
     });
     merge_join(&prev.tasks, &next.tasks, |a, b| {
@@ -988,22 +1109,35 @@ fn diff_snapshots<'a>(prev: &'a State, next: &'a State) -> SnapshotDiff<'a> {
                 return;
             }
         }
-        let (a, b) = (a.filter(|t| t.state.is_running()), b.filter(|t| t.state.is_running()));
+        let (a, b) = (
+            a.filter(|t| t.state.is_running()),
+            b.filter(|t| t.state.is_running()),
+        );
         if a.is_none() && b.is_none() {
             return; // added or removed, but never a backend
         }
-        d.services.extend(a.iter().chain(b.iter()).map(|t| t.service.as_str()));
+        d.services
+            .extend(a.iter().chain(b.iter()).map(|t| t.service.as_str()));
         d.tasks.push((a, b));
     });
     d
 }
 
 /// Add the services of the tasks whose link changed (re-attached, detached) to `out`.
-fn link_changes<'a>(prev: &'a State, next: &'a State, prev_links: &LocalLinks, links: &LocalLinks, out: &mut BTreeSet<&'a str>) {
+fn link_changes<'a>(
+    prev: &'a State,
+    next: &'a State,
+    prev_links: &LocalLinks,
+    links: &LocalLinks,
+    out: &mut BTreeSet<&'a str>,
+) {
     let keys: BTreeSet<&(String, String)> = links.keys().chain(prev_links.keys()).collect();
     for k in keys {
         if links.get(k) != prev_links.get(k) {
-            for t in [prev.tasks.get(&k.0), next.tasks.get(&k.0)].into_iter().flatten() {
+            for t in [prev.tasks.get(&k.0), next.tasks.get(&k.0)]
+                .into_iter()
+                .flatten()
+            {
                 out.insert(t.service.as_str());
             }
         }
@@ -1116,12 +1250,23 @@ mod tests {
         assert_eq!(d.len(), 1);
         let fe = d.values().next().unwrap();
         let ids: Vec<_> = fe.backends.iter().map(|b| b.task_id.as_str()).collect();
-        assert_eq!(ids, ["t1", "t3"], "failed and remote tasks are not backends");
+        assert_eq!(
+            ids,
+            ["t1", "t3"],
+            "failed and remote tasks are not backends"
+        );
         assert_eq!(fe.backends[0].port, 80);
         assert_eq!(fe.backends[0].link.unwrap().ifindex, 100);
 
         let d = desired(&s, "n1", &links(&["t1", "t3"]), Reach::Cluster);
-        let ids: Vec<_> = d.values().next().unwrap().backends.iter().map(|b| b.task_id.as_str()).collect();
+        let ids: Vec<_> = d
+            .values()
+            .next()
+            .unwrap()
+            .backends
+            .iter()
+            .map(|b| b.task_id.as_str())
+            .collect();
         assert_eq!(ids, ["t1", "t3", "t4"], "cluster reach adds remote tasks");
         assert!(d.values().next().unwrap().backends[2].link.is_none());
     }
@@ -1141,7 +1286,10 @@ mod tests {
                 cleared.insert(*id);
             }
             if let MapOp::SetSlot { backend_id, .. } = op {
-                assert!(!cleared.contains(backend_id), "slot set to a cleared backend");
+                assert!(
+                    !cleared.contains(backend_id),
+                    "slot set to a cleared backend"
+                );
             }
         }
     }
@@ -1153,15 +1301,19 @@ mod tests {
             ("t2", 2, "n1", Running, [10, 0, 1, 12]),
         ]);
         let mut t = Tables::new();
-        let ops = t.apply(&desired(&s, "n1", &links(&["t1", "t2"]), Reach::LocalOnly)).unwrap();
-        let pos = |f: &dyn Fn(&MapOp) -> bool| ops.iter().position(|o| f(o)).unwrap();
+        let ops = t
+            .apply(&desired(&s, "n1", &links(&["t1", "t2"]), Reach::LocalOnly))
+            .unwrap();
+        let pos = |f: &dyn Fn(&MapOp) -> bool| ops.iter().position(f).unwrap();
         let port = pos(&|o| matches!(o, MapOp::SetPortWord { .. }));
         let be = pos(&|o| matches!(o, MapOp::SetBackend { .. }));
         let slot = pos(&|o| matches!(o, MapOp::SetSlot { .. }));
         let fe = pos(&|o| matches!(o, MapOp::SetFrontend { .. }));
         assert!(port < fe && be < slot && slot < fe);
         assert_eq!(
-            ops.iter().filter(|o| matches!(o, MapOp::SetSlot { .. })).count(),
+            ops.iter()
+                .filter(|o| matches!(o, MapOp::SetSlot { .. }))
+                .count(),
             2
         );
         match &ops[fe] {
@@ -1179,7 +1331,11 @@ mod tests {
             bits: 1 << (8080 & 31)
         }));
         // Same state again: nothing to do.
-        assert!(t.apply(&desired(&s, "n1", &links(&["t1", "t2"]), Reach::LocalOnly)).unwrap().is_empty());
+        assert!(
+            t.apply(&desired(&s, "n1", &links(&["t1", "t2"]), Reach::LocalOnly))
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]
@@ -1199,24 +1355,50 @@ mod tests {
         ]);
         let ops = t.apply(&desired(&s1, "n1", &l, Reach::LocalOnly)).unwrap();
         check_invariants(&ops);
-        let fe = ops.iter().position(|o| matches!(o, MapOp::SetFrontend { value, .. } if value.count == 1)).unwrap();
-        let del: Vec<usize> = ops.iter().enumerate().filter(|(_, o)| matches!(o, MapOp::DeleteSlot { .. })).map(|(i, _)| i).collect();
-        let clr: Vec<usize> = ops.iter().enumerate().filter(|(_, o)| matches!(o, MapOp::ClearBackend { .. })).map(|(i, _)| i).collect();
+        let fe = ops
+            .iter()
+            .position(|o| matches!(o, MapOp::SetFrontend { value, .. } if value.count == 1))
+            .unwrap();
+        let del: Vec<usize> = ops
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| matches!(o, MapOp::DeleteSlot { .. }))
+            .map(|(i, _)| i)
+            .collect();
+        let clr: Vec<usize> = ops
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| matches!(o, MapOp::ClearBackend { .. }))
+            .map(|(i, _)| i)
+            .collect();
         assert_eq!(del.len(), 2);
         assert_eq!(clr.len(), 2);
         assert!(del.iter().all(|&d| d > fe));
         assert!(clr.iter().all(|&c| c > fe));
         // Slot 1 now holds t2's backend (which kept its id).
         let t2_id = t.backends().find(|(_, _, b)| b.task_id == "t2").unwrap().0;
-        assert!(ops.contains(&MapOp::SetSlot { svc_id: 1, slot: 1, backend_id: t2_id }));
+        assert!(ops.contains(&MapOp::SetSlot {
+            svc_id: 1,
+            slot: 1,
+            backend_id: t2_id
+        }));
     }
 
     #[test]
     fn scale_up_keeps_existing_ids_and_adds_new() {
         let l = links(&["t1", "t2", "t3", "t4", "t5"]);
         let mut t = Tables::new();
-        t.apply(&desired(&state(&[("t1", 1, "n1", Running, [10, 0, 1, 11])]), "n1", &l, Reach::LocalOnly)).unwrap();
-        let before: Vec<_> = t.backends().map(|(id, _, b)| (id, b.task_id.clone())).collect();
+        t.apply(&desired(
+            &state(&[("t1", 1, "n1", Running, [10, 0, 1, 11])]),
+            "n1",
+            &l,
+            Reach::LocalOnly,
+        ))
+        .unwrap();
+        let before: Vec<_> = t
+            .backends()
+            .map(|(id, _, b)| (id, b.task_id.clone()))
+            .collect();
         let s5 = state(&[
             ("t1", 1, "n1", Running, [10, 0, 1, 11]),
             ("t2", 2, "n1", Running, [10, 0, 1, 12]),
@@ -1226,9 +1408,21 @@ mod tests {
         ]);
         let ops = t.apply(&desired(&s5, "n1", &l, Reach::LocalOnly)).unwrap();
         check_invariants(&ops);
-        assert_eq!(ops.iter().filter(|o| matches!(o, MapOp::SetBackend { .. })).count(), 4);
-        assert!(!ops.iter().any(|o| matches!(o, MapOp::SetSlot { slot: 1, .. })), "slot 1 unchanged");
-        assert!(!ops.iter().any(|o| matches!(o, MapOp::ResetService { .. })), "svc id kept");
+        assert_eq!(
+            ops.iter()
+                .filter(|o| matches!(o, MapOp::SetBackend { .. }))
+                .count(),
+            4
+        );
+        assert!(
+            !ops.iter()
+                .any(|o| matches!(o, MapOp::SetSlot { slot: 1, .. })),
+            "slot 1 unchanged"
+        );
+        assert!(
+            !ops.iter().any(|o| matches!(o, MapOp::ResetService { .. })),
+            "svc id kept"
+        );
         let t1 = t.backends().find(|(_, _, b)| b.task_id == "t1").unwrap().0;
         assert_eq!(before[0], (t1, "t1".to_string()));
     }
@@ -1242,12 +1436,27 @@ mod tests {
         let mut empty = s.clone();
         empty.services.clear();
         empty.tasks.clear();
-        let ops = t.apply(&desired(&empty, "n1", &l, Reach::LocalOnly)).unwrap();
-        let key = FeId { addr: Ipv4Addr::UNSPECIFIED, port: 8080, protocol: FeProto::Tcp }.keys().next().unwrap();
+        let ops = t
+            .apply(&desired(&empty, "n1", &l, Reach::LocalOnly))
+            .unwrap();
+        let key = FeId {
+            addr: Ipv4Addr::UNSPECIFIED,
+            port: 8080,
+            protocol: FeProto::Tcp,
+        }
+        .keys()
+        .next()
+        .unwrap();
         assert!(ops.contains(&MapOp::DeleteFrontend { key }));
         assert!(ops.contains(&MapOp::DeleteSlot { svc_id: 1, slot: 1 }));
         assert!(ops.contains(&MapOp::ClearBackend { id: 1 }));
-        assert_eq!(ops.last(), Some(&MapOp::SetPortWord { word: 8080 >> 5, bits: 0 }));
+        assert_eq!(
+            ops.last(),
+            Some(&MapOp::SetPortWord {
+                word: 8080 >> 5,
+                bits: 0
+            })
+        );
         // Re-adding reuses id 1 and resets its counters.
         let ops = t.apply(&desired(&s, "n1", &l, Reach::LocalOnly)).unwrap();
         assert!(ops.contains(&MapOp::ResetService { svc_id: 1 }));
@@ -1258,14 +1467,24 @@ mod tests {
     fn changed_link_gets_new_backend() {
         let s = state(&[("t1", 1, "n1", Running, [10, 0, 1, 11])]);
         let mut t = Tables::new();
-        t.apply(&desired(&s, "n1", &links(&["t1"]), Reach::LocalOnly)).unwrap();
+        t.apply(&desired(&s, "n1", &links(&["t1"]), Reach::LocalOnly))
+            .unwrap();
         let mut l2 = links(&["t1"]);
         l2.values_mut().for_each(|l| l.ifindex = 999);
         let ops = t.apply(&desired(&s, "n1", &l2, Reach::LocalOnly)).unwrap();
         check_invariants(&ops);
-        let set = ops.iter().find_map(|o| match o { MapOp::SetBackend { value, .. } => Some(*value), _ => None }).unwrap();
+        let set = ops
+            .iter()
+            .find_map(|o| match o {
+                MapOp::SetBackend { value, .. } => Some(*value),
+                _ => None,
+            })
+            .unwrap();
         assert_eq!(set.ifindex, 999);
-        assert!(ops.iter().any(|o| matches!(o, MapOp::ClearBackend { id: 1 })));
+        assert!(
+            ops.iter()
+                .any(|o| matches!(o, MapOp::ClearBackend { id: 1 }))
+        );
     }
 
     #[test]
@@ -1285,25 +1504,55 @@ mod tests {
         for op in &ops {
             match op {
                 MapOp::SetFrontend { key, value } => fes.push((*key, *value)),
-                MapOp::SetSlot { svc_id, slot, backend_id } => slots.push((SlotKey { svc_id: *svc_id, slot: *slot }, *backend_id)),
+                MapOp::SetSlot {
+                    svc_id,
+                    slot,
+                    backend_id,
+                } => slots.push((
+                    SlotKey {
+                        svc_id: *svc_id,
+                        slot: *slot,
+                    },
+                    *backend_id,
+                )),
                 MapOp::SetBackend { id, value } => bes.push((*id, *value)),
                 MapOp::SetPortWord { word, bits } => ports.push((*word, *bits)),
                 _ => {}
             }
         }
         let mut adopted = Tables::adopt(&fes, &slots, &bes, &ports);
-        let ops = adopted.apply(&desired(&s, "n1", &l, Reach::LocalOnly)).unwrap();
-        assert!(ops.iter().all(|o| matches!(o, MapOp::SetFrontend { .. })), "only frontends rewritten (names were unknown): {ops:?}");
+        let ops = adopted
+            .apply(&desired(&s, "n1", &l, Reach::LocalOnly))
+            .unwrap();
+        assert!(
+            ops.iter().all(|o| matches!(o, MapOp::SetFrontend { .. })),
+            "only frontends rewritten (names were unknown): {ops:?}"
+        );
         let ids: BTreeSet<u32> = adopted.backends().map(|(id, _, _)| id).collect();
-        assert_eq!(ids, BTreeSet::from([1, 2]), "backend ids kept: live flows stay valid");
+        assert_eq!(
+            ids,
+            BTreeSet::from([1, 2]),
+            "backend ids kept: live flows stay valid"
+        );
         // Scaling after adoption allocates past the adopted ids.
         let s3 = state(&[
             ("t1", 1, "n1", Running, [10, 0, 1, 11]),
             ("t2", 2, "n1", Running, [10, 0, 1, 12]),
             ("t3", 3, "n1", Running, [10, 0, 1, 13]),
         ]);
-        let ops = adopted.apply(&desired(&s3, "n1", &links(&["t1", "t2", "t3"]), Reach::LocalOnly)).unwrap();
-        assert!(ops.contains(&MapOp::SetSlot { svc_id: 1, slot: 3, backend_id: 3 }));
+        let ops = adopted
+            .apply(&desired(
+                &s3,
+                "n1",
+                &links(&["t1", "t2", "t3"]),
+                Reach::LocalOnly,
+            ))
+            .unwrap();
+        assert!(ops.contains(&MapOp::SetSlot {
+            svc_id: 1,
+            slot: 3,
+            backend_id: 3
+        }));
     }
 
     #[test]
@@ -1318,18 +1567,34 @@ mod tests {
             Some(vip),
         );
         let d = desired(&s, "n1", &links(&["t1"]), Reach::Cluster);
-        let fe = &d[&FeId { addr: vip, port: 0, protocol: FeProto::Both }];
+        let fe = &d[&FeId {
+            addr: vip,
+            port: 0,
+            protocol: FeProto::Both,
+        }];
         assert_eq!(fe.flags, fe_flags::VIP);
         assert_eq!(fe.net_id, 4097, "the network's VNI");
-        let b: Vec<_> = fe.backends.iter().map(|b| (b.task_id.as_str(), b.port, b.link.is_some())).collect();
-        assert_eq!(b, [("t1", 0, true), ("t2", 0, false)], "port 0 keeps the client's port");
+        let b: Vec<_> = fe
+            .backends
+            .iter()
+            .map(|b| (b.task_id.as_str(), b.port, b.link.is_some()))
+            .collect();
+        assert_eq!(
+            b,
+            [("t1", 0, true), ("t2", 0, false)],
+            "port 0 keeps the client's port"
+        );
         // One svc id, one backend set, written under the TCP and the UDP key.
         let mut t0 = Tables::new();
         let ops = t0.apply(&d).unwrap();
         let vip_keys: Vec<(u8, u32)> = ops
             .iter()
             .filter_map(|o| match o {
-                MapOp::SetFrontend { key, value } if key.addr == u32::from_ne_bytes(vip.octets()) => Some((key.proto, value.svc_id)),
+                MapOp::SetFrontend { key, value }
+                    if key.addr == u32::from_ne_bytes(vip.octets()) =>
+                {
+                    Some((key.proto, value.svc_id))
+                }
                 _ => None,
             })
             .collect();
@@ -1338,38 +1603,102 @@ mod tests {
         assert_ne!(vip_keys[0].0, vip_keys[1].0);
         // Single-node reach: only local tasks.
         let d = desired(&s, "n1", &links(&["t1"]), Reach::LocalOnly);
-        assert_eq!(d[&FeId { addr: vip, port: 0, protocol: FeProto::Both }].backends.len(), 1);
+        assert_eq!(
+            d[&FeId {
+                addr: vip,
+                port: 0,
+                protocol: FeProto::Both
+            }]
+                .backends
+                .len(),
+            1
+        );
         // VIP ports are not in the packet-path port bitmap (VIPs are balanced at the socket).
         let mut t = Tables::new();
         let ops = t.apply(&d).unwrap();
-        let words: Vec<u32> = ops.iter().filter_map(|o| match o { MapOp::SetPortWord { word, .. } => Some(*word), _ => None }).collect();
+        let words: Vec<u32> = ops
+            .iter()
+            .filter_map(|o| match o {
+                MapOp::SetPortWord { word, .. } => Some(*word),
+                _ => None,
+            })
+            .collect();
         assert_eq!(words, [8080 >> 5]);
         // A reserved range (SNAT replies) is marked too, whole words included.
         t.reserve_ports(61_000, 61_063);
         let ops = t.apply(&d).unwrap();
-        let set: Vec<(u32, u32)> = ops.iter().filter_map(|o| match o { MapOp::SetPortWord { word, bits } => Some((*word, *bits)), _ => None }).collect();
-        assert_eq!(set, [(61_000 >> 5, 0xffff_ffff << (61_000 & 31)), (61_000 / 32 + 1, u32::MAX), (61_063 >> 5, (1u32 << ((61_063 & 31) + 1)) - 1)]);
+        let set: Vec<(u32, u32)> = ops
+            .iter()
+            .filter_map(|o| match o {
+                MapOp::SetPortWord { word, bits } => Some((*word, *bits)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            set,
+            [
+                (61_000 >> 5, 0xffff_ffff << (61_000 & 31)),
+                (61_000 / 32 + 1, u32::MAX),
+                (61_063 >> 5, (1u32 << ((61_063 & 31) + 1)) - 1)
+            ]
+        );
     }
 
     #[test]
     fn docker_ingress_sandbox_gets_two_stages() {
-        let s = state(&[("t1", 1, "n1", Running, [10, 0, 1, 11]), ("t2", 2, "n2", Running, [10, 0, 1, 12])]);
+        let s = state(&[
+            ("t1", 1, "n1", Running, [10, 0, 1, 11]),
+            ("t2", 2, "n2", Running, [10, 0, 1, 12]),
+        ]);
         let d = desired(&s, "n1", &LocalLinks::new(), Reach::Routed);
         let sbox = IngressSandbox {
             addr: Ipv4Addr::new(172, 17, 0, 2),
-            link: LinkKey { ifindex: 11, task_mac: [2, 0x42, 172, 17, 0, 2], gw_mac: [2; 6] },
+            link: LinkKey {
+                ifindex: 11,
+                task_mac: [2, 0x42, 172, 17, 0, 2],
+                gw_mac: [2; 6],
+            },
         };
         let d = via_ingress_sandbox(d, &sbox);
-        let node = &d[&FeId { addr: Ipv4Addr::UNSPECIFIED, port: 8080, protocol: FeProto::Tcp }];
+        let node = &d[&FeId {
+            addr: Ipv4Addr::UNSPECIFIED,
+            port: 8080,
+            protocol: FeProto::Tcp,
+        }];
         assert_eq!(node.backends.len(), 1);
-        assert_eq!((node.backends[0].addr, node.backends[0].port, node.backends[0].link), (sbox.addr, 8080, Some(sbox.link)));
-        let inner = &d[&FeId { addr: sbox.addr, port: 8080, protocol: FeProto::Tcp }];
+        assert_eq!(
+            (
+                node.backends[0].addr,
+                node.backends[0].port,
+                node.backends[0].link
+            ),
+            (sbox.addr, 8080, Some(sbox.link))
+        );
+        let inner = &d[&FeId {
+            addr: sbox.addr,
+            port: 8080,
+            protocol: FeProto::Tcp,
+        }];
         assert_eq!(inner.flags, fe_flags::PUBLISHED);
-        let tasks: Vec<_> = inner.backends.iter().map(|b| (b.task_id.as_str(), b.port, b.link)).collect();
-        assert_eq!(tasks, [("t1", 80, None), ("t2", 80, None)], "remote: SNAT through the kernel");
+        let tasks: Vec<_> = inner
+            .backends
+            .iter()
+            .map(|b| (b.task_id.as_str(), b.port, b.link))
+            .collect();
+        assert_eq!(
+            tasks,
+            [("t1", 80, None), ("t2", 80, None)],
+            "remote: SNAT through the kernel"
+        );
         let mut t = Tables::new();
         let ops = t.apply(&d).unwrap();
-        let words: BTreeSet<u32> = ops.iter().filter_map(|o| match o { MapOp::SetPortWord { word, .. } => Some(*word), _ => None }).collect();
+        let words: BTreeSet<u32> = ops
+            .iter()
+            .filter_map(|o| match o {
+                MapOp::SetPortWord { word, .. } => Some(*word),
+                _ => None,
+            })
+            .collect();
         assert_eq!(words, BTreeSet::from([8080 >> 5]));
     }
 
@@ -1387,7 +1716,11 @@ mod tests {
         // A second service that the changes below do not touch.
         let mut other = s.services["web"].clone();
         other.name = "api".into();
-        other.ports = vec![PortSpec { published: 9090, target: 90, protocol: Protocol::Tcp }];
+        other.ports = vec![PortSpec {
+            published: 9090,
+            target: 90,
+            protocol: Protocol::Tcp,
+        }];
         other.networks[0].vip = Some(Ipv4Addr::new(10, 0, 1, 3));
         s.services.insert("api".into(), other);
         let l = links(&["t1", "t3"]);
@@ -1396,28 +1729,60 @@ mod tests {
         let first = Arc::new(s.clone());
         let ch = cache.update(&first, "n1", &l, Reach::Cluster, None);
         assert_eq!(cache.all(), &desired(&first, "n1", &l, Reach::Cluster));
-        let ops = tables.apply_changes(&ch.iter().map(|(id, sp)| (*id, sp.as_ref())).collect::<Vec<_>>()).unwrap();
+        let ops = tables
+            .apply_changes(
+                &ch.iter()
+                    .map(|(id, sp)| (*id, sp.as_ref()))
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap();
         assert!(!ops.is_empty());
         // The same snapshot again: nothing.
-        assert!(cache.update(&first, "n1", &l, Reach::Cluster, None).is_empty());
+        assert!(
+            cache
+                .update(&first, "n1", &l, Reach::Cluster, None)
+                .is_empty()
+        );
         // One task of `web` stops: only web's frontends are reported.
         s.tasks.get_mut("t2").unwrap().state = Shutdown;
         let next = Arc::new(s.clone());
         let ch = cache.update(&next, "n1", &l, Reach::Cluster, None);
-        assert!(!ch.is_empty() && ch.iter().all(|(_, sp)| sp.as_ref().is_none_or(|sp| sp.service == "web")), "{ch:?}");
+        assert!(
+            !ch.is_empty()
+                && ch
+                    .iter()
+                    .all(|(_, sp)| sp.as_ref().is_none_or(|sp| sp.service == "web")),
+            "{ch:?}"
+        );
         assert_eq!(cache.all(), &desired(&next, "n1", &l, Reach::Cluster));
-        let ops = tables.apply_changes(&ch.iter().map(|(id, sp)| (*id, sp.as_ref())).collect::<Vec<_>>()).unwrap();
+        let ops = tables
+            .apply_changes(
+                &ch.iter()
+                    .map(|(id, sp)| (*id, sp.as_ref()))
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap();
         check_invariants(&ops);
         // Same result as diffing the whole desired state from scratch.
         let mut full = Tables::new();
-        full.apply(&desired(&next, "n1", &l, Reach::Cluster)).unwrap();
-        let norm = |t: &Tables| t.frontends().map(|(id, pf)| (*id, pf.spec.clone(), pf.slots.len())).collect::<Vec<_>>();
+        full.apply(&desired(&next, "n1", &l, Reach::Cluster))
+            .unwrap();
+        let norm = |t: &Tables| {
+            t.frontends()
+                .map(|(id, pf)| (*id, pf.spec.clone(), pf.slots.len()))
+                .collect::<Vec<_>>()
+        };
         assert_eq!(norm(&tables), norm(&full));
         // A link change (task re-attached) touches its service only.
         let mut l2 = l.clone();
-        l2.get_mut(&("t1".to_string(), "app".to_string())).unwrap().ifindex = 555;
+        l2.get_mut(&("t1".to_string(), "app".to_string()))
+            .unwrap()
+            .ifindex = 555;
         let ch = cache.update(&next, "n1", &l2, Reach::Cluster, None);
-        assert!(ch.iter().all(|(_, sp)| sp.as_ref().is_none_or(|sp| sp.service == "web")));
+        assert!(
+            ch.iter()
+                .all(|(_, sp)| sp.as_ref().is_none_or(|sp| sp.service == "web"))
+        );
         assert_eq!(cache.all(), &desired(&next, "n1", &l2, Reach::Cluster));
         // A removed service goes away entirely.
         s.services.remove("api");
@@ -1437,7 +1802,9 @@ mod tests {
 
     /// Frontends as programmed, ids aside.
     fn programmed(t: &Tables) -> Vec<(FeId, FrontendSpec, usize)> {
-        t.frontends().map(|(id, pf)| (*id, pf.spec.clone(), pf.slots.len())).collect()
+        t.frontends()
+            .map(|(id, pf)| (*id, pf.spec.clone(), pf.slots.len()))
+            .collect()
     }
 
     /// One update of `cache` (and `tables` from its changes) to `s`, checked against a
@@ -1456,14 +1823,30 @@ mod tests {
             want = via_ingress_sandbox(want, sb);
         }
         assert_eq!(cache.all(), &want, "cache = desired()");
-        assert_eq!(cache.running_index(), grouped_ids(s), "index = running_tasks_by_service()");
-        let ops = tables.apply_changes(&ch.iter().map(|(id, sp)| (*id, sp.as_ref())).collect::<Vec<_>>()).unwrap();
+        assert_eq!(
+            cache.running_index(),
+            grouped_ids(s),
+            "index = running_tasks_by_service()"
+        );
+        let ops = tables
+            .apply_changes(
+                &ch.iter()
+                    .map(|(id, sp)| (*id, sp.as_ref()))
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap();
         check_invariants(&ops);
         let mut full = Tables::new();
         full.apply(&want).unwrap();
-        assert_eq!(programmed(tables), programmed(&full), "incremental tables = tables from scratch");
+        assert_eq!(
+            programmed(tables),
+            programmed(&full),
+            "incremental tables = tables from scratch"
+        );
         // The services of the reported frontends ("-": a removed frontend).
-        ch.iter().map(|(_, sp)| sp.as_ref().map_or("-".to_string(), |sp| sp.service.clone())).collect()
+        ch.iter()
+            .map(|(_, sp)| sp.as_ref().map_or("-".to_string(), |sp| sp.service.clone()))
+            .collect()
     }
 
     /// `web` (8080, VIP 10.0.1.2) and `api` (9090, VIP 10.0.1.3), both on `app`; tasks t1..t4
@@ -1480,7 +1863,11 @@ mod tests {
         );
         let mut api = s.services["web"].clone();
         api.name = "api".into();
-        api.ports = vec![PortSpec { published: 9090, target: 90, protocol: Protocol::Tcp }];
+        api.ports = vec![PortSpec {
+            published: 9090,
+            target: 90,
+            protocol: Protocol::Tcp,
+        }];
         api.networks[0].vip = Some(Ipv4Addr::new(10, 0, 1, 3));
         s.services.insert("api".into(), api);
         for (id, slot, a) in [("a1", 1, 21), ("a2", 2, 22)] {
@@ -1514,29 +1901,48 @@ mod tests {
         t.slot = 0;
         t.networks[0].address = Ipv4Addr::new(10, 0, 1, 10);
         s.tasks.insert("t0".into(), t);
-        assert_eq!(update_and_check(&mut cache, &mut tables, &Arc::new(s.clone()), &l, r, None), web);
+        assert_eq!(
+            update_and_check(&mut cache, &mut tables, &Arc::new(s.clone()), &l, r, None),
+            web
+        );
         assert_eq!(web_order(&cache), ["t0", "t1", "t2", "t3"]);
         // Same slot as another task: the id breaks the tie.
         s.tasks.get_mut("t0").unwrap().slot = 2;
-        assert_eq!(update_and_check(&mut cache, &mut tables, &Arc::new(s.clone()), &l, r, None), web);
+        assert_eq!(
+            update_and_check(&mut cache, &mut tables, &Arc::new(s.clone()), &l, r, None),
+            web
+        );
         assert_eq!(web_order(&cache), ["t1", "t0", "t2", "t3"]);
         // Remove it.
         s.tasks.remove("t0");
-        assert_eq!(update_and_check(&mut cache, &mut tables, &Arc::new(s.clone()), &l, r, None), web);
+        assert_eq!(
+            update_and_check(&mut cache, &mut tables, &Arc::new(s.clone()), &l, r, None),
+            web
+        );
         assert_eq!(web_order(&cache), ["t1", "t2", "t3"]);
         // State changes: stops, comes back, and a stopped task that changes stays unreported.
         s.tasks.get_mut("t2").unwrap().state = Failed;
-        assert_eq!(update_and_check(&mut cache, &mut tables, &Arc::new(s.clone()), &l, r, None), web);
+        assert_eq!(
+            update_and_check(&mut cache, &mut tables, &Arc::new(s.clone()), &l, r, None),
+            web
+        );
         assert_eq!(web_order(&cache), ["t1", "t3"]);
         s.tasks.get_mut("t4").unwrap().state = Running;
-        assert_eq!(update_and_check(&mut cache, &mut tables, &Arc::new(s.clone()), &l, r, None), web);
+        assert_eq!(
+            update_and_check(&mut cache, &mut tables, &Arc::new(s.clone()), &l, r, None),
+            web
+        );
         assert_eq!(web_order(&cache), ["t1", "t3", "t4"]);
         s.tasks.get_mut("t2").unwrap().state = Shutdown;
         s.tasks.get_mut("t2").unwrap().networks[0].address = Ipv4Addr::new(10, 0, 1, 99);
-        assert!(update_and_check(&mut cache, &mut tables, &Arc::new(s.clone()), &l, r, None).is_empty());
+        assert!(
+            update_and_check(&mut cache, &mut tables, &Arc::new(s.clone()), &l, r, None).is_empty()
+        );
         // A field the tables do not read (the netns path): nothing.
         s.tasks.get_mut("t1").unwrap().netns = Some("/run/netns/elsewhere".into());
-        assert!(update_and_check(&mut cache, &mut tables, &Arc::new(s.clone()), &l, r, None).is_empty());
+        assert!(
+            update_and_check(&mut cache, &mut tables, &Arc::new(s.clone()), &l, r, None).is_empty()
+        );
         // Move: the task is rescheduled on this node (new id, new address, a link).
         let mut t = s.tasks.remove("a2").unwrap();
         t.id = "a9".into();
@@ -1547,11 +1953,17 @@ mod tests {
             v.ifindex = 909;
             (k, v)
         }));
-        assert_eq!(update_and_check(&mut cache, &mut tables, &Arc::new(s.clone()), &l, r, None), api);
+        assert_eq!(
+            update_and_check(&mut cache, &mut tables, &Arc::new(s.clone()), &l, r, None),
+            api
+        );
         assert_eq!(cache.running_index()["api"], ["a1", "a9"]);
         // Same node, another address (same id).
         s.tasks.get_mut("a1").unwrap().networks[0].address = Ipv4Addr::new(10, 0, 1, 31);
-        assert_eq!(update_and_check(&mut cache, &mut tables, &Arc::new(s.clone()), &l, r, None), api);
+        assert_eq!(
+            update_and_check(&mut cache, &mut tables, &Arc::new(s.clone()), &l, r, None),
+            api
+        );
         // A task changes service: both are recomputed.
         s.tasks.get_mut("t4").unwrap().service = "api".into();
         let both = update_and_check(&mut cache, &mut tables, &Arc::new(s.clone()), &l, r, None);
@@ -1559,22 +1971,46 @@ mod tests {
         assert_eq!(cache.running_index()["api"], ["a1", "a9", "t4"]);
         // Service definition change: only that service.
         s.services.get_mut("api").unwrap().ports[0].target = 91;
-        assert_eq!(update_and_check(&mut cache, &mut tables, &Arc::new(s.clone()), &l, r, None), api);
+        assert_eq!(
+            update_and_check(&mut cache, &mut tables, &Arc::new(s.clone()), &l, r, None),
+            api
+        );
         // Link change only, on the same snapshot.
         let same = Arc::new(s.clone());
         update_and_check(&mut cache, &mut tables, &same, &l, r, None);
-        l.get_mut(&("t1".to_string(), "app".to_string())).unwrap().ifindex = 777;
-        assert_eq!(update_and_check(&mut cache, &mut tables, &same, &l, r, None), web);
+        l.get_mut(&("t1".to_string(), "app".to_string()))
+            .unwrap()
+            .ifindex = 777;
+        assert_eq!(
+            update_and_check(&mut cache, &mut tables, &same, &l, r, None),
+            web
+        );
         assert!(update_and_check(&mut cache, &mut tables, &same, &l, r, None).is_empty());
         // Service removal (its tasks with it): its frontends go, its index entry too.
         s.services.remove("api");
-        s.tasks = s.tasks.into_iter().filter(|(_, t)| t.service != "api").collect();
+        s.tasks = s
+            .tasks
+            .into_iter()
+            .filter(|(_, t)| t.service != "api")
+            .collect();
         let ch = update_and_check(&mut cache, &mut tables, &Arc::new(s.clone()), &l, r, None);
         assert_eq!(ch, BTreeSet::from(["-".to_string()]), "only removals");
         assert!(!cache.running_index().contains_key("api"));
         assert!(cache.all().values().all(|sp| sp.service == "web"));
         // Every task of the last service stops: the index empties.
-        s.tasks = s.tasks.into_iter().map(|(k, t)| (k, Task { state: Shutdown, ..t })).collect();
+        s.tasks = s
+            .tasks
+            .into_iter()
+            .map(|(k, t)| {
+                (
+                    k,
+                    Task {
+                        state: Shutdown,
+                        ..t
+                    },
+                )
+            })
+            .collect();
         update_and_check(&mut cache, &mut tables, &Arc::new(s.clone()), &l, r, None);
         assert!(cache.running_index().is_empty());
     }
@@ -1609,7 +2045,11 @@ mod tests {
                 Reach::Routed,
                 Some(IngressSandbox {
                     addr: Ipv4Addr::new(172, 17, 0, 2),
-                    link: LinkKey { ifindex: 11, task_mac: [2; 6], gw_mac: [3; 6] },
+                    link: LinkKey {
+                        ifindex: 11,
+                        task_mac: [2; 6],
+                        gw_mac: [3; 6],
+                    },
                 }),
             ),
             (4, Reach::Cluster, None),
@@ -1618,7 +2058,12 @@ mod tests {
             let mut s = two_services();
             s.networks.insert(
                 "db".into(),
-                Network { name: "db".into(), subnet: "10.0.2.0/24".parse().unwrap(), vni: 4098, gateway: Ipv4Addr::new(10, 0, 2, 1) },
+                Network {
+                    name: "db".into(),
+                    subnet: "10.0.2.0/24".parse().unwrap(),
+                    vni: 4098,
+                    gateway: Ipv4Addr::new(10, 0, 2, 1),
+                },
             );
             // `db`: dnsrr on two networks, no published port.
             s.services.insert(
@@ -1627,8 +2072,16 @@ mod tests {
                     name: "db".into(),
                     endpoint_mode: EndpointMode::Dnsrr,
                     networks: vec![
-                        ServiceNetwork { network: "db".into(), vip: None, aliases: vec![] },
-                        ServiceNetwork { network: "app".into(), vip: None, aliases: vec![] },
+                        ServiceNetwork {
+                            network: "db".into(),
+                            vip: None,
+                            aliases: vec![],
+                        },
+                        ServiceNetwork {
+                            network: "app".into(),
+                            vip: None,
+                            aliases: vec![],
+                        },
                     ],
                     ports: vec![],
                 },
@@ -1657,13 +2110,29 @@ mod tests {
                             let id = format!("r{next_id:03}");
                             let svc = svc_names[rng.below(svc_names.len())].clone();
                             let node = if rng.below(2) == 0 { "n1" } else { "n2" };
-                            let mut networks = vec![TaskNetwork { network: "app".into(), address: fresh(&mut next_addr) }];
+                            let mut networks = vec![TaskNetwork {
+                                network: "app".into(),
+                                address: fresh(&mut next_addr),
+                            }];
                             if svc == "db" {
-                                networks.insert(0, TaskNetwork { network: "db".into(), address: fresh(&mut next_addr) });
+                                networks.insert(
+                                    0,
+                                    TaskNetwork {
+                                        network: "db".into(),
+                                        address: fresh(&mut next_addr),
+                                    },
+                                );
                             }
                             if node == "n1" && rng.below(4) != 0 {
                                 for n in &networks {
-                                    l.insert((id.clone(), n.network.clone()), LocalLink { ifindex: 1000 + next_id, task_mac: [2, 0, 0, 0, 0, next_id as u8], gw_mac: [2; 6] });
+                                    l.insert(
+                                        (id.clone(), n.network.clone()),
+                                        LocalLink {
+                                            ifindex: 1000 + next_id,
+                                            task_mac: [2, 0, 0, 0, 0, next_id as u8],
+                                            gw_mac: [2; 6],
+                                        },
+                                    );
                                 }
                             }
                             s.tasks.insert(
@@ -1692,7 +2161,8 @@ mod tests {
                         // State change.
                         3 | 4 => {
                             if let Some(id) = rng.pick(s.tasks.keys()) {
-                                s.tasks.get_mut(&id).unwrap().state = states[rng.below(states.len())];
+                                s.tasks.get_mut(&id).unwrap().state =
+                                    states[rng.below(states.len())];
                             }
                         }
                         // Slot, node, address, netns, service of one task.
@@ -1704,22 +2174,36 @@ mod tests {
                         6 => {
                             if let Some(id) = rng.pick(s.tasks.keys()) {
                                 let t = s.tasks.get_mut(&id).unwrap();
-                                t.node = if t.node == "n1" { "n2".into() } else { "n1".into() };
+                                t.node = if t.node == "n1" {
+                                    "n2".into()
+                                } else {
+                                    "n1".into()
+                                };
                             }
                         }
                         7 => {
                             if let Some(id) = rng.pick(s.tasks.keys()) {
-                                s.tasks.get_mut(&id).unwrap().networks.last_mut().unwrap().address = fresh(&mut next_addr);
+                                s.tasks
+                                    .get_mut(&id)
+                                    .unwrap()
+                                    .networks
+                                    .last_mut()
+                                    .unwrap()
+                                    .address = fresh(&mut next_addr);
                             }
                         }
                         8 => {
                             if let Some(id) = rng.pick(s.tasks.keys()) {
-                                s.tasks.get_mut(&id).unwrap().netns = Some(format!("/run/netns/x{}", rng.below(9)).into());
+                                s.tasks.get_mut(&id).unwrap().netns =
+                                    Some(format!("/run/netns/x{}", rng.below(9)).into());
                             }
                         }
                         9 => {
-                            if let (Some(id), false) = (rng.pick(s.tasks.keys()), svc_names.is_empty()) {
-                                s.tasks.get_mut(&id).unwrap().service = svc_names[rng.below(svc_names.len())].clone();
+                            if let (Some(id), false) =
+                                (rng.pick(s.tasks.keys()), svc_names.is_empty())
+                            {
+                                s.tasks.get_mut(&id).unwrap().service =
+                                    svc_names[rng.below(svc_names.len())].clone();
                             }
                         }
                         // A service definition changes, goes, comes back.
@@ -1728,8 +2212,16 @@ mod tests {
                                 let svc = s.services.get_mut(&name).unwrap();
                                 if svc.ports.is_empty() || rng.below(2) == 0 {
                                     // Published ports are unique across services (as validated).
-                                    let base = match name.as_str() { "web" => 7100, "api" => 7200, _ => 7300 };
-                                    svc.ports.push(PortSpec { published: base + rng.below(50) as u16, target: 80, protocol: Protocol::Udp });
+                                    let base = match name.as_str() {
+                                        "web" => 7100,
+                                        "api" => 7200,
+                                        _ => 7300,
+                                    };
+                                    svc.ports.push(PortSpec {
+                                        published: base + rng.below(50) as u16,
+                                        target: 80,
+                                        protocol: Protocol::Udp,
+                                    });
                                     svc.ports.dedup_by_key(|p| p.published);
                                 } else {
                                     svc.ports.pop();
@@ -1759,7 +2251,11 @@ mod tests {
                         // Inputs change: everything recomputed.
                         14 if rng.below(8) == 0 => {
                             if sbox.is_none() {
-                                reach = if reach == Reach::Cluster { Reach::LocalOnly } else { Reach::Cluster };
+                                reach = if reach == Reach::Cluster {
+                                    Reach::LocalOnly
+                                } else {
+                                    Reach::Cluster
+                                };
                             } else {
                                 s.networks.get_mut("db").unwrap().vni ^= 1;
                             }
@@ -1772,8 +2268,13 @@ mod tests {
                 if rng.below(6) != 0 {
                     snap = Arc::new(s.clone());
                 }
-                let svcs = update_and_check(&mut cache, &mut tables, &snap, &l, reach, sbox.as_ref());
-                assert!(svcs.iter().all(|n| n == "-" || snap.services.contains_key(n)), "step {step}: {svcs:?}");
+                let svcs =
+                    update_and_check(&mut cache, &mut tables, &snap, &l, reach, sbox.as_ref());
+                assert!(
+                    svcs.iter()
+                        .all(|n| n == "-" || snap.services.contains_key(n)),
+                    "step {step}: {svcs:?}"
+                );
             }
         }
     }
@@ -1784,7 +2285,12 @@ mod tests {
         let mut t = Tables::new();
         t.next_be = maps::MAX_BACKENDS; // every backend id taken
         let want = desired(&s, "n1", &links(&["t1"]), Reach::LocalOnly);
-        assert_eq!(t.apply(&want), Err(TablesError::BackendsFull { max: maps::MAX_BACKENDS - 1 }));
+        assert_eq!(
+            t.apply(&want),
+            Err(TablesError::BackendsFull {
+                max: maps::MAX_BACKENDS - 1
+            })
+        );
         assert_eq!(t.frontends().count(), 0, "nothing recorded");
     }
 
@@ -1794,7 +2300,11 @@ mod tests {
             task_id: "t".into(),
             addr: Ipv4Addr::new(10, 0, 1, 11),
             port: 80,
-            link: Some(LinkKey { ifindex: 7, task_mac: [1; 6], gw_mac: [2; 6] }),
+            link: Some(LinkKey {
+                ifindex: 7,
+                task_mac: [1; 6],
+                gw_mac: [2; 6],
+            }),
         };
         let v = backend_value(3, &b);
         assert_eq!(v.addr.to_ne_bytes(), [10, 0, 1, 11]);

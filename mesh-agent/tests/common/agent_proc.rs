@@ -21,8 +21,13 @@ pub struct AgentProc {
 impl AgentProc {
     /// Stop it (SIGTERM, 20 s, then SIGKILL); whether it exited cleanly.
     pub fn stop(&mut self) -> bool {
-        let Some(mut c) = self.child.take() else { return true };
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let Some(mut c) = self.child.take() else {
+            return true;
+        };
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(Some(st)) = c.try_wait() {

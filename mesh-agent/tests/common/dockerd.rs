@@ -353,7 +353,8 @@ impl Dockerd {
     /// `curl -s --max-time 5 url` from the daemon's namespace: the body, if any.
     pub fn curl(&self, url: &str) -> Option<String> {
         let o = self.in_ns("curl", &["-s", "--max-time", "5", url]);
-        (o.status.success() && !o.stdout.is_empty()).then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        (o.status.success() && !o.stdout.is_empty())
+            .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
     }
 
     /// Host names (12-digit container ids) of the running tasks of Swarm service `service`
@@ -361,7 +362,10 @@ impl Dockerd {
     pub fn task_hosts(&self, service: &str) -> std::collections::BTreeSet<String> {
         let filter = format!("label=com.docker.swarm.service.name={service}");
         let out = self.docker_ok(&["ps", "-q", "--filter", &filter]);
-        out.lines().map(|l| l.trim().chars().take(12).collect()).filter(|s: &String| !s.is_empty()).collect()
+        out.lines()
+            .map(|l| l.trim().chars().take(12).collect())
+            .filter(|s: &String| !s.is_empty())
+            .collect()
     }
 
     /// `docker args…`, which must succeed; its stdout.
@@ -465,13 +469,36 @@ impl Dockerd {
     /// `replicas` busybox httpd tasks of `image` on it, publishing 8080 → 80, each answering
     /// its own hostname; returns once they all run (panics after `timeout`). `create_args`
     /// go to `docker service create` before the name (e.g. `-d`).
-    pub fn web_service(&self, image: &str, replicas: usize, create_args: &[&str], timeout: Duration) {
-        self.docker_ok(&["network", "create", "-d", "overlay", "--attachable", "appnet"]);
+    pub fn web_service(
+        &self,
+        image: &str,
+        replicas: usize,
+        create_args: &[&str],
+        timeout: Duration,
+    ) {
+        self.docker_ok(&[
+            "network",
+            "create",
+            "-d",
+            "overlay",
+            "--attachable",
+            "appnet",
+        ]);
         let replicas_arg = replicas.to_string();
         let mut args = vec!["service", "create"];
         args.extend_from_slice(create_args);
         args.extend([
-            "--name", "web", "--replicas", &replicas_arg, "--network", "appnet", "-p", "8080:80", image, "sh", "-c",
+            "--name",
+            "web",
+            "--replicas",
+            &replicas_arg,
+            "--network",
+            "appnet",
+            "-p",
+            "8080:80",
+            image,
+            "sh",
+            "-c",
             "hostname > /www/index.html; exec httpd -f -p 80 -h /www",
         ]);
         self.docker_ok(&args);
@@ -716,7 +743,12 @@ fn run_timeout(mut cmd: Command, timeout: Duration) -> Result<Output, String> {
 
 /// `f()` until it gives a value, every `pause`, for at most `timeout` (then the test fails
 /// naming `why`).
-pub fn eventually<T>(why: &str, timeout: Duration, pause: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+pub fn eventually<T>(
+    why: &str,
+    timeout: Duration,
+    pause: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
     let deadline = std::time::Instant::now() + timeout;
     loop {
         if let Some(v) = f() {

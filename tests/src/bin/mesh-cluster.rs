@@ -23,7 +23,13 @@ fn main() {
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
-            "--nodes" => nodes = args.next().and_then(|n| n.parse().ok()).unwrap_or(3).clamp(1, 16),
+            "--nodes" => {
+                nodes = args
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(3)
+                    .clamp(1, 16)
+            }
             "-h" | "--help" => {
                 println!("usage: mesh-cluster [--nodes N]   (N node namespaces, default 3)");
                 return;
@@ -34,19 +40,49 @@ fn main() {
             }
         }
     }
-    let on_stop = SigAction::new(SigHandler::Handler(request_stop), SaFlags::empty(), SigSet::empty());
+    let on_stop = SigAction::new(
+        SigHandler::Handler(request_stop),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
     for sig in [Signal::SIGINT, Signal::SIGTERM] {
         // SAFETY: the handler only stores to an atomic (async-signal-safe).
         unsafe { sigaction(sig, &on_stop) }.expect("install signal handler");
     }
     let nets = vec![
-        NetDef { name: "webnet".into(), octet: 251, vni: 4251 },
-        NetDef { name: "dbnet".into(), octet: 252, vni: 4252 },
+        NetDef {
+            name: "webnet".into(),
+            octet: 251,
+            vni: 4251,
+        },
+        NetDef {
+            name: "dbnet".into(),
+            octet: 252,
+            vni: 4252,
+        },
     ];
     let svcs = vec![
-        SvcDef { name: "web".into(), dnsrr: false, networks: vec!["webnet".into()], ports: vec![(8080, 80, "tcp"), (8007, 7, "udp")], aliases: vec![] },
-        SvcDef { name: "db".into(), dnsrr: false, networks: vec!["dbnet".into()], ports: vec![], aliases: vec![] },
-        SvcDef { name: "client".into(), dnsrr: false, networks: vec!["webnet".into()], ports: vec![], aliases: vec![] },
+        SvcDef {
+            name: "web".into(),
+            dnsrr: false,
+            networks: vec!["webnet".into()],
+            ports: vec![(8080, 80, "tcp"), (8007, 7, "udp")],
+            aliases: vec![],
+        },
+        SvcDef {
+            name: "db".into(),
+            dnsrr: false,
+            networks: vec!["dbnet".into()],
+            ports: vec![],
+            aliases: vec![],
+        },
+        SvcDef {
+            name: "client".into(),
+            dnsrr: false,
+            networks: vec!["webnet".into()],
+            ports: vec![],
+            aliases: vec![],
+        },
     ];
     let mut c = Cluster::new(nodes, nets, svcs);
     for slot in 1..=5u32 {
@@ -56,15 +92,33 @@ fn main() {
     c.add_task("client", 1, 0);
     c.start_agents();
     let client_task = c.tasks_of("client", "running")[0].ns.name.clone();
-    println!("mesh cluster: {nodes} nodes on an underlay bridge, service web (5 tasks) on port 8080, VXLAN overlays");
-    println!("  state file (edit it; every agent follows): {}", c.state_path.display());
+    println!(
+        "mesh cluster: {nodes} nodes on an underlay bridge, service web (5 tasks) on port 8080, VXLAN overlays"
+    );
+    println!(
+        "  state file (edit it; every agent follows): {}",
+        c.state_path.display()
+    );
     for n in &c.nodes {
-        println!("  node {}: ip netns exec {} ...   (address {})", n.name, n.ns.name, n.addr);
+        println!(
+            "  node {}: ip netns exec {} ...   (address {})",
+            n.name, n.ns.name, n.addr
+        );
     }
-    println!("  external client: ip netns exec {} curl -s http://{}:8080/", c.client.name, c.nodes[0].addr);
-    println!("  from a task, via the VIP: ip netns exec {client_task} curl -s http://{}/", c.vip_of("web", "webnet"));
+    println!(
+        "  external client: ip netns exec {} curl -s http://{}:8080/",
+        c.client.name, c.nodes[0].addr
+    );
+    println!(
+        "  from a task, via the VIP: ip netns exec {client_task} curl -s http://{}/",
+        c.vip_of("web", "webnet")
+    );
     println!("  DNS in a task: ip netns exec {client_task} dig +short tasks.web");
-    println!("  status: mesh-agent status --pin-dir {} --run-dir {}", c.agent(0).pin_dir.display(), c.agent(0).run_dir.display());
+    println!(
+        "  status: mesh-agent status --pin-dir {} --run-dir {}",
+        c.agent(0).pin_dir.display(),
+        c.agent(0).run_dir.display()
+    );
     println!("  Ctrl-C removes everything");
     while !STOP.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(200));
@@ -72,4 +126,3 @@ fn main() {
     println!("mesh cluster: tearing down");
     drop(c);
 }
-

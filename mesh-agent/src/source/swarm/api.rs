@@ -201,11 +201,7 @@ impl Api {
             .bounded(self.docker.info())
             .await
             .map_err(|source| SwarmError::Info { source })?;
-        check_role(
-            &self.endpoint,
-            info.swarm.unwrap_or_default(),
-            manager,
-        )
+        check_role(&self.endpoint, info.swarm.unwrap_or_default(), manager)
     }
 
     /// `GET /nodes`.
@@ -303,7 +299,9 @@ pub(super) fn check_role(
         (_, node_id) => {
             let detail = match node_id {
                 None => format!("swarm state `{state}`: not part of a swarm"),
-                Some(id) if manager => format!("swarm node {id} (state `{state}`) is not a manager"),
+                Some(id) if manager => {
+                    format!("swarm node {id} (state `{state}`) is not a manager")
+                }
                 Some(id) => format!("swarm node {id} is not active (state `{state}`)"),
             };
             let endpoint = endpoint.to_string();

@@ -739,7 +739,11 @@ fn duplicate_and_addressless_nodes() {
         .collect();
     assert_eq!(nodes, [("mgr", ip("10.231.0.9")), ("vm", ip("10.231.0.1"))]);
     assert!(!s.tasks.contains_key("oncopy0000000000000000001"));
-    assert_eq!(map(&v).warnings, Vec::<String>::new(), "a re-joined node's stale copy is expected");
+    assert_eq!(
+        map(&v).warnings,
+        Vec::<String>::new(),
+        "a re-joined node's stale copy is expected"
+    );
 }
 
 #[test]
@@ -755,11 +759,23 @@ fn two_ready_hosts_with_one_hostname_are_a_warning() {
         1,
     ));
     let m = map(&v);
-    let nodes: Vec<_> = m.file.nodes.iter().map(|n| (n.name.as_str(), n.address)).collect();
-    assert_eq!(nodes, [("vm", ip("10.231.0.1"))], "the most recently updated one is kept");
+    let nodes: Vec<_> = m
+        .file
+        .nodes
+        .iter()
+        .map(|n| (n.name.as_str(), n.address))
+        .collect();
+    assert_eq!(
+        nodes,
+        [("vm", ip("10.231.0.1"))],
+        "the most recently updated one is kept"
+    );
     assert_eq!(m.warnings.len(), 1, "{:?}", m.warnings);
     let w = &m.warnings[0];
-    assert!(w.contains("10.231.0.7") && w.contains("10.231.0.1") && w.contains("`vm`"), "{w}");
+    assert!(
+        w.contains("10.231.0.7") && w.contains("10.231.0.1") && w.contains("`vm`"),
+        "{w}"
+    );
 }
 
 #[test]
@@ -1011,16 +1027,25 @@ fn local_daemon_may_be_a_worker_the_manager_may_not() {
         ..Default::default()
     };
     let worker = info("w1", LocalNodeState::ACTIVE, false);
-    assert_eq!(check_role(&ep, worker.clone(), false).unwrap().node_id, "w1");
+    assert_eq!(
+        check_role(&ep, worker.clone(), false).unwrap().node_id,
+        "w1"
+    );
     let e = check_role(&ep, worker, true).unwrap_err();
     assert!(matches!(e, SwarmError::NotManager { .. }), "{e}");
     assert!(e.to_string().contains("not a manager"), "{e}");
     let manager = info("m1", LocalNodeState::ACTIVE, true);
-    assert_eq!(check_role(&ep, manager.clone(), true).unwrap().node_id, "m1");
+    assert_eq!(
+        check_role(&ep, manager.clone(), true).unwrap().node_id,
+        "m1"
+    );
     assert_eq!(check_role(&ep, manager, false).unwrap().node_id, "m1");
     // A worker still joining, or no swarm at all: not usable as this node's daemon.
     let e = check_role(&ep, info("w2", LocalNodeState::PENDING, false), false).unwrap_err();
-    assert!(matches!(e, SwarmError::NotInSwarm { .. }) && e.to_string().contains("pending"), "{e}");
+    assert!(
+        matches!(e, SwarmError::NotInSwarm { .. }) && e.to_string().contains("pending"),
+        "{e}"
+    );
     let none = SwarmInfo {
         local_node_state: Some(LocalNodeState::INACTIVE),
         node_id: Some(String::new()),
@@ -1036,10 +1061,19 @@ fn a_separate_manager_is_described() {
         .unwrap()
         .with_manager(DockerEndpoint::try_from("tcp://10.0.0.1:2375").unwrap())
         .unwrap();
-    assert_eq!(s.manager(), Some(&DockerEndpoint::Tcp { addr: "10.0.0.1:2375".into(), tls: None }));
+    assert_eq!(
+        s.manager(),
+        Some(&DockerEndpoint::Tcp {
+            addr: "10.0.0.1:2375".into(),
+            tls: None
+        })
+    );
     assert_eq!(
         crate::source::Source::describe(&s),
         "swarm:unix:///run/local.sock (manager tcp://10.0.0.1:2375)"
     );
-    assert_eq!(SwarmSource::from_endpoint("/run/d.sock").unwrap().manager(), None);
+    assert_eq!(
+        SwarmSource::from_endpoint("/run/d.sock").unwrap().manager(),
+        None
+    );
 }

@@ -323,7 +323,7 @@ pub fn child_main(args: &[String]) -> ExitCode {
             let tid = unsafe { libc::gettid() }.to_string();
             let mut k = 0usize;
             let prof = util::perf_top(&["-t", &tid], 1.5, || {
-                let snap = if k % 2 == 0 { &with } else { &without };
+                let snap = if k.is_multiple_of(2) { &with } else { &without };
                 k += 1;
                 let _ = program(snap, &c.links, &mut prog, dp);
             });
@@ -348,8 +348,18 @@ pub fn child_main(args: &[String]) -> ExitCode {
             let fresh = State {
                 nodes: c.state.nodes.clone(),
                 networks: c.state.networks.clone(),
-                services: c.state.services.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-                tasks: c.state.tasks.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                services: c
+                    .state
+                    .services
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                tasks: c
+                    .state
+                    .tasks
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
             };
             let t = Instant::now();
             let rebased = fresh.rebase(&prev);
@@ -585,7 +595,13 @@ fn get(addr: &str) -> Option<String> {
 /// From the calling thread's namespace: one new connection to `addr` per try, `pause` apart,
 /// until the answer is `want` (any answer when `None`) or `limit` has passed since `t0`.
 /// Returns when the answer came (measured from `t0`) and the tries made.
-fn poll_answer(addr: &str, want: Option<&str>, t0: Instant, limit: Duration, pause: Duration) -> (Option<Duration>, usize) {
+fn poll_answer(
+    addr: &str,
+    want: Option<&str>,
+    t0: Instant,
+    limit: Duration,
+    pause: Duration,
+) -> (Option<Duration>, usize) {
     let mut n = 0;
     while t0.elapsed() < limit {
         n += 1;
@@ -613,7 +629,13 @@ fn state_to_flow(ctx: &Ctx) -> Value {
         // Poll from the client namespace: one new connection per try, until the new task
         // answers (bounded).
         let (came, n) = util::within(&client, move || {
-            poll_answer("198.18.0.1:8080", Some(&want), t0, Duration::from_secs(10), Duration::from_micros(500))
+            poll_answer(
+                "198.18.0.1:8080",
+                Some(&want),
+                t0,
+                Duration::from_secs(10),
+                Duration::from_micros(500),
+            )
         });
         let took = came.unwrap_or_else(|| t0.elapsed());
         if came.is_some() {
@@ -643,7 +665,11 @@ fn state_to_flow(ctx: &Ctx) -> Value {
 /// (attached on its node) → `running` (backend everywhere), as Swarm tasks do.
 fn state_to_flow_cluster(ctx: &Ctx) -> Value {
     use mesh_tests::cluster::{Cluster, NetDef, SvcDef};
-    let nets = vec![NetDef { name: "webnet".into(), octet: 241, vni: 4241 }];
+    let nets = vec![NetDef {
+        name: "webnet".into(),
+        octet: 241,
+        vni: 4241,
+    }];
     let svcs = vec![SvcDef {
         name: "web".into(),
         dnsrr: false,
@@ -662,7 +688,13 @@ fn state_to_flow_cluster(ctx: &Ctx) -> Value {
     for n in &nodes {
         let addr = format!("{n}:8080");
         let (came, _) = util::within(&client, move || {
-            poll_answer(&addr, None, Instant::now(), Duration::from_secs(30), Duration::from_millis(100))
+            poll_answer(
+                &addr,
+                None,
+                Instant::now(),
+                Duration::from_secs(30),
+                Duration::from_millis(100),
+            )
         });
         assert!(came.is_some(), "node {n}:8080 never answered");
     }
@@ -680,11 +712,17 @@ fn state_to_flow_cluster(ctx: &Ctx) -> Value {
         // client's retry (1 s in TCP) decides. Measured from the `running` write.
         c.set_state(&id, "starting");
         c.write_state();
-        let (ns, addr) = (c.tasks[&id].ns.name.clone(), c.tasks[&id].addrs[0].1.to_string());
+        let (ns, addr) = (
+            c.tasks[&id].ns.name.clone(),
+            c.tasks[&id].addrs[0].1.to_string(),
+        );
         let attached = Instant::now();
         while attached.elapsed() < Duration::from_secs(10) {
-            let out = std::process::Command::new("ip").args(["-n", &ns, "-4", "-o", "addr", "show"]).output();
-            if out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&format!(" {addr}/"))) {
+            let out = std::process::Command::new("ip")
+                .args(["-n", &ns, "-4", "-o", "addr", "show"])
+                .output();
+            if out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&format!(" {addr}/")))
+            {
                 break;
             }
             std::thread::sleep(Duration::from_millis(5));
@@ -698,7 +736,14 @@ fn state_to_flow_cluster(ctx: &Ctx) -> Value {
                 let (addr, want, client) = (format!("{n}:8080"), want.clone(), client.clone());
                 std::thread::spawn(move || {
                     util::within(&client, move || {
-                        poll_answer(&addr, Some(&want), t0, Duration::from_secs(10), Duration::from_micros(500)).0
+                        poll_answer(
+                            &addr,
+                            Some(&want),
+                            t0,
+                            Duration::from_secs(10),
+                            Duration::from_micros(500),
+                        )
+                        .0
                     })
                 })
             })
@@ -713,7 +758,11 @@ fn state_to_flow_cluster(ctx: &Ctx) -> Value {
         }
         util::log(
             ctx.start,
-            format!("control: cluster state change {k} (task on node {}): {}", on + 1, this_round.join(", ")),
+            format!(
+                "control: cluster state change {k} (task on node {}): {}",
+                on + 1,
+                this_round.join(", ")
+            ),
         );
     }
     drop(c);
@@ -797,9 +846,13 @@ pub fn run(ctx: &mut Ctx) -> Section {
         }
     };
     let mut flow = flow;
-    flow["cluster"] = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| state_to_flow_cluster(ctx))) {
+    flow["cluster"] = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        state_to_flow_cluster(ctx)
+    })) {
         Ok(v) => v,
-        Err(e) => json!({"error": e.downcast_ref::<String>().cloned().unwrap_or_else(|| "panic".into())}),
+        Err(e) => {
+            json!({"error": e.downcast_ref::<String>().cloned().unwrap_or_else(|| "panic".into())})
+        }
     };
     util::check_interrupt();
     report(ctx, results, ipt, flow)
@@ -997,14 +1050,14 @@ fn report(ctx: &mut Ctx, results: Vec<Value>, ipt: Value, flow: Value) -> Sectio
          sources deliver whole snapshots (the state file is re-read, the Docker Engine API is polled; Docker \
          emits no task events) and rebase each on the previous one (`State::rebase`) before the agent sees it.",
     );
-    if let Some(v) = largest {
-        if let Some(r) = v["changes"]["source_rebase_s"].as_f64() {
-            md.push_str(&format!(
+    if let Some(v) = largest
+        && let Some(r) = v["changes"]["source_rebase_s"].as_f64()
+    {
+        md.push_str(&format!(
                 " On {}, that source-side rebase of a freshly read snapshot (one task more) takes {} ms.",
                 v["title"].as_str().unwrap_or("?"),
                 fmt_num(r * 1e3, 1)
             ));
-        }
     }
     if let Some(v) = largest {
         md.push_str(&format!(
@@ -1055,13 +1108,13 @@ fn report(ctx: &mut Ctx, results: Vec<Value>, ipt: Value, flow: Value) -> Sectio
         }
     }
     let s3k = get("swarm3k-fit").or(get("swarm3k"));
-    if let Some(v) = get("swarm3k") {
-        if let Some(e) = v["error"].as_str().filter(|e| e.contains("too many")) {
-            ctx.out.finding(format!(
+    if let Some(v) = get("swarm3k")
+        && let Some(e) = v["error"].as_str().filter(|e| e.contains("too many"))
+    {
+        ctx.out.finding(format!(
                 "The Swarm3k state as specified (every service with a VIP) does not fit the maps ({} entries): {e}.",
                 fmt_num((mesh_common::maps::MAX_BACKENDS - 1) as f64, 0)
             ));
-        }
     }
     if let Some(v) = s3k {
         let what = if v["shape"] == "swarm3k" {
@@ -1222,19 +1275,19 @@ fn report(ctx: &mut Ctx, results: Vec<Value>, ipt: Value, flow: Value) -> Sectio
         "\nkube-proxy (iptables mode) rewrites the whole table on every sync, so this is also roughly the \
          cost of one endpoint change at that size; mesh's one-task change is the table above.\n",
     );
-    if let Some(v) = get("10kx10") {
-        if let (Some(t), Some(i)) = (
+    if let Some(v) = get("10kx10")
+        && let (Some(t), Some(i)) = (
             v["scratch"]["total_s"].as_f64(),
             ipt["nft"]["seconds"].as_f64(),
-        ) {
-            ctx.out.check(
-                sec,
-                "10k services × 10: mesh from scratch vs iptables-nft-restore",
-                format!("{} ms vs {} ms", fmt_num(t * 1e3, 0), fmt_num(i * 1e3, 0)),
-                "(context)",
-                None,
-            );
-        }
+        )
+    {
+        ctx.out.check(
+            sec,
+            "10k services × 10: mesh from scratch vs iptables-nft-restore",
+            format!("{} ms vs {} ms", fmt_num(t * 1e3, 0), fmt_num(i * 1e3, 0)),
+            "(context)",
+            None,
+        );
     }
 
     // State change to flow.
@@ -1279,17 +1332,42 @@ fn report(ctx: &mut Ctx, results: Vec<Value>, ipt: Value, flow: Value) -> Sectio
             let rows: Vec<Vec<String>> = nodes
                 .iter()
                 .enumerate()
-                .map(|(i, n)| vec![format!("node {} published port", i + 1), util::stat_from_json(n).show(0)])
+                .map(|(i, n)| {
+                    vec![
+                        format!("node {} published port", i + 1),
+                        util::stat_from_json(n).show(0),
+                    ]
+                })
                 .collect();
-            md.push_str(&md_table(&["through", "ms from the state write to the new task answering"], &rows));
+            md.push_str(&md_table(
+                &[
+                    "through",
+                    "ms from the state write to the new task answering",
+                ],
+                &rows,
+            ));
             md.push_str("\nEach node polls with one new connection per try, 0.5 ms apart; the new task is reached after the agent of that node has reloaded the file and programmed its maps. As in Swarm's task lifecycle, the task is first written `starting` (its node's agent attaches its network; it is not a backend yet) and the clock starts when it is written `running`. Written `running` at once, the other nodes' first SYN sometimes reached the task's node before that node's agent had attached it, and the client's retry decided (≈ 665 ms with this poll's 500 ms connect timeout, 1 s+ with TCP's own): a race between agents reading one file, measured and explained here rather than hidden. Round-robin over the growing task list adds up to one cycle of tries.\n");
-            let worst = nodes.iter().map(|n| n["median"].as_f64().unwrap_or(f64::NAN)).fold(0.0, f64::max);
-            ctx.out.check(sec, "state-file change → first new flow, worst node of 3", format!("{} ms", fmt_num(worst, 0)), "(no target)", None);
+            let worst = nodes
+                .iter()
+                .map(|n| n["median"].as_f64().unwrap_or(f64::NAN))
+                .fold(0.0, f64::max);
+            ctx.out.check(
+                sec,
+                "state-file change → first new flow, worst node of 3",
+                format!("{} ms", fmt_num(worst, 0)),
+                "(no target)",
+                None,
+            );
         }
         _ => {
-            let e = flow["cluster"]["error"].as_str().unwrap_or("no node reached the new task").to_string();
+            let e = flow["cluster"]["error"]
+                .as_str()
+                .unwrap_or("no node reached the new task")
+                .to_string();
             md.push_str(&format!("Did not complete: {e}\n"));
-            ctx.out.finding(format!("Cluster state-change-to-flow measurement failed: {e}"));
+            ctx.out.finding(format!(
+                "Cluster state-change-to-flow measurement failed: {e}"
+            ));
         }
     }
     let json = json!({ "shapes": results, "iptables_restore": ipt, "state_change_to_flow": flow });

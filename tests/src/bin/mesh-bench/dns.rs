@@ -459,7 +459,12 @@ pub fn run(ctx: &mut Ctx) -> Section {
                         "{} {} q/s (saturated {} q/s) p50 {} µs",
                         s.key,
                         fmt_num(round[s.key]["qps"].as_f64().unwrap_or(f64::NAN), 0),
-                        fmt_num(round[s.key]["saturated"]["qps"].as_f64().unwrap_or(f64::NAN), 0),
+                        fmt_num(
+                            round[s.key]["saturated"]["qps"]
+                                .as_f64()
+                                .unwrap_or(f64::NAN),
+                            0
+                        ),
                         fmt_num(round[s.key]["p50_us"].as_f64().unwrap_or(f64::NAN), 1)
                     ))
                     .collect::<Vec<_>>()
@@ -473,7 +478,9 @@ pub fn run(ctx: &mut Ctx) -> Section {
         stat(
             &rounds
                 .iter()
-                .filter_map(|r| Some(r["mesh"].pointer(k)?.as_f64()? / r[other].pointer(k)?.as_f64()?))
+                .filter_map(|r| {
+                    Some(r["mesh"].pointer(k)?.as_f64()? / r[other].pointer(k)?.as_f64()?)
+                })
                 .collect::<Vec<_>>(),
         )
     };
@@ -534,7 +541,11 @@ pub fn run(ctx: &mut Ctx) -> Section {
         let at = |k: &str| col(who, &format!("{base}/{k}"));
         vec![
             at("qps").show(0),
-            if mesh { times(vs_dnsmasq) } else { "–".into() },
+            if mesh {
+                times(vs_dnsmasq)
+            } else {
+                "–".into()
+            },
             match (&docker, mesh) {
                 (Ok(_), true) => times(vs_docker),
                 (Err(_), true) => "not measured".into(),
@@ -595,13 +606,17 @@ pub fn run(ctx: &mut Ctx) -> Section {
     let sat_rows = table_rows(&|who| {
         let mut r = lead(who, "/saturated", &sat_vs_dnsmasq, &sat_vs_docker);
         r.extend([fmt_num(
-                rounds
-                    .iter()
-                    .filter_map(|r| Some(r[who]["saturated"]["lost"].as_f64()? + r[who]["saturated"]["wrong"].as_f64()?))
-                    .sum::<f64>(),
-                0,
-            ),
-        ]);
+            rounds
+                .iter()
+                .filter_map(|r| {
+                    Some(
+                        r[who]["saturated"]["lost"].as_f64()?
+                            + r[who]["saturated"]["wrong"].as_f64()?,
+                    )
+                })
+                .sum::<f64>(),
+            0,
+        )]);
         r
     });
 
@@ -610,20 +625,22 @@ pub fn run(ctx: &mut Ctx) -> Section {
     let met = |s: &Stat, ok: fn(f64) -> bool| (s.n > 0).then(|| ok(s.median));
     // One queries/s target: mesh's figure at JSON pointer `k` over `other`'s (per round:
     // `vs`), at least `min` times.
-    let qps_check = |ctx: &mut Ctx, what: &str, k: &str, vs: &Stat, other: &str, title: &str, min: f64| {
-        let m = (vs.n > 0).then(|| vs.median >= min);
-        let result = match (&docker, other) {
-            (Err(why), "docker") => format!("not measured: {}", short(why)),
-            _ => format!(
-                "{} q/s, {}× {title} ({} q/s)",
-                fmt_num(col("mesh", k).median, 0),
-                fmt_num(vs.median, 2),
-                fmt_num(col(other, k).median, 0)
-            ),
+    let qps_check =
+        |ctx: &mut Ctx, what: &str, k: &str, vs: &Stat, other: &str, title: &str, min: f64| {
+            let m = (vs.n > 0).then_some(vs.median >= min);
+            let result = match (&docker, other) {
+                (Err(why), "docker") => format!("not measured: {}", short(why)),
+                _ => format!(
+                    "{} q/s, {}× {title} ({} q/s)",
+                    fmt_num(col("mesh", k).median, 0),
+                    fmt_num(vs.median, 2),
+                    fmt_num(col(other, k).median, 0)
+                ),
+            };
+            ctx.out
+                .check(SEC, what, result, &format!("≥ {min}× {title}"), m);
+            m
         };
-        ctx.out.check(SEC, what, result, &format!("≥ {min}× {title}"), m);
-        m
-    };
     let dnsmasq_met = qps_check(
         ctx,
         "mesh DNS queries/s vs dnsmasq (dnsperf -c 4)",
@@ -676,9 +693,13 @@ pub fn run(ctx: &mut Ctx) -> Section {
     // Below a baseline = below it in most rounds (the per-round ratio's median) *and* in the
     // medians themselves: in a noisy run the two can disagree, and then it is not below.
     let p99_below = |ratio: &Stat, who: &str| {
-        met(ratio, |r| r < 1.0).map(|m| m && col("mesh", "/p99_us").median < col(who, "/p99_us").median)
+        met(ratio, |r| r < 1.0)
+            .map(|m| m && col("mesh", "/p99_us").median < col(who, "/p99_us").median)
     };
-    let (p99_dm, p99_dk) = (p99_below(&p99_vs_dnsmasq, "dnsmasq"), p99_below(&p99_vs_docker, "docker"));
+    let (p99_dm, p99_dk) = (
+        p99_below(&p99_vs_dnsmasq, "dnsmasq"),
+        p99_below(&p99_vs_docker, "docker"),
+    );
     let p99_met = match (p99_dm, p99_dk) {
         (Some(false), _) | (_, Some(false)) => Some(false),
         (Some(true), Some(true)) => Some(true),
@@ -713,7 +734,10 @@ pub fn run(ctx: &mut Ctx) -> Section {
         .unwrap_or_default();
     // Under dnsperf, is the load (CPU 0) the bound rather than mesh's server (CPU 1)?
     let load_bound = {
-        let (c0, c1) = (col("mesh", "/cpu0_busy").median, col("mesh", "/cpu1_busy").median);
+        let (c0, c1) = (
+            col("mesh", "/cpu0_busy").median,
+            col("mesh", "/cpu1_busy").median,
+        );
         (c0 >= 0.95 && c1 < 0.95).then(|| {
             format!(
                 " Under dnsperf the load is the bound, not mesh's server: CPU 0 (dnsperf, and the kernel's \
@@ -741,7 +765,10 @@ pub fn run(ctx: &mut Ctx) -> Section {
             load_bound.as_deref().unwrap_or(""),
         ));
     }
-    for (met, vs, who) in [(sat_dnsmasq_met, &sat_vs_dnsmasq, "dnsmasq's"), (sat_docker_met, &sat_vs_docker, "Docker's")] {
+    for (met, vs, who) in [
+        (sat_dnsmasq_met, &sat_vs_dnsmasq, "dnsmasq's"),
+        (sat_docker_met, &sat_vs_docker, "Docker's"),
+    ] {
         if met == Some(false) {
             ctx.out.finding(format!(
                 "DNS: with the server's CPU saturated (batched load) mesh answers {}× {who} queries/s (target ≥ {}×).",
@@ -813,7 +840,11 @@ pub fn run(ctx: &mut Ctx) -> Section {
         ctx.dns_rounds
     ));
     md.push_str(&md_table(
-        &[&LEAD_HEAD[..], &["dnsperf avg µs", "p50 µs", "p90 µs", "p99 µs"]].concat(),
+        &[
+            &LEAD_HEAD[..],
+            &["dnsperf avg µs", "p50 µs", "p90 µs", "p99 µs"],
+        ]
+        .concat(),
         &rows,
     ));
     md.push_str(&format!(

@@ -867,14 +867,24 @@ pub(crate) fn judge(ctx: &mut Ctx, sec: &str, label: &str, items: Vec<Target<'_>
         } else {
             format!("{shown} (every round disturbed: not judged)")
         };
-        ctx.out.check(sec, &format!("{label}: {}", t.what), result, t.target, met);
+        ctx.out
+            .check(sec, &format!("{label}: {}", t.what), result, t.target, met);
         if met == Some(false) {
             missed.push(Miss {
                 what: t.what,
-                value: if t.unit == "×" { fmt_num(s.median, 3) } else { fmt_signed(s.median, t.digits) },
+                value: if t.unit == "×" {
+                    fmt_num(s.median, 3)
+                } else {
+                    fmt_signed(s.median, t.digits)
+                },
                 unit: t.unit,
                 target: t.target,
-                samples: s.samples.iter().map(|x| fmt_num(*x, 2)).collect::<Vec<_>>().join(", "),
+                samples: s
+                    .samples
+                    .iter()
+                    .map(|x| fmt_num(*x, 2))
+                    .collect::<Vec<_>>()
+                    .join(", "),
             });
         }
     }
@@ -939,7 +949,10 @@ pub(crate) fn share_above_direct(
                     return None;
                 }
                 let dd = f(d, load, "cpu_us_per_req");
-                let (mm, bb) = (f(m, load, "cpu_us_per_req") - dd, f(b, load, "cpu_us_per_req") - dd);
+                let (mm, bb) = (
+                    f(m, load, "cpu_us_per_req") - dd,
+                    f(b, load, "cpu_us_per_req") - dd,
+                );
                 (bb > 0.0).then(|| mm / bb)
             })
             .filter(|x| x.is_finite())
@@ -956,7 +969,10 @@ pub(crate) fn share_above_direct(
 /// The issue's like-for-like form of the per-connection target: mesh's CPU per new connection
 /// above direct at most a fifth of iptables' (and a fourteenth of HAProxy's), each balancing
 /// the same three tasks.
-pub(crate) fn share_targets<'a>(ipt: &'a (Stat, bool), haproxy: Option<&'a (Stat, bool)>) -> Vec<Target<'a>> {
+pub(crate) fn share_targets<'a>(
+    ipt: &'a (Stat, bool),
+    haproxy: Option<&'a (Stat, bool)>,
+) -> Vec<Target<'a>> {
     let mut v = vec![Target {
         what: "CPU per new connection above direct, as a share of iptables'",
         stat: ipt,
@@ -1174,8 +1190,7 @@ fn report(ctx: &mut Ctx, rounds: Vec<BTreeMap<&'static str, Value>>) -> Section 
                     "{name}: {what} is {}{} (target {}; clean rounds: {}).",
                     miss.value, miss.unit, miss.target, miss.samples
                 );
-                if *mode == "mesh-xdp" && !what.starts_with("bulk") && !what.starts_with("p50")
-                {
+                if *mode == "mesh-xdp" && !what.starts_with("bulk") && !what.starts_with("p50") {
                     msg.push_str(
                         " XDP on a veth has a fixed tax (frames copied into a page for the XDP buffer, redirected \
                          frames rebuilt into skbs; shared/reference/xdp-on-veth.md measured ≈ +7 µs per connection \
@@ -1328,8 +1343,12 @@ fn report(ctx: &mut Ctx, rounds: Vec<BTreeMap<&'static str, Value>>) -> Section 
         let mut shares = Vec::new();
         let mut reused = Vec::new();
         for r in &rounds {
-            let Some(x) = r.get(mode).map(|m| &m[format!("close{sfx}")]) else { continue };
-            let (Some(nf), Some(req)) = (x["new_flows"].as_f64(), x["requests"].as_f64()) else { continue };
+            let Some(x) = r.get(mode).map(|m| &m[format!("close{sfx}")]) else {
+                continue;
+            };
+            let (Some(nf), Some(req)) = (x["new_flows"].as_f64(), x["requests"].as_f64()) else {
+                continue;
+            };
             shares.push(nf / req);
             if let Some(re) = x["reopened"].as_f64() {
                 reused.push(re / req);
@@ -1339,7 +1358,11 @@ fn report(ctx: &mut Ctx, rounds: Vec<BTreeMap<&'static str, Value>>) -> Section 
             nf_rows.push(vec![
                 format!("{mode}{}", if sfx.is_empty() { "" } else { " (1 backend)" }),
                 stat(&shares).show(3),
-                if reused.is_empty() { "–".into() } else { stat(&reused).show(3) },
+                if reused.is_empty() {
+                    "–".into()
+                } else {
+                    stat(&reused).show(3)
+                },
             ]);
         }
     }
@@ -1401,7 +1424,11 @@ fn report(ctx: &mut Ctx, rounds: Vec<BTreeMap<&'static str, Value>>) -> Section 
         &rows_conn,
         &rows_ka,
         &rows_lat,
-        if ctx.quick { "; --quick leaves out the one-backend runs" } else { "" },
+        if ctx.quick {
+            "; --quick leaves out the one-backend runs"
+        } else {
+            ""
+        },
     ));
     let titles: Vec<(&str, &str)> = MODES.iter().map(|m| (m.key(), m.title())).collect();
     md.push_str(&util::md_profile_table(&rounds, &titles));
@@ -1410,7 +1437,10 @@ fn report(ctx: &mut Ctx, rounds: Vec<BTreeMap<&'static str, Value>>) -> Section 
         if ctx.e2e_secs.fract() == 0.0 {
             format!("iperf3 -t {}", ctx.e2e_secs)
         } else {
-            format!("iperf3 -n {}M: a byte count, as iperf3 counts whole seconds only", (ctx.e2e_secs * 512.0).round())
+            format!(
+                "iperf3 -n {}M: a byte count, as iperf3 counts whole seconds only",
+                (ctx.e2e_secs * 512.0).round()
+            )
         }
     ));
     md.push_str(&md_table(&["mode", "Gbit/s", "× direct"], &rows_bulk));
@@ -1431,7 +1461,14 @@ fn report(ctx: &mut Ctx, rounds: Vec<BTreeMap<&'static str, Value>>) -> Section 
          flow, as IPVS and the kernel's conntrack do, rather than sent to the task of the old connection). Below \
          1 in the first column: SYNs that took the established path (retransmissions).\n\n",
     );
-    md.push_str(&md_table(&["mode", "new flows / connections", "of them on a reused tuple (reopened)"], &nf_rows));
+    md.push_str(&md_table(
+        &[
+            "mode",
+            "new flows / connections",
+            "of them on a reused tuple (reopened)",
+        ],
+        &nf_rows,
+    ));
     let json = json!({
         "rounds": rounds.iter().map(|r| json!(r)).collect::<Vec<_>>(),
         "summary": jmodes,

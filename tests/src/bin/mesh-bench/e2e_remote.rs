@@ -493,7 +493,12 @@ fn ns_counters(path: &Path) -> BTreeMap<String, u64> {
 fn delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> Value {
     after
         .iter()
-        .map(|(k, v)| (k.clone(), json!(v.saturating_sub(before.get(k).copied().unwrap_or(0)))))
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                json!(v.saturating_sub(before.get(k).copied().unwrap_or(0))),
+            )
+        })
         .collect::<serde_json::Map<String, Value>>()
         .into()
 }
@@ -1010,7 +1015,11 @@ fn report(
                 // client answered with a RST is balanced again when it is sent again.
                 let retrans: Vec<String> = runs
                     .iter()
-                    .map(|v| v["rr"]["syn_retrans"].as_u64().map_or("?".into(), |n| n.to_string()))
+                    .map(|v| {
+                        v["rr"]["syn_retrans"]
+                            .as_u64()
+                            .map_or("?".into(), |n| n.to_string())
+                    })
                     .collect();
                 ctx.out.finding(format!(
                     "{}, tasks on other nodes: round-robin is not exactly even: {} (SYN retransmits of the 30 \
@@ -1089,7 +1098,11 @@ fn report(
     }
     for (mode, (first, sc, nc, other, why)) in &syn_total {
         if first + sc + other > 0 {
-            let why = if why.is_empty() { "none".to_string() } else { why.clone() };
+            let why = if why.is_empty() {
+                "none".to_string()
+            } else {
+                why.clone()
+            };
             ctx.out.finding(format!(
                 "{mode}, tasks on other nodes: the client retransmitted SYNs ({first} for the first connection after \
                  setup, {sc} in {} `Connection: close` connections, {other} in the other loads): a dropped SYN or \

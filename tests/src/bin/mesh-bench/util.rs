@@ -557,10 +557,7 @@ pub fn md_table(header: &[&str], rows: &[Vec<String>]) -> String {
     s.push_str(&format!("| {} |\n", header.join(" | ")));
     s.push_str(&format!(
         "|{}\n",
-        header
-            .iter()
-            .map(|h| if h.is_empty() { "---|" } else { "---|" })
-            .collect::<String>()
+        header.iter().map(|_| "---|").collect::<String>()
     ));
     for r in rows {
         s.push_str(&format!("| {} |\n", r.join(" | ")));
@@ -572,33 +569,64 @@ pub fn md_table(header: &[&str], rows: &[Vec<String>]) -> String {
 /// (`conn`: mode, conn/s, × direct, CPU µs per conn, µs above direct), keep-alive requests
 /// (`ka`, the same per request) and one-connection latency (`lat`: mode, p50, p50 above
 /// direct, p99), whose title gets `lat_note` appended.
-pub fn md_load_tables(conn: &[Vec<String>], ka: &[Vec<String>], lat: &[Vec<String>], lat_note: &str) -> String {
+pub fn md_load_tables(
+    conn: &[Vec<String>],
+    ka: &[Vec<String>],
+    lat: &[Vec<String>],
+    lat_note: &str,
+) -> String {
     let mut md = String::from("**New connections** (wrk -t1 -c16, `Connection: close`)\n\n");
     md.push_str(&md_table(
-        &["mode", "conn/s", "× direct", "CPU µs per conn", "µs above direct"],
+        &[
+            "mode",
+            "conn/s",
+            "× direct",
+            "CPU µs per conn",
+            "µs above direct",
+        ],
         conn,
     ));
     md.push_str("\n**Keep-alive requests** (wrk -t1 -c16)\n\n");
     md.push_str(&md_table(
-        &["mode", "req/s", "× direct", "CPU µs per req", "µs above direct"],
+        &[
+            "mode",
+            "req/s",
+            "× direct",
+            "CPU µs per req",
+            "µs above direct",
+        ],
         ka,
     ));
-    md.push_str(&format!("\n**Latency, one connection** (wrk -t1 -c1 --latency){lat_note}\n\n"));
-    md.push_str(&md_table(&["mode", "p50 µs", "p50 above direct, µs", "p99 µs"], lat));
+    md.push_str(&format!(
+        "\n**Latency, one connection** (wrk -t1 -c1 --latency){lat_note}\n\n"
+    ));
+    md.push_str(&md_table(
+        &["mode", "p50 µs", "p50 above direct, µs", "p99 µs"],
+        lat,
+    ));
     md
 }
 
 /// The "where the extra CPU goes" table of an end-to-end section: for every mode but direct
 /// (`(key, title)`), each profiled load against direct's in the round that has profiles.
-pub fn md_profile_table(rounds: &[std::collections::BTreeMap<&'static str, Value>], modes: &[(&str, &str)]) -> String {
-    let Some(r) = rounds.iter().find(|r| r.get("direct").is_some_and(|d| d.get("profile_close").is_some())) else {
+pub fn md_profile_table(
+    rounds: &[std::collections::BTreeMap<&'static str, Value>],
+    modes: &[(&str, &str)],
+) -> String {
+    let Some(r) = rounds.iter().find(|r| {
+        r.get("direct")
+            .is_some_and(|d| d.get("profile_close").is_some())
+    }) else {
         return String::new();
     };
     let d = &r["direct"];
     let mut rows = Vec::new();
     for (key, title) in modes.iter().filter(|(k, _)| *k != "direct") {
         let Some(m) = r.get(key) else { continue };
-        for (load, name) in [("profile_close", "new connection"), ("profile_keepalive", "keep-alive request")] {
+        for (load, name) in [
+            ("profile_close", "new connection"),
+            ("profile_keepalive", "keep-alive request"),
+        ] {
             if let Some((text, mt, dt)) = profile_diff(&m[load], &d[load], 6) {
                 rows.push(vec![
                     title.to_string(),
@@ -618,7 +646,15 @@ pub fn md_profile_table(rounds: &[std::collections::BTreeMap<&'static str, Value
          JIT'd BPF programs by name), the mode's minus direct's, biggest first\n\n",
         PROFILE_HZ as u32
     );
-    md.push_str(&md_table(&["mode", "per", "profiled µs (mode / direct)", "most above direct, µs"], &rows));
+    md.push_str(&md_table(
+        &[
+            "mode",
+            "per",
+            "profiled µs (mode / direct)",
+            "most above direct, µs",
+        ],
+        &rows,
+    ));
     md
 }
 
@@ -761,16 +797,16 @@ pub fn quiet_gate(max_busy: f64, limit: Duration) -> f64 {
 
 /// utime+stime and cutime+cstime (ticks), parent pid and kernel-thread flag of every
 /// process.
-fn proc_table() -> std::collections::HashMap<i32, (u64, u64, i32, bool)> {
+/// Per pid: utime+stime, cutime+cstime (ticks), parent pid, kernel thread.
+type ProcTable = std::collections::HashMap<i32, (u64, u64, i32, bool)>;
+
+fn proc_table() -> ProcTable {
     proc_table_named().0
 }
 
 /// [`proc_table`] plus the pids of kernel threads other than ksoftirqd (kworkers: e.g. the
 /// asynchronous cleanup of network namespaces other work deletes).
-fn proc_table_named() -> (
-    std::collections::HashMap<i32, (u64, u64, i32, bool)>,
-    BTreeSet<i32>,
-) {
+fn proc_table_named() -> (ProcTable, BTreeSet<i32>) {
     let mut workers = BTreeSet::new();
     let mut m = std::collections::HashMap::new();
     let Ok(dir) = fs::read_dir("/proc") else {
@@ -1009,7 +1045,10 @@ pub fn parse_wrk(text: &str, latency: bool) -> WrkSummary {
     for l in text.lines() {
         let l = l.trim();
         if l.contains("requests in") {
-            w.requests = l.split_whitespace().next().and_then(|x| x.parse::<f64>().ok());
+            w.requests = l
+                .split_whitespace()
+                .next()
+                .and_then(|x| x.parse::<f64>().ok());
         } else if let Some(v) = l.strip_prefix("Requests/sec:") {
             w.rps = v.trim().parse::<f64>().ok();
         } else if let Some(v) = l.strip_prefix("Socket errors:") {
@@ -1134,7 +1173,13 @@ fn is_idle_symbol(sym: &str) -> bool {
 /// `profile`: per symbol the CPU time it took per request (µs; idle loops left out; JIT'd BPF
 /// programs by name), and their sum. Sampling costs a little CPU, so these loads are extra
 /// runs, never the measured ones.
-pub fn wrk_profiled(ctx: &crate::Ctx, client_ns: &str, url: &str, conns: u32, close: bool) -> Value {
+pub fn wrk_profiled(
+    ctx: &crate::Ctx,
+    client_ns: &str,
+    url: &str,
+    conns: u32,
+    close: bool,
+) -> Value {
     let Ok(dir) = tempfile::tempdir() else {
         return json!({"error": "no temporary directory"});
     };
@@ -1147,7 +1192,17 @@ pub fn wrk_profiled(ctx: &crate::Ctx, client_ns: &str, url: &str, conns: u32, cl
     let out = run_bounded(
         None,
         "perf",
-        &["report", "-i", &data_s, "--stdio", "--sort", "sym", "-n", "--percent-limit", "0.05"],
+        &[
+            "report",
+            "-i",
+            &data_s,
+            "--stdio",
+            "--sort",
+            "sym",
+            "-n",
+            "--percent-limit",
+            "0.05",
+        ],
         Duration::from_secs(120),
     );
     let mut syms = serde_json::Map::new();
@@ -1159,7 +1214,9 @@ pub fn wrk_profiled(ctx: &crate::Ctx, client_ns: &str, url: &str, conns: u32, cl
         }
         // "12.34%  5678  [k] symbol"
         let mut it = l.split_whitespace();
-        let (Some(_pct), Some(n), Some(_kind)) = (it.next(), it.next(), it.next()) else { continue };
+        let (Some(_pct), Some(n), Some(_kind)) = (it.next(), it.next(), it.next()) else {
+            continue;
+        };
         let Ok(n) = n.parse::<f64>() else { continue };
         let sym = it.collect::<Vec<_>>().join(" ");
         let sym = match sym.strip_prefix("bpf_prog_") {
@@ -1186,8 +1243,17 @@ pub fn profile_diff(mode: &Value, base: &Value, n: usize) -> Option<(String, f64
     let (mu, bu) = (m["us_per_req"].as_object()?, b["us_per_req"].as_object()?);
     let mut d: Vec<(f64, &str)> = mu
         .iter()
-        .map(|(k, v)| (v.as_f64().unwrap_or(0.0) - bu.get(k).and_then(Value::as_f64).unwrap_or(0.0), k.as_str()))
-        .chain(bu.iter().filter(|(k, _)| !mu.contains_key(*k)).map(|(k, v)| (-v.as_f64().unwrap_or(0.0), k.as_str())))
+        .map(|(k, v)| {
+            (
+                v.as_f64().unwrap_or(0.0) - bu.get(k).and_then(Value::as_f64).unwrap_or(0.0),
+                k.as_str(),
+            )
+        })
+        .chain(
+            bu.iter()
+                .filter(|(k, _)| !mu.contains_key(*k))
+                .map(|(k, v)| (-v.as_f64().unwrap_or(0.0), k.as_str())),
+        )
         .collect();
     d.sort_by(|a, b| b.0.total_cmp(&a.0));
     let top = d
@@ -1197,9 +1263,24 @@ pub fn profile_diff(mode: &Value, base: &Value, n: usize) -> Option<(String, f64
         .map(|(x, k)| format!("`{k}` {}", fmt_signed(*x, 2)))
         .collect::<Vec<_>>()
         .join(", ");
-    let less = d.iter().rev().take(3).filter(|x| x.0 < 0.0).map(|(x, k)| format!("`{k}` {}", fmt_signed(*x, 2))).collect::<Vec<_>>().join(", ");
-    let text = if less.is_empty() { top } else { format!("{top}; less: {less}") };
-    Some((text, m["total_us_per_req"].as_f64()?, b["total_us_per_req"].as_f64()?))
+    let less = d
+        .iter()
+        .rev()
+        .take(3)
+        .filter(|x| x.0 < 0.0)
+        .map(|(x, k)| format!("`{k}` {}", fmt_signed(*x, 2)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let text = if less.is_empty() {
+        top
+    } else {
+        format!("{top}; less: {less}")
+    };
+    Some((
+        text,
+        m["total_us_per_req"].as_f64()?,
+        b["total_us_per_req"].as_f64()?,
+    ))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1216,10 +1297,24 @@ fn wrk_run(
     let (d, cut) = load_args(ctx.e2e_secs);
     let c = conns.to_string();
     let hz = format!("{}", PROFILE_HZ as u32);
-    let data_s = perf_data.map(|p| p.to_string_lossy().to_string()).unwrap_or_default();
+    let data_s = perf_data
+        .map(|p| p.to_string_lossy().to_string())
+        .unwrap_or_default();
     let mut args: Vec<&str> = Vec::new();
     if perf_data.is_some() {
-        args.extend(["record", "-a", "-q", "-e", "cpu-clock", "-F", &hz, "-o", &data_s, "--", "taskset"]);
+        args.extend([
+            "record",
+            "-a",
+            "-q",
+            "-e",
+            "cpu-clock",
+            "-F",
+            &hz,
+            "-o",
+            &data_s,
+            "--",
+            "taskset",
+        ]);
     }
     args.extend(["-c", "0"]);
     args.extend(cut.iter().map(String::as_str));
@@ -1236,14 +1331,23 @@ fn wrk_run(
     let t = Instant::now();
     let out = run_bounded(
         Some(client_ns),
-        if perf_data.is_some() { "perf" } else { "taskset" },
+        if perf_data.is_some() {
+            "perf"
+        } else {
+            "taskset"
+        },
         &args,
         Duration::from_secs_f64(ctx.e2e_secs + 20.0),
     );
     let wall = t.elapsed().as_secs_f64();
     let cpu = cpu_busy_secs(&before, &cpu_busy_ticks());
     let v1 = verdicts(pins);
-    let WrkSummary { requests, rps, errors, pct } = parse_wrk(&String::from_utf8_lossy(&out.stdout), latency);
+    let WrkSummary {
+        requests,
+        rps,
+        errors,
+        pct,
+    } = parse_wrk(&String::from_utf8_lossy(&out.stdout), latency);
     if !out.status.success() || requests.is_none() {
         return json!({"error": format!("wrk failed ({}): {}", out.status, crate::util::text(&out).chars().take(400).collect::<String>())});
     }

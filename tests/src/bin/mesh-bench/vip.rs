@@ -143,7 +143,9 @@ fn connects(to: Ipv4Addr, n: usize) -> Result<f64, String> {
 
 /// The agent's `sock_translated` verdict count.
 fn translated(a: &AgentProc) -> u64 {
-    agent_status(a)["verdicts"]["sock_translated"].as_u64().unwrap_or(0)
+    agent_status(a)["verdicts"]["sock_translated"]
+        .as_u64()
+        .unwrap_or(0)
 }
 
 /// Measure (bounded: `rounds` × 2 batches of `n` connects).

@@ -1,4 +1,4 @@
-//! 1. Per-packet cost of the hot path through BPF_PROG_TEST_RUN (aya `TestRun`): the
+//! Section 1, per-packet cost of the hot path through BPF_PROG_TEST_RUN (aya `TestRun`): the
 //! kernel's own `duration` (ns per run, averaged over `repeat` runs on one buffer).
 //!
 //! With `repeat` > 1 every iteration reuses one buffer, so a rewrite persists into the next
@@ -326,7 +326,8 @@ impl Fixture {
         ));
         util::track_pins(&pins);
         util::remove_pin_dir(&pins);
-        let dp = Datapath::load_sized(&pins, ct).expect("load the embedded eBPF object (root needed)");
+        let dp =
+            Datapath::load_sized(&pins, ct).expect("load the embedded eBPF object (root needed)");
         let mut f = Fixture {
             dp: Some(dp),
             pins,
@@ -441,14 +442,8 @@ impl Fixture {
                 backend_id: be,
                 flags: ct_flags::REPLY,
             };
-            dp.maps
-                .ct_tcp
-                .insert(fwd, fe, 0)
-                .expect("conntrack insert");
-            dp.maps
-                .ct_tcp
-                .insert(rev, re, 0)
-                .expect("conntrack insert");
+            dp.maps.ct_tcp.insert(fwd, fe, 0).expect("conntrack insert");
+            dp.maps.ct_tcp.insert(rev, re, 0).expect("conntrack insert");
         }
         self.ct_filled = self.dp().maps.conntrack_len();
     }
@@ -456,14 +451,23 @@ impl Fixture {
     /// The TCP conntrack keys there are now (the fixture's own entries), for
     /// [`Fixture::clear_flows`].
     fn ct_keys(&mut self) -> std::collections::HashSet<CtKey> {
-        self.dp().maps.ct_tcp.keys().filter_map(Result::ok).collect()
+        self.dp()
+            .maps
+            .ct_tcp
+            .keys()
+            .filter_map(Result::ok)
+            .collect()
     }
 
     /// Delete every TCP conntrack entry that is not one of `keep` (the flows the measured
     /// paths made). Returns the entries left.
     fn clear_flows(&mut self, keep: &std::collections::HashSet<CtKey>) -> usize {
         let ct = &mut self.dp().maps.ct_tcp;
-        let keys: Vec<CtKey> = ct.keys().filter_map(Result::ok).filter(|k| !keep.contains(k)).collect();
+        let keys: Vec<CtKey> = ct
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !keep.contains(k))
+            .collect();
         for k in &keys {
             let _ = ct.remove(k);
         }
@@ -587,10 +591,12 @@ impl Fixture {
     /// One BPF_PROG_TEST_RUN: (return value, ns per run, output frame).
     fn run(&mut self, prog: Prog, frame: &[u8], repeat: u32) -> (u32, f64, Vec<u8>) {
         let mut out = vec![0u8; frame.len() + 256];
-        let mut opts = TestRunOptions::default();
-        opts.data_in = Some(frame);
-        opts.data_out = Some(&mut out);
-        opts.repeat = repeat;
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat,
+            ..Default::default()
+        };
         let r = match prog {
             Prog::Xdp => self
                 .dp()
@@ -955,13 +961,13 @@ impl LruInsertProg {
         let mut p = vec![insn(0x62, 10, 0, -4, 0)]; // *(u32 *)(fp - 4) = 0: the counter's index
         p.extend(ld_map(1, counter.0));
         p.extend([
-            insn(0xbf, 2, 10, 0, 0),  // r2 = fp
-            insn(0x07, 2, 0, 0, -4),  // r2 -= 4
-            insn(0x85, 0, 0, 0, 1),   // r0 = bpf_map_lookup_elem(counter, &0)
-            insn(0x15, 0, 0, 19, 0),  // if r0 == 0 goto out
-            insn(0x79, 7, 0, 0, 0),   // r7 = *(u64 *)r0
-            insn(0x07, 7, 0, 0, 1),   // r7 += 1
-            insn(0x7b, 0, 7, 0, 0),   // *(u64 *)r0 = r7
+            insn(0xbf, 2, 10, 0, 0),   // r2 = fp
+            insn(0x07, 2, 0, 0, -4),   // r2 -= 4
+            insn(0x85, 0, 0, 0, 1),    // r0 = bpf_map_lookup_elem(counter, &0)
+            insn(0x15, 0, 0, 19, 0),   // if r0 == 0 goto out
+            insn(0x79, 7, 0, 0, 0),    // r7 = *(u64 *)r0
+            insn(0x07, 7, 0, 0, 1),    // r7 += 1
+            insn(0x7b, 0, 7, 0, 0),    // *(u64 *)r0 = r7
             insn(0x7b, 10, 7, -16, 0), // key: the counter, then a zero word
             insn(0x62, 10, 0, -8, 0),
         ]);
@@ -976,7 +982,10 @@ impl LruInsertProg {
             insn(0x85, 0, 0, 0, 2),   // bpf_map_update_elem(lru, &key, &value, 0)
         ]); // out: load_raw_xdp's r0 = XDP_PASS; exit
         let prog = load_raw_xdp(&p)?;
-        Some(LruInsertProg { prog, _maps: (counter, lru) })
+        Some(LruInsertProg {
+            prog,
+            _maps: (counter, lru),
+        })
     }
 }
 
@@ -1022,16 +1031,20 @@ impl CallCost {
             return None; // BPF_MAP_UPDATE_ELEM
         }
         let p = [
-            insn(0x7a, 10, 0, -16, 0), // *(u64 *)(fp - 16) = 0
-            insn(0x62, 10, 0, -8, 0),  // *(u32 *)(fp - 8) = 0: the 12-byte key
+            insn(0x7a, 10, 0, -16, 0),  // *(u64 *)(fp - 16) = 0
+            insn(0x62, 10, 0, -8, 0),   // *(u32 *)(fp - 8) = 0: the 12-byte key
             insn(0x18, 1, 1, 0, map.0), // r1 = map (BPF_PSEUDO_MAP_FD)
             0,
-            insn(0xbf, 2, 10, 0, 0), // r2 = fp
+            insn(0xbf, 2, 10, 0, 0),  // r2 = fp
             insn(0x07, 2, 0, 0, -16), // r2 -= 16
-            insn(0x85, 0, 0, 0, 1),  // bpf_map_lookup_elem(map, &key)
+            insn(0x85, 0, 0, 0, 1),   // bpf_map_lookup_elem(map, &key)
         ];
         let lookup = load_raw_xdp(&p)?;
-        Some(CallCost { calls, lookup, _map: map })
+        Some(CallCost {
+            calls,
+            lookup,
+            _map: map,
+        })
     }
 
     /// Per round, interleaved with the empty program: (empty, calls, lookup) ns per run.
@@ -1045,9 +1058,17 @@ impl CallCost {
             k.push(c.calls.run(frame, repeat)?);
             l.push(c.lookup.run(frame, repeat)?);
         }
-        let per_call: Vec<f64> = e.iter().zip(&k).map(|(e, k)| (k - e) / CALLS as f64).collect();
+        let per_call: Vec<f64> = e
+            .iter()
+            .zip(&k)
+            .map(|(e, k)| (k - e) / CALLS as f64)
+            .collect();
         let lookup: Vec<f64> = e.iter().zip(&l).map(|(e, l)| l - e).collect();
-        Some(CallCostResult { empty: stat(&e), per_call: stat(&per_call), lookup: stat(&lookup) })
+        Some(CallCostResult {
+            empty: stat(&e),
+            per_call: stat(&per_call),
+            lookup: stat(&lookup),
+        })
     }
 }
 
@@ -1064,7 +1085,8 @@ fn call_mitigations() -> Vec<(String, String)> {
     ["spec_rstack_overflow", "spectre_v2", "retbleed"]
         .iter()
         .filter_map(|v| {
-            let t = std::fs::read_to_string(format!("/sys/devices/system/cpu/vulnerabilities/{v}")).ok()?;
+            let t = std::fs::read_to_string(format!("/sys/devices/system/cpu/vulnerabilities/{v}"))
+                .ok()?;
             Some((v.to_string(), t.trim().to_string()))
         })
         .collect()
@@ -1110,7 +1132,10 @@ fn the_lru_floor_program_inserts_one_new_key_per_run_into_a_full_map() {
     // kernel frees LRU entries to a CPU's free list in batches of up to 128, so up to that
     // many sit free at any time).
     let len = raw_map_len(&p._maps.1, 12);
-    assert!((1_024 - 128..=1_024).contains(&len), "full, evicting: {len}");
+    assert!(
+        (1_024 - 128..=1_024).contains(&len),
+        "full, evicting: {len}"
+    );
 }
 
 /// ns per insert of [`LruInsertProg`] into a fresh map of `map_type` with free entries: one
@@ -1119,7 +1144,11 @@ fn the_lru_floor_program_inserts_one_new_key_per_run_into_a_full_map() {
 /// keeps no LRU lists, but never evicts (a conntrack on it needs a garbage collector).
 fn insert_floor_free(frame: &[u8], map_type: u32, entries: u32, rounds: usize) -> Option<Stat> {
     let ns: Vec<f64> = (0..rounds)
-        .filter_map(|_| LruInsertProg::load_typed(map_type, entries)?.prog.run(frame, entries / 2))
+        .filter_map(|_| {
+            LruInsertProg::load_typed(map_type, entries)?
+                .prog
+                .run(frame, entries / 2)
+        })
         .collect();
     (!ns.is_empty()).then(|| stat(&ns))
 }
@@ -1138,7 +1167,9 @@ fn lru_insert_floor(frame: &[u8], sizes: &[u32], repeat: u32, rounds: usize) -> 
                 p.prog.run(frame, n)?;
                 left -= n as u64;
             }
-            let ns: Vec<f64> = (0..rounds).filter_map(|_| p.prog.run(frame, repeat)).collect();
+            let ns: Vec<f64> = (0..rounds)
+                .filter_map(|_| p.prog.run(frame, repeat))
+                .collect();
             Some((entries, stat(&ns)))
         })
         .collect()
@@ -1201,7 +1232,10 @@ fn measure_interleaved(ctx: &Ctx, fixtures: &mut [&mut Fixture]) -> Vec<Interlea
     let ps = paths();
     let mut out: Vec<Interleaved> = fixtures
         .iter()
-        .map(|_| Interleaved { floor: Vec::new(), samples: vec![Vec::new(); ps.len()] })
+        .map(|_| Interleaved {
+            floor: Vec::new(),
+            samples: vec![Vec::new(); ps.len()],
+        })
         .collect();
     // Warm-up (JIT'd code and map buckets in cache), then rounds with the paths interleaved.
     for f in fixtures.iter_mut() {
@@ -1361,57 +1395,71 @@ fn run_fixture(ctx: &Ctx, mut f: Fixture, measured: Interleaved) -> FixtureResul
     // No insert evicts: the difference to (a) is what evicting costs, i.e. what a conntrack
     // that deletes closed flows would save.
     let cap = mapnames::MAX_CT_TCP as usize;
-    let (free_ns, free_share, free_n) = free_entry_rounds(&mut f, &fixture_keys, rounds, n1 / 2, |f, n, r| {
-        let (mean, share) = new_flow_distinct(f, n, rounds + r);
-        Some((mean - overhead, share))
-    });
+    let (free_ns, free_share, free_n) =
+        free_entry_rounds(&mut f, &fixture_keys, rounds, n1 / 2, |f, n, r| {
+            let (mean, share) = new_flow_distinct(f, n, rounds + r);
+            Some((mean - overhead, share))
+        });
     if !free_ns.is_empty() {
-        insert_after(&mut results, "new_flow", PathResult {
-            per_round: Vec::new(),
-            key: "new_flow_free",
-            title: "published-port SYN, new flow (local backend), conntrack with free entries",
-            prog: Prog::Xdp,
-            ns: stat(&free_ns),
-            share: free_share,
-            target_ns: None,
-            how: format!(
-                "as the distinct SYNs above (local backend), but each round first deletes every conntrack entry \
+        insert_after(
+            &mut results,
+            "new_flow",
+            PathResult {
+                per_round: Vec::new(),
+                key: "new_flow_free",
+                title: "published-port SYN, new flow (local backend), conntrack with free entries",
+                prog: Prog::Xdp,
+                ns: stat(&free_ns),
+                share: free_share,
+                target_ns: None,
+                how: format!(
+                    "as the distinct SYNs above (local backend), but each round first deletes every conntrack entry \
                  the measured flows made (the fixture's stay) and then sends {} fresh SYNs, fewer than the map's \
                  free entries (of {}; one LRU list for the whole map): no insert evicts. Minus the same timer \
                  overhead. The difference to that row is the cost of evicting from a full table",
-                stat(&free_n).show(0),
-                fmt_num(cap as f64, 0)
-            ),
-        });
+                    stat(&free_n).show(0),
+                    fmt_num(cap as f64, 0)
+                ),
+            },
+        );
     }
 
     // New flow (b'), as (b) but into a conntrack with free entries: one run per round, of at
     // most one chunk of iterations; runs that were not all new flows are discarded, as in (b).
-    let (snat_free, snat_free_share, snat_free_n) =
-        free_entry_rounds(&mut f, &fixture_keys, rounds, SNAT_CHUNK as usize, |f, n, _| {
+    let (snat_free, snat_free_share, snat_free_n) = free_entry_rounds(
+        &mut f,
+        &fixture_keys,
+        rounds,
+        SNAT_CHUNK as usize,
+        |f, n, _| {
             let before = f.verdicts()["new_flow"];
             let (rc, ns, _) = f.run(Prog::Xdp, &snat_seed(&mut seed), n as u32);
             assert_eq!(rc, XDP_PASS);
             let share = (f.verdicts()["new_flow"] - before) as f64 / n as f64;
             (share >= 0.99).then_some((ns, share))
-        });
+        },
+    );
     if !snat_free.is_empty() {
-        insert_after(&mut results, "new_flow_snat", PathResult {
-            per_round: Vec::new(),
-            key: "new_flow_snat_free",
-            title: "new flow, remote backend + SNAT (full repeat), conntrack with free entries",
-            prog: Prog::Xdp,
-            ns: stat(&snat_free),
-            share: snat_free_share,
-            target_ns: None,
-            how: format!(
-                "as the SNAT new flows above, but each round first deletes every conntrack entry the measured \
+        insert_after(
+            &mut results,
+            "new_flow_snat",
+            PathResult {
+                per_round: Vec::new(),
+                key: "new_flow_snat_free",
+                title: "new flow, remote backend + SNAT (full repeat), conntrack with free entries",
+                prog: Prog::Xdp,
+                ns: stat(&snat_free),
+                share: snat_free_share,
+                target_ns: None,
+                how: format!(
+                    "as the SNAT new flows above, but each round first deletes every conntrack entry the measured \
                  flows made (the fixture's stay) and then makes one run of {} iterations, fewer than the map's \
                  free entries: no insert evicts. The difference to that row is the cost of evicting from a \
                  full table",
-                stat(&snat_free_n).show(0)
-            ),
-        });
+                    stat(&snat_free_n).show(0)
+                ),
+            },
+        );
     }
 
     // Cheap profiles of the paths that miss their target (small tables only).
@@ -1428,13 +1476,13 @@ fn run_fixture(ctx: &Ctx, mut f: Fixture, measured: Interleaved) -> FixtureResul
                     let chunk = repeat.min(SNAT_CHUNK);
                     // SAFETY: gettid has no preconditions.
                     let tid = unsafe { libc::gettid() }.to_string();
-                    if r.key == "new_flow_snat" {
-                        if let Some(p) = util::perf_top(&["-t", &tid], 1.5, || {
+                    if r.key == "new_flow_snat"
+                        && let Some(p) = util::perf_top(&["-t", &tid], 1.5, || {
                             let fr = snat_seed(&mut seed);
                             f.run(Prog::Xdp, &fr, chunk);
-                        }) {
-                            profiles.push((r.title.to_string(), p));
-                        }
+                        })
+                    {
+                        profiles.push((r.title.to_string(), p));
                     }
                     continue;
                 }
@@ -1503,7 +1551,10 @@ fn free_entry_rounds(
 
 /// Put `row` right after the row of path `key` (at the end if there is none).
 fn insert_after(results: &mut Vec<PathResult>, key: &str, row: PathResult) {
-    let at = results.iter().position(|r| r.key == key).map_or(results.len(), |i| i + 1);
+    let at = results
+        .iter()
+        .position(|r| r.key == key)
+        .map_or(results.len(), |i| i + 1);
     results.insert(at, row);
 }
 
@@ -1560,7 +1611,13 @@ fn ct_size_sweep(ctx: &Ctx) -> Vec<SizeResult> {
     for entries in SWEEP_SIZES {
         util::check_interrupt();
         let t = Instant::now();
-        let mut f = Fixture::new(false, CtSizes { tcp: entries, ..CtSizes::default() });
+        let mut f = Fixture::new(
+            false,
+            CtSizes {
+                tcp: entries,
+                ..CtSizes::default()
+            },
+        );
         f.fill_conntrack(entries as usize);
         let pass = pass_frame();
         // Warm-up (JIT'd code, the tables): flows of a source range the rounds do not use.
@@ -1586,11 +1643,24 @@ fn ct_size_sweep(ctx: &Ctx) -> Vec<SizeResult> {
             ),
         );
         drop(f);
-        let lru_insert = lru_insert_floor(&pass, &[entries], ctx.xdp_repeat, rounds).pop().map(|x| x.1);
+        let lru_insert = lru_insert_floor(&pass, &[entries], ctx.xdp_repeat, rounds)
+            .pop()
+            .map(|x| x.1);
         let free_inserts = (entries == mapnames::MAX_CT_TCP)
-            .then(|| Some((insert_floor_free(&pass, 9, entries, rounds)?, insert_floor_free(&pass, 1, entries, rounds)?)))
+            .then(|| {
+                Some((
+                    insert_floor_free(&pass, 9, entries, rounds)?,
+                    insert_floor_free(&pass, 1, entries, rounds)?,
+                ))
+            })
             .flatten();
-        out.push(SizeResult { entries, ns: stat(&ns), share, lru_insert, free_inserts });
+        out.push(SizeResult {
+            entries,
+            ns: stat(&ns),
+            share,
+            lru_insert,
+            free_inserts,
+        });
     }
     out
 }
@@ -1619,7 +1689,11 @@ pub fn run(ctx: &mut Ctx) -> Section {
     let calls = CallCost::measure(&pass, ctx.xdp_repeat, ctx.xdp_rounds);
     let stats_was_on = stats.changed();
     drop(stats);
-    let vip = crate::vip::measure(ctx, ctx.xdp_rounds, if ctx.quick { 20_000 } else { 100_000 });
+    let vip = crate::vip::measure(
+        ctx,
+        ctx.xdp_rounds,
+        if ctx.quick { 20_000 } else { 100_000 },
+    );
 
     let mut rows = vec![vec![
         "empty XDP program `return XDP_PASS` (harness floor)".to_string(),
@@ -1635,7 +1709,9 @@ pub fn run(ctx: &mut Ctx) -> Section {
     let mut growth: Vec<(&str, Stat)> = Vec::new();
     for r in &small.paths {
         // Rows are matched by path: a fixture may skip one (no room for the free-entries run).
-        let Some(b) = big.paths.iter().find(|b| b.key == r.key) else { continue };
+        let Some(b) = big.paths.iter().find(|b| b.key == r.key) else {
+            continue;
+        };
         let target = r
             .target_ns
             .map(|t| format!("≤ {t} ns"))
@@ -1700,7 +1776,13 @@ pub fn run(ctx: &mut Ctx) -> Section {
         }
         // Big over small, per round (both fixtures ran in the same rounds).
         if r.per_round.len() == b.per_round.len() && !r.per_round.is_empty() {
-            let ratio = stat(&r.per_round.iter().zip(&b.per_round).map(|(s, b)| b / s).collect::<Vec<_>>());
+            let ratio = stat(
+                &r.per_round
+                    .iter()
+                    .zip(&b.per_round)
+                    .map(|(s, b)| b / s)
+                    .collect::<Vec<_>>(),
+            );
             if let Some(j) = jpaths.last_mut() {
                 j["big_over_small_per_round"] = json!(ratio);
             }
@@ -1708,7 +1790,10 @@ pub fn run(ctx: &mut Ctx) -> Section {
         }
     }
     if !growth.is_empty() {
-        let worst = growth.iter().map(|g| g.1.median).fold(f64::NEG_INFINITY, f64::max);
+        let worst = growth
+            .iter()
+            .map(|g| g.1.median)
+            .fold(f64::NEG_INFINITY, f64::max);
         let met = worst <= GROWTH_MAX;
         ctx.out.check(
             "1. XDP hot path",
@@ -1732,14 +1817,23 @@ pub fn run(ctx: &mut Ctx) -> Section {
     // What evicting from a full conntrack costs: each new-flow path against its twin run into
     // a conntrack with free entries (small tables).
     let by_key = |k: &str| small.paths.iter().find(|r| r.key == k).map(|r| r.ns.median);
-    let pairs: Vec<(f64, f64)> = [("new_flow", "new_flow_free"), ("new_flow_snat", "new_flow_snat_free")]
-        .iter()
-        .filter_map(|(full, free)| Some((by_key(full)?, by_key(free)?)))
-        .collect();
+    let pairs: Vec<(f64, f64)> = [
+        ("new_flow", "new_flow_free"),
+        ("new_flow_snat", "new_flow_snat_free"),
+    ]
+    .iter()
+    .filter_map(|(full, free)| Some((by_key(full)?, by_key(free)?)))
+    .collect();
     if !pairs.is_empty() {
         let shown = pairs
             .iter()
-            .map(|(full, free)| format!("{} ns full vs {} ns with free entries", fmt_num(*full, 0), fmt_num(*free, 0)))
+            .map(|(full, free)| {
+                format!(
+                    "{} ns full vs {} ns with free entries",
+                    fmt_num(*full, 0),
+                    fmt_num(*free, 0)
+                )
+            })
             .collect::<Vec<_>>()
             .join("; SNAT: ");
         let saves = pairs.iter().all(|(full, free)| *free < 0.9 * *full);
@@ -1884,11 +1978,20 @@ pub fn run(ctx: &mut Ctx) -> Section {
 /// What calls cost on this machine, and the finding that explains the per-packet figures.
 fn calls_markdown(ctx: &mut Ctx, c: Option<&CallCostResult>, small: &FixtureResult) -> String {
     let Some(c) = c else {
-        return "\nThe call-cost programs did not load: no figures for what a call costs here.\n".into();
+        return "\nThe call-cost programs did not load: no figures for what a call costs here.\n"
+            .into();
     };
     let mit = call_mitigations();
-    let shown = mit.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join("; ");
-    let est = small.paths.iter().find(|r| r.key == "established").map(|r| r.ns.median);
+    let shown = mit
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let est = small
+        .paths
+        .iter()
+        .find(|r| r.key == "established")
+        .map(|r| r.ns.median);
     let mut md = format!(
         "\n**What a call costs here.** Raw XDP programs beside the empty one, interleaved, `repeat` = {}: {} calls of \
          `bpf_get_prandom_u32` (a call, a few instructions, a return), and one lookup that hits in a 262,144-entry LRU \
@@ -1896,14 +1999,30 @@ fn calls_markdown(ctx: &mut Ctx, c: Option<&CallCostResult>, small: &FixtureResu
          function, the bucket walk and memcmp). CPU mitigations the kernel reports: {}.\n\n",
         fmt_num(ctx.xdp_repeat as f64, 0),
         CALLS,
-        if shown.is_empty() { "none read".into() } else { shown },
+        if shown.is_empty() {
+            "none read".into()
+        } else {
+            shown
+        },
     );
     md.push_str(&md_table(
         &["program", "ns per run", "net of the empty program"],
         &[
-            vec!["empty (`return XDP_PASS`)".into(), c.empty.show(1), "–".into()],
-            vec![format!("{CALLS} × `bpf_get_prandom_u32`"), "–".into(), format!("{} per call", c.per_call.show(1))],
-            vec!["one conntrack lookup (hit)".into(), "–".into(), c.lookup.show(1)],
+            vec![
+                "empty (`return XDP_PASS`)".into(),
+                c.empty.show(1),
+                "–".into(),
+            ],
+            vec![
+                format!("{CALLS} × `bpf_get_prandom_u32`"),
+                "–".into(),
+                format!("{} per call", c.per_call.show(1)),
+            ],
+            vec![
+                "one conntrack lookup (hit)".into(),
+                "–".into(),
+                c.lookup.show(1),
+            ],
         ],
     ));
     if let Some(est) = est {
@@ -1943,14 +2062,21 @@ fn sweep_markdown(ctx: &mut Ctx, sweep: &[SizeResult]) -> String {
                 format!(
                     "{}{}",
                     fmt_num(r.entries as f64, 0),
-                    if r.entries == mapnames::MAX_CT_TCP { " (default)" } else { "" }
+                    if r.entries == mapnames::MAX_CT_TCP {
+                        " (default)"
+                    } else {
+                        ""
+                    }
                 ),
                 // Element (112 bytes here: 48 of kernel header, 16 of key, 48 of value) plus
                 // a 16-byte bucket per entry.
                 format!("{:.0} MiB", r.entries as f64 * 128.0 / (1024.0 * 1024.0)),
                 r.ns.show(0),
                 format!("{:.2}×", r.ns.median / base),
-                r.lru_insert.as_ref().map(|l| l.show(0)).unwrap_or_else(|| "n/a".into()),
+                r.lru_insert
+                    .as_ref()
+                    .map(|l| l.show(0))
+                    .unwrap_or_else(|| "n/a".into()),
                 format!("{:.1}%", r.share * 100.0),
             ]
         })
@@ -1978,12 +2104,21 @@ fn sweep_markdown(ctx: &mut Ctx, sweep: &[SizeResult]) -> String {
         ],
         &rows,
     ));
-    let (small, default) = (&sweep[0], sweep.iter().find(|r| r.entries == mapnames::MAX_CT_TCP));
+    let (small, default) = (
+        &sweep[0],
+        sweep.iter().find(|r| r.entries == mapnames::MAX_CT_TCP),
+    );
     if let Some(d) = default {
         let big = sweep
             .last()
             .filter(|l| l.entries > d.entries)
-            .map(|l| format!(", {} ns into {} entries", fmt_num(l.ns.median, 0), fmt_num(l.entries as f64, 0)))
+            .map(|l| {
+                format!(
+                    ", {} ns into {} entries",
+                    fmt_num(l.ns.median, 0),
+                    fmt_num(l.entries as f64, 0)
+                )
+            })
             .unwrap_or_default();
         let shown = format!(
             "{} ns into a full conntrack of {} entries (2 MiB), {} ns into the default {}{big}",
@@ -2066,4 +2201,3 @@ fn program_sizes(p: &Value) -> String {
         .collect::<Vec<_>>()
         .join("; ")
 }
-
