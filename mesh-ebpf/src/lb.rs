@@ -165,6 +165,24 @@ pub struct Origin {
     pub dst_mac: [u8; 6],
 }
 
+impl Origin {
+    /// The device a frame came in on (`ifindex`) and its MACs; `None` for a frame too short
+    /// for an Ethernet header (the parser lets none this far). No zeroed fallback: a zeroed
+    /// array is a `memset` call, which the BPF backend makes a byte loop.
+    #[inline(always)]
+    pub fn of_frame(ifindex: u32, data: usize, data_end: usize) -> Option<Origin> {
+        let eth = crate::parse::ptr_at::<network_types::eth::EthHdr>(data, data_end, 0).ok()?;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe {
+            Some(Origin {
+                ifindex,
+                src_mac: (*eth).src_addr,
+                dst_mac: (*eth).dst_addr,
+            })
+        }
+    }
+}
+
 /// A SNAT source port (network order) for a flow to backend `be_id` at `be_addr:be_port`.
 /// Each backend's ports are handed out in turn (its cursor in [`SNAT_NEXT`], an atomic add
 /// per try): the port whose turn it is is the one this node used longest ago for that
@@ -385,7 +403,7 @@ pub fn lb4_ingress<C: CtTable>(
     key: &CtKey,
     tcp: u8,
     bytes: u64,
-    origin: impl FnOnce() -> Origin,
+    origin: impl FnOnce() -> Option<Origin>,
 ) -> Result<(CtEntry, u32), u32> {
     if !lb4_port_wanted(key.dport) {
         return Err(reason::PASS_NO_SERVICE);
@@ -417,7 +435,8 @@ pub fn lb4_ingress<C: CtTable>(
         }
     }
     let fe = lb4_lookup_published(C::PROTO, key).ok_or(reason::PASS_NO_SERVICE)?;
-    lb4_new_flow::<C>(key, &fe, bytes, &origin())
+    let origin = origin().ok_or(reason::PASS_MALFORMED)?;
+    lb4_new_flow::<C>(key, &fe, bytes, &origin)
 }
 
 /// Pick a backend for a new flow to `fe`, create its conntrack entries and count it.
@@ -435,23 +454,65 @@ pub fn lb4_new_flow<C: CtTable>(
 }
 
 /// `bpf_fib_lookup` parameters for `ct`'s rewritten tuple (protocol `proto`), as if it
-/// arrived on `ifindex`. `tot_len` is the IP length the route's MTU is checked against; 0
+/// arrived on `ifindex`, written into the caller's `p` (returned by value, LLVM would copy
+/// it back out through a `memset` of its zero words). `tot_len` is the IP length the route's MTU is checked against; 0
 /// lets the TC helper check the skb's own length.
 #[inline(always)]
-pub fn fib_params4(ct: &CtEntry, proto: u8, ifindex: u32, tot_len: u16) -> bpf_fib_lookup {
-    const AF_INET: u8 = 2;
-    // SAFETY: an all-zero bpf_fib_lookup is a valid input; fields are set below.
-    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    p.family = AF_INET;
-    p.l4_protocol = proto;
-    p.sport = ct.sport;
-    p.dport = ct.dport;
-    p.ifindex = ifindex;
-    p.__bindgen_anon_1.tot_len = tot_len;
-    p.__bindgen_anon_3.ipv4_src = ct.saddr;
-    p.__bindgen_anon_4.ipv4_dst = ct.daddr;
-    p
+pub fn fib_params4<'a>(
+    p: &'a mut core::mem::MaybeUninit<bpf_fib_lookup>,
+    ct: &CtEntry,
+    proto: u8,
+    ifindex: u32,
+    tot_len: u16,
+) -> &'a mut bpf_fib_lookup {
+    const AF_INET: u64 = 2;
+    // Written as the eight words it is, each with its own (volatile) store: a zeroed struct
+    // with fields set after, or LLVM merging a run of zero words, is a `memset` call, which
+    // the BPF backend makes a byte-at-a-time loop (52 bytes of it, per packet). The layout
+    // (uapi struct bpf_fib_lookup, little endian; checked below): family, l4_protocol,
+    // sport, dport, tot_len | ifindex, tos | ipv4_src | ipv6 rest | ipv4_dst | ipv6 rest |
+    // vlan, mark | smac/dmac.
+    let words: [u64; 8] = [
+        AF_INET
+            | (proto as u64) << 8
+            | (ct.sport as u64) << 16
+            | (ct.dport as u64) << 32
+            | (tot_len as u64) << 48,
+        ifindex as u64,
+        ct.saddr as u64,
+        0,
+        ct.daddr as u64,
+        0,
+        0,
+        0,
+    ];
+    let w = p.as_mut_ptr() as *mut u64;
+    let mut i = 0;
+    while i < 8 {
+        // SAFETY: 8 aligned words inside the 64-byte struct (bpf_fib_lookup is 4-aligned;
+        // MaybeUninit of it on the BPF stack is 8-aligned as every stack slot is, and the
+        // assertions below pin its size).
+        unsafe { core::ptr::write_volatile(w.add(i), words[i]) };
+        i += 1;
+    }
+    // SAFETY: every byte written above; any bit pattern is a valid bpf_fib_lookup.
+    unsafe { p.assume_init_mut() }
 }
+
+// The words of fib_params4 are where the kernel's struct has these fields.
+const _: () = {
+    use core::mem::{offset_of, size_of};
+    assert!(size_of::<bpf_fib_lookup>() == 64);
+    assert!(offset_of!(bpf_fib_lookup, sport) == 2 && offset_of!(bpf_fib_lookup, dport) == 4);
+    assert!(
+        offset_of!(bpf_fib_lookup, __bindgen_anon_1) == 6
+            && offset_of!(bpf_fib_lookup, ifindex) == 8
+    );
+    assert!(
+        offset_of!(bpf_fib_lookup, __bindgen_anon_3) == 16
+            && offset_of!(bpf_fib_lookup, __bindgen_anon_4) == 32
+    );
+};
 
 /// The datagram a fragment belongs to.
 #[inline(always)]
@@ -483,42 +544,42 @@ pub fn frag_ports(pkt: &mut Pkt) -> Result<(), u32> {
     Ok(())
 }
 
-/// The decision `r` for a fragment, passed through (a later fragment's miss as
-/// `PASS_FRAGMENT`). Balanced: a first fragment leaves its
-/// ports for its datagram's later fragments (the LRU forgets them, as a reassembly queue times
-/// out), and every fragment is counted. Not balanced: a first fragment removes what an older
-/// datagram with the same addresses, protocol and IP id left (the id wraps), so that this
-/// datagram's later fragments are not taken for that one's. A whole packet: a no-op.
+/// A fragment's decision was to balance it: a first fragment leaves its ports for its
+/// datagram's later fragments (the LRU forgets them, as a reassembly queue times out), and
+/// every fragment is counted. A whole packet: a no-op.
+///
+/// This and [`frag_passed`] take no `Result` through: a decision passed on by value and
+/// returned carried its unset half along, which LLVM stored from an unset register and the
+/// verifier refused ("!read_ok"). The callers match once and return early.
 #[inline(always)]
-pub fn frag_done(pkt: &Pkt, r: Result<(CtEntry, u32), u32>) -> Result<(CtEntry, u32), u32> {
+pub fn frag_balanced(pkt: &Pkt) {
     if pkt.frag == FRAG_NONE {
-        return r;
+        return;
     }
-    // A later fragment whose flow is gone: passed as one.
-    let r = r.map_err(|e| {
-        if pkt.frag == FRAG_LATER {
-            reason::PASS_FRAGMENT
-        } else {
-            e
-        }
-    });
-    match (&r, pkt.frag == FRAG_FIRST) {
-        (Ok(_), true) => {
-            let ports = FragPorts {
-                sport: pkt.key.sport,
-                dport: pkt.key.dport,
-            };
-            let _ = FRAGS.insert(&frag_key(pkt), &ports, 0);
-        }
-        (Err(_), true) => {
-            let _ = FRAGS.remove(&frag_key(pkt));
-        }
-        _ => {}
+    if pkt.frag == FRAG_FIRST {
+        let ports = FragPorts {
+            sport: pkt.key.sport,
+            dport: pkt.key.dport,
+        };
+        let _ = FRAGS.insert(&frag_key(pkt), &ports, 0);
     }
-    if r.is_ok() {
-        count(reason::FRAGMENT);
+    count(reason::FRAGMENT);
+}
+
+/// A fragment's decision was to pass it with `why`: the reason it is passed with (a later
+/// fragment whose flow is gone: `PASS_FRAGMENT`). A first fragment removes what an older
+/// datagram with the same addresses, protocol and IP id left (the id wraps), so that this
+/// datagram's later fragments are not taken for that one's. A whole packet: `why`.
+#[inline(always)]
+pub fn frag_passed(pkt: &Pkt, why: u32) -> u32 {
+    if pkt.frag == FRAG_FIRST {
+        let _ = FRAGS.remove(&frag_key(pkt));
     }
-    r
+    if pkt.frag == FRAG_LATER {
+        reason::PASS_FRAGMENT
+    } else {
+        why
+    }
 }
 
 /// A fragment from outside the node: the first is balanced as a whole packet (it may start
@@ -528,7 +589,7 @@ pub fn frag_done(pkt: &Pkt, r: Result<(CtEntry, u32), u32>) -> Result<(CtEntry, 
 pub fn lb4_ingress_fragment<C: CtTable>(
     pkt: &Pkt,
     bytes: u64,
-    origin: impl FnOnce() -> Origin,
+    origin: impl FnOnce() -> Option<Origin>,
 ) -> Result<(CtEntry, u32), u32> {
     if pkt.frag == FRAG_LATER {
         lb4_tracked::<C>(&pkt.key, pkt.tcp, bytes)

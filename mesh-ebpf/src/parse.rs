@@ -13,7 +13,6 @@ const ETH_P_IP: u16 = 0x0800;
 /// Offsets inside the IPv4 header.
 pub const IP_CSUM_OFF: usize = 10;
 /// Offsets inside the L4 header.
-pub const L4_SPORT_OFF: usize = 0;
 pub const TCP_CSUM_OFF: usize = 16;
 pub const UDP_CSUM_OFF: usize = 6;
 

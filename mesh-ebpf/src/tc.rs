@@ -2,6 +2,8 @@
 //! also handle CHECKSUM_PARTIAL packets (everything a local TCP stack sends through a veth):
 //! an address change updates the pseudo-header part, a port change is left to the offload.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     EbpfContext,
     bindings::{
@@ -25,11 +27,9 @@ use crate::{
     lb::{self, Origin, Tcp, Udp},
     maps::count,
     parse::{
-        ETH_LEN, FRAG_LATER, FRAG_NONE, IP_CSUM_OFF, L4_SPORT_OFF, Pkt, ipv4_daddr, parse_ipv4,
-        ptr_at,
+        ETH_LEN, FRAG_LATER, FRAG_NONE, IP_CSUM_OFF, L4_OFF, Pkt, ipv4_daddr, parse_ipv4, ptr_at,
     },
 };
-use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
 const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
@@ -66,14 +66,18 @@ pub fn tc_ingress(ctx: &TcContext) -> Result<i32, u32> {
         // A fragment: the first is balanced by its ports and leaves them for the later ones,
         // which only follow an existing flow (see tc_nat for where fragments go).
         lb::frag_ports(&mut pkt)?;
-        lb::frag_done(
-            &pkt,
-            if pkt.proto == proto::TCP {
-                lb::lb4_ingress_fragment::<Tcp>(&pkt, bytes, origin)
-            } else {
-                lb::lb4_ingress_fragment::<Udp>(&pkt, bytes, origin)
-            },
-        )
+        let r = if pkt.proto == proto::TCP {
+            lb::lb4_ingress_fragment::<Tcp>(&pkt, bytes, origin)
+        } else {
+            lb::lb4_ingress_fragment::<Udp>(&pkt, bytes, origin)
+        };
+        match r {
+            Ok(d) => {
+                lb::frag_balanced(&pkt);
+                Ok(d)
+            }
+            Err(why) => return Err(lb::frag_passed(&pkt, why)),
+        }
     } else if pkt.proto == proto::TCP {
         lb::lb4_ingress::<Tcp>(&pkt.key, pkt.tcp, bytes, origin)
     } else {
@@ -85,32 +89,15 @@ pub fn tc_ingress(ctx: &TcContext) -> Result<i32, u32> {
     } else {
         Deliver::Peer
     };
-    tc_nat(ctx, &pkt, &ct, how)
+    Ok(tc_nat(ctx, &pkt, &ct, how))
 }
 
 /// Packets a task sends (TC ingress of its host-side veth): replies of balanced flows are
 /// rewritten back to the frontend and sent out of the interface the flow came in on.
 #[inline(always)]
 pub fn tc_from_task(ctx: &TcContext) -> Result<i32, u32> {
-    let why = match pull(ctx).and_then(|mut pkt| {
-        // A fragmented reply (the task's stack fragments what exceeds its MTU): the first
-        // fragment by its ports, the later ones by the ports the first left.
-        lb::frag_ports(&mut pkt)?;
-        let bytes = ctx.len() as u64;
-        let r = lb::frag_done(
-            &pkt,
-            if pkt.proto == proto::TCP {
-                lb::lb4_tracked::<Tcp>(&pkt.key, pkt.tcp, bytes)
-            } else {
-                lb::lb4_tracked::<Udp>(&pkt.key, pkt.tcp, bytes)
-            },
-        )?;
-        Ok((pkt, r))
-    }) {
-        Ok((pkt, (ct, why))) => {
-            count(why);
-            return tc_nat(ctx, &pkt, &ct, Deliver::Egress);
-        }
+    let why = match tc_task_reply(ctx) {
+        Ok(verdict) => return Ok(verdict),
         Err(why) => why,
     };
     // Not a flow this node balanced: isolation applies to every IPv4 packet (ICMP and
@@ -126,69 +113,162 @@ pub fn tc_from_task(ctx: &TcContext) -> Result<i32, u32> {
     Err(why)
 }
 
+/// A reply (or a later fragment of one) of a flow this node balanced, rewritten and sent:
+/// the verdict; `Err(reason)` for anything else. Each step returns early, so no half-built
+/// result travels between them (LLVM stored one's undefined part, which the verifier
+/// refuses to read).
 #[inline(always)]
-fn tc_origin(ctx: &TcContext) -> Origin {
-    let mut o = Origin {
-        // SAFETY: reading a field of the context the kernel gave us.
-        ifindex: unsafe { (*ctx.skb.skb).ifindex },
-        src_mac: [0; 6],
-        dst_mac: [0; 6],
+fn tc_task_reply(ctx: &TcContext) -> Result<i32, u32> {
+    let mut pkt = pull(ctx)?;
+    // A fragmented reply (the task's stack fragments what exceeds its MTU): the first
+    // fragment by its ports, the later ones by the ports the first left.
+    lb::frag_ports(&mut pkt)?;
+    let bytes = ctx.len() as u64;
+    let tracked = if pkt.proto == proto::TCP {
+        lb::lb4_tracked::<Tcp>(&pkt.key, pkt.tcp, bytes)
+    } else {
+        lb::lb4_tracked::<Udp>(&pkt.key, pkt.tcp, bytes)
     };
-    if let Ok(eth) = ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), 0) {
-        // SAFETY: bounds checked by ptr_at.
-        unsafe {
-            o.src_mac = (*eth).src_addr;
-            o.dst_mac = (*eth).dst_addr;
-        }
-    }
-    o
+    let (ct, why) = match tracked {
+        Ok(d) => d,
+        Err(why) => return Err(lb::frag_passed(&pkt, why)),
+    };
+    lb::frag_balanced(&pkt);
+    count(why);
+    Ok(tc_nat(ctx, &pkt, &ct, Deliver::Egress))
 }
 
-/// Rewrite the 5-tuple to `ct`'s in at most four helper calls (the old one-field-at-a-time
-/// rewrite took up to eight):
-/// - addresses: the IPv4 header checksum is never offloaded, so it is fixed here and written
-///   with both addresses in one 10-byte store; the L4 checksum gets the addresses' difference
-///   in one `bpf_l4_csum_replace` with `BPF_F_PSEUDO_HDR` (the kernel applies it as the skb's
-///   checksum state requires: a CHECKSUM_PARTIAL packet holds only the pseudo-header sum);
-/// - ports: their difference in one `bpf_l4_csum_replace` without the pseudo-header flag (a
-///   no-op on CHECKSUM_PARTIAL, whose offload sums the new ports), then one 4-byte store.
 #[inline(always)]
-fn tc_rewrite_tuple(ctx: &TcContext, pkt: &Pkt, ct: &CtEntry) -> Result<(), u32> {
+fn tc_origin(ctx: &TcContext) -> Option<Origin> {
+    // SAFETY: reading a field of the context the kernel gave us.
+    Origin::of_frame(
+        unsafe { (*ctx.skb.skb).ifindex },
+        ctx.data(),
+        ctx.data_end(),
+    )
+}
+
+/// The frame from its start to the end of the L4 ports, in 16-bit words: Ethernet (7),
+/// the IPv4 header without options (10: they are passed), the ports (2).
+const IMG_WORDS: usize = 19;
+/// The words up to the end of the IPv4 header (what a later fragment has).
+const IMG_L3_WORDS: usize = L4_OFF / 2;
+/// The first word of the IPv4 header checksum.
+const IMG_CHECK: usize = (ETH_LEN + IP_CSUM_OFF) / 2;
+
+/// Two bytes as the 16-bit word they make in memory.
+#[inline(always)]
+fn w(a: u8, b: u8) -> u16 {
+    u16::from_ne_bytes([a, b])
+}
+
+/// A 32-bit field as its two words in memory.
+#[inline(always)]
+fn w2(v: u32) -> (u16, u16) {
+    (v as u16, (v >> 16) as u16)
+}
+
+/// Rewrite the 5-tuple to `ct`'s (and the MACs to `macs`, destination then source, when
+/// given) in at most three helper calls, without writing to the packet directly (a direct
+/// write anywhere in the program makes the verifier un-clone every packet it sees):
+/// - one `bpf_skb_store_bytes` of the frame's start as it must become (MACs, addresses, the
+///   IPv4 checksum, which is never offloaded, ports), built on the stack from the words the
+///   frame has and the ones that change;
+/// - the L4 checksum gets the addresses' difference in one `bpf_l4_csum_replace` with
+///   `BPF_F_PSEUDO_HDR` (the kernel applies it as the skb's checksum state requires: a
+///   CHECKSUM_PARTIAL packet holds only the pseudo-header sum, a CHECKSUM_COMPLETE one has
+///   its sum fixed too), and the ports' difference in one without the flag (a no-op on
+///   CHECKSUM_PARTIAL, whose offload sums the new ports).
+///
+/// The image is built word by word from scalars, never zeroed or copied as an array: the
+/// BPF backend turns `memset`/`memmove` into calls of byte-at-a-time loops.
+///
+/// A later fragment has no L4 header: only its MACs and addresses are written (the first
+/// fragment's L4 checksum covers the whole datagram, and its update covers the new
+/// addresses).
+#[inline(always)]
+fn tc_rewrite_tuple(
+    ctx: &TcContext,
+    pkt: &Pkt,
+    ct: &CtEntry,
+    macs: Option<&[u8; 12]>,
+) -> Result<(), u32> {
     let k = &pkt.key;
+    let l4 = pkt.frag != FRAG_LATER;
+    // The frame's own words up to the IPv4 checksum.
+    let h: *const [u16; IMG_CHECK + 1] =
+        ptr_at(ctx.data(), ctx.data_end(), 0).map_err(|_| reason::DROP_REWRITE)?;
+    // SAFETY: bounds checked by ptr_at; read word by word.
+    let o = |i: usize| unsafe { (*h)[i] };
+    let (m0, m1, m2, m3, m4, m5) = match macs {
+        Some(m) => (
+            w(m[0], m[1]),
+            w(m[2], m[3]),
+            w(m[4], m[5]),
+            w(m[6], m[7]),
+            w(m[8], m[9]),
+            w(m[10], m[11]),
+        ),
+        None => (o(0), o(1), o(2), o(3), o(4), o(5)),
+    };
+    let check = o(IMG_CHECK);
+    let addr_diff = csum::add_diff(
+        csum::diff4(k.saddr, ct.saddr),
+        csum::diff4(k.daddr, ct.daddr),
+    );
+    let (s0, s1) = w2(ct.saddr);
+    let (d0, d1) = w2(ct.daddr);
+    let img: [u16; IMG_WORDS] = [
+        m0,
+        m1,
+        m2,
+        m3,
+        m4,
+        m5,
+        o(6),
+        o(7),
+        o(8),
+        o(9),
+        o(10),
+        o(11),
+        csum::apply_diff(check, addr_diff),
+        s0,
+        s1,
+        d0,
+        d1,
+        ct.sport,
+        ct.dport,
+    ];
+    let skb = ctx.skb.skb;
+    let src = img.as_ptr() as *const core::ffi::c_void;
+    // SAFETY: helper calls on the program's own context, reading `img` in bounds.
+    let rc = unsafe {
+        if l4 {
+            bpf_skb_store_bytes(skb, 0, src, (IMG_WORDS * 2) as u32, 0)
+        } else {
+            bpf_skb_store_bytes(skb, 0, src, (IMG_L3_WORDS * 2) as u32, 0)
+        }
+    };
+    if rc != 0 {
+        return Err(reason::DROP_REWRITE);
+    }
+    if !l4 {
+        return Ok(());
+    }
     let mangled = if pkt.proto == proto::UDP {
         BPF_F_MARK_MANGLED_0
     } else {
         0
     };
     let csum_off = pkt.l4_csum_off();
-    // A later fragment has no L4 header: its addresses only (the first fragment's L4
-    // checksum covers the whole datagram, and its update covers the new addresses).
-    let l4 = pkt.frag != FRAG_LATER;
     if k.saddr != ct.saddr || k.daddr != ct.daddr {
-        let ip: *const Ipv4Hdr = ptr_at(ctx.data(), ctx.data_end(), ETH_LEN)?;
-        // SAFETY: bounds checked by ptr_at.
-        let check = u16::from_ne_bytes(unsafe { (*ip).check });
-        let diff = csum::add_diff(
-            csum::diff4(k.saddr, ct.saddr),
-            csum::diff4(k.daddr, ct.daddr),
-        );
-        let mut hdr = [0u8; 10];
-        hdr[0..2].copy_from_slice(&csum::apply_diff(check, diff).to_ne_bytes());
-        hdr[2..6].copy_from_slice(&ct.saddr.to_ne_bytes());
-        hdr[6..10].copy_from_slice(&ct.daddr.to_ne_bytes());
-        if l4 {
-            ctx.l4_csum_replace(csum_off, 0, diff as u64, BPF_F_PSEUDO_HDR | mangled)
-                .map_err(|_| reason::DROP_REWRITE)?;
-        }
-        ctx.store(ETH_LEN + IP_CSUM_OFF, &hdr, 0)
+        ctx.l4_csum_replace(csum_off, 0, addr_diff as u64, BPF_F_PSEUDO_HDR | mangled)
             .map_err(|_| reason::DROP_REWRITE)?;
     }
-    if l4 && (k.sport != ct.sport || k.dport != ct.dport) {
-        let from = ports_word(k.sport, k.dport);
-        let to = ports_word(ct.sport, ct.dport);
+    let from = ports_word(k.sport, k.dport);
+    let to = ports_word(ct.sport, ct.dport);
+    if from != to {
         ctx.l4_csum_replace(csum_off, 0, csum::diff4(from, to) as u64, mangled)
-            .map_err(|_| reason::DROP_REWRITE)?;
-        ctx.store(pkt.l4_off + L4_SPORT_OFF, &to, 0)
             .map_err(|_| reason::DROP_REWRITE)?;
     }
     Ok(())
@@ -208,19 +288,41 @@ fn ports_word(sport: u16, dport: u16) -> u32 {
 /// the client sent it. The kernel checks the skb against the route's MTU (GSO packets
 /// excepted): `BPF_FIB_LKUP_RET_FRAG_NEEDED`, with the MTU in `mtu_result`.
 #[inline(always)]
-fn tc_route(ctx: &TcContext, ct: &CtEntry, proto: u8) -> (i64, bpf_fib_lookup) {
+fn tc_route(ctx: &TcContext, ct: &CtEntry, proto: u8) -> Route {
+    let mut fib = MaybeUninit::uninit();
     // SAFETY: a field of the context the kernel gave us.
-    let mut p = lb::fib_params4(ct, proto, unsafe { (*ctx.skb.skb).ifindex }, 0);
+    let p = lb::fib_params4(&mut fib, ct, proto, unsafe { (*ctx.skb.skb).ifindex }, 0);
     // SAFETY: helper call with a valid, correctly sized parameter block.
     let rc = unsafe {
         fib_lookup(
             ctx.as_ptr(),
-            &mut p,
+            p,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             0,
         )
     };
-    (rc, p)
+    // Copied out as values: a reference into the parameter block, kept across the rewrite,
+    // came out of LLVM as a pointer the verifier could not follow.
+    Route {
+        rc,
+        ifindex: p.ifindex,
+        // SAFETY: a u16 either way (tot_len in, mtu_result out).
+        mtu: unsafe { p.__bindgen_anon_1.mtu_result },
+        macs: macs(&p.dmac, &p.smac),
+    }
+}
+
+/// What [`tc_route`] found.
+#[derive(Clone, Copy)]
+struct Route {
+    /// `bpf_fib_lookup`'s return code.
+    rc: i64,
+    /// The route's device.
+    ifindex: u32,
+    /// The route's MTU, with `BPF_FIB_LKUP_RET_FRAG_NEEDED`.
+    mtu: u16,
+    /// The next hop's MAC then the device's, with `BPF_FIB_LKUP_RET_SUCCESS`.
+    macs: [u8; 12],
 }
 
 /// Send a rewritten packet out of the route [`tc_route`] found, at once. Handing it back to
@@ -229,30 +331,33 @@ fn tc_route(ctx: &TcContext, ct: &CtEntry, proto: u8) -> (i64, bpf_fib_lookup) {
 /// do. Falls back to the stack when the FIB has no answer, and for a packet too big for the
 /// route (without DF: the kernel fragments it). (A route to a task on another node leads to
 /// the overlay's bridge; the frame is addressed to the task's MAC, which the bridge's static
-/// FDB entry sends over VXLAN.)
+/// FDB entry sends over VXLAN.) On success the rewrite has already addressed the frame to
+/// the next hop the lookup resolved ([`route_macs`]).
 #[inline(always)]
-fn tc_route_out(ctx: &TcContext, rc: i64, p: &bpf_fib_lookup) -> i32 {
-    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        // The lookup resolved the next hop's MAC too: address the frame and send it out of
-        // the route's device (bpf_redirect_neigh would look the route and neighbour up again).
-        let mut macs = [0u8; 12];
-        macs[0..6].copy_from_slice(&p.dmac);
-        macs[6..12].copy_from_slice(&p.smac);
-        if ctx.store(0, &macs, 0).is_err() {
-            count(reason::DROP_REWRITE);
-            return TC_ACT_SHOT;
-        }
+fn tc_route_out(r: &Route) -> i32 {
+    if r.rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        // Out of the route's device (bpf_redirect_neigh would look the route and neighbour
+        // up again).
         count(reason::REDIRECT);
         // SAFETY: plain helper call.
-        return unsafe { bpf_redirect(p.ifindex, 0) } as i32;
+        return unsafe { bpf_redirect(r.ifindex, 0) } as i32;
     }
-    if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+    if r.rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         count(reason::REDIRECT);
         // SAFETY: helper call; NULL params: the kernel resolves the next hop's neighbour.
-        return unsafe { bpf_redirect_neigh(p.ifindex, core::ptr::null_mut(), 0, 0) } as i32;
+        return unsafe { bpf_redirect_neigh(r.ifindex, core::ptr::null_mut(), 0, 0) } as i32;
     }
     count(reason::PASS_REWRITTEN);
     TC_ACT_OK
+}
+
+/// Destination then source MAC, as a frame's first 12 bytes.
+#[inline(always)]
+fn macs(d: &[u8; 6], s: &[u8; 6]) -> [u8; 12] {
+    // A literal: no zeroed array for the BPF backend to memset.
+    [
+        d[0], d[1], d[2], d[3], d[4], d[5], s[0], s[1], s[2], s[3], s[4], s[5],
+    ]
 }
 
 /// Answer the packet with ICMP "fragmentation needed" (see [`mesh_common::icmp`]): cut it
@@ -295,7 +400,7 @@ fn tc_frag_needed(skb: *mut __sk_buff, mtu: u16) -> i32 {
 /// a smaller MTU (a redirect would drop an skb that does not fit); a reply's fragments leave
 /// as whole replies do.
 #[inline(always)]
-pub fn tc_nat(ctx: &TcContext, pkt: &Pkt, ct: &CtEntry, how: Deliver) -> Result<i32, u32> {
+pub fn tc_nat(ctx: &TcContext, pkt: &Pkt, ct: &CtEntry, how: Deliver) -> i32 {
     // A task this node reaches by routing: the route first. A datagram with DF too big for
     // it is answered with its MTU, as the client sent it (the kernel would tell the
     // rewritten source, this node). A task's own link is not checked: redirect_peer
@@ -305,38 +410,37 @@ pub fn tc_nat(ctx: &TcContext, pkt: &Pkt, ct: &CtEntry, how: Deliver) -> Result<
     } else {
         None
     };
-    if let Some((rc, p)) = &route {
-        if *rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 && pkt.df && ct.flags & ct_flags::FORWARD != 0
-        {
-            // SAFETY: the kernel wrote mtu_result with this return code.
-            return Ok(tc_frag_needed(ctx.skb.skb, unsafe {
-                p.__bindgen_anon_1.mtu_result
-            }));
-        }
+    if let Some(r) = &route
+        && r.rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64
+        && pkt.df
+        && ct.flags & ct_flags::FORWARD != 0
+    {
+        return tc_frag_needed(ctx.skb.skb, r.mtu);
     }
-    if let Err(e) = tc_rewrite_tuple(ctx, pkt, ct) {
+    // The frame's new MACs: the route's next hop, or the task's (or client's) own when it
+    // is redirected; none when it goes to the kernel.
+    let to_kernel = pkt.frag != FRAG_NONE && ct.flags & ct_flags::FORWARD != 0;
+    let m = match &route {
+        Some(r) => (r.rc == BPF_FIB_LKUP_RET_SUCCESS as i64).then_some(r.macs),
+        None if to_kernel => None,
+        None => Some(macs(&ct.dmac, &ct.smac)),
+    };
+    if let Err(e) = tc_rewrite_tuple(ctx, pkt, ct, m.as_ref()) {
         // Half-rewritten: never let it through.
         count(e);
-        return Ok(TC_ACT_SHOT);
+        return TC_ACT_SHOT;
     }
     // A routed task: out of the route (fragments too, when they fit it: the kernel's input
     // path would take a SNATed one for a martian unless accept_local is set; one too big for
     // the route goes to the kernel, which fragments it again).
-    if let Some((rc, p)) = &route {
-        return Ok(tc_route_out(ctx, *rc, p));
+    if let Some(r) = &route {
+        return tc_route_out(r);
     }
     // A fragment toward a task of this node: to the kernel, which fragments it again for the
     // task's link (redirect_peer would hand the task's stack a frame over its MTU).
-    if pkt.frag != FRAG_NONE && ct.flags & ct_flags::FORWARD != 0 {
+    if to_kernel {
         count(reason::PASS_REWRITTEN);
-        return Ok(TC_ACT_OK);
-    }
-    let mut macs = [0u8; 12];
-    macs[0..6].copy_from_slice(&ct.dmac);
-    macs[6..12].copy_from_slice(&ct.smac);
-    if ctx.store(0, &macs, 0).is_err() {
-        count(reason::DROP_REWRITE);
-        return Ok(TC_ACT_SHOT);
+        return TC_ACT_OK;
     }
     count(reason::REDIRECT);
     // SAFETY: plain helper calls.
@@ -346,5 +450,5 @@ pub fn tc_nat(ctx: &TcContext, pkt: &Pkt, ct: &CtEntry, how: Deliver) -> Result<
             Deliver::Peer => bpf_redirect_peer(ct.ifindex, 0),
         }
     };
-    Ok(r as i32)
+    r as i32
 }

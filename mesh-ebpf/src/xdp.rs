@@ -88,12 +88,19 @@ fn xdp_path_mtu(ctx: *mut xdp_md, ct: &CtEntry, proto: u8, len: u32) -> u16 {
         };
     }
     // SAFETY: reading a field of the context the kernel gave us.
-    let mut p = lb::fib_params4(ct, proto, unsafe { (*ctx).ingress_ifindex }, len as u16);
+    let mut fib = core::mem::MaybeUninit::uninit();
+    let p = lb::fib_params4(
+        &mut fib,
+        ct,
+        proto,
+        unsafe { (*ctx).ingress_ifindex },
+        len as u16,
+    );
     // SAFETY: helper call with a valid, correctly sized parameter block.
     let rc = unsafe {
         fib_lookup(
             ctx as *mut _,
-            &mut p,
+            p,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             0,
         )
@@ -156,14 +163,16 @@ fn xdp_fragment(ctx: &XdpContext, pkt: &mut Pkt) -> Result<u32, u32> {
     lb::frag_ports(pkt)?;
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let origin = || xdp_origin(ctx);
-    let (ct, why) = lb::frag_done(
-        pkt,
-        if pkt.proto == proto::TCP {
-            lb::lb4_ingress_fragment::<Tcp>(pkt, bytes, origin)
-        } else {
-            lb::lb4_ingress_fragment::<Udp>(pkt, bytes, origin)
-        },
-    )?;
+    let r = if pkt.proto == proto::TCP {
+        lb::lb4_ingress_fragment::<Tcp>(pkt, bytes, origin)
+    } else {
+        lb::lb4_ingress_fragment::<Udp>(pkt, bytes, origin)
+    };
+    let (ct, why) = match r {
+        Ok(d) => d,
+        Err(why) => return Err(lb::frag_passed(pkt, why)),
+    };
+    lb::frag_balanced(pkt);
     count(why);
     // Toward a task, fragments go to the kernel (see xdp_nat); a reply's leave as replies do.
     let to_kernel = ct.ifindex == 0 || ct.flags & ct_flags::FORWARD != 0;
@@ -171,20 +180,8 @@ fn xdp_fragment(ctx: &XdpContext, pkt: &mut Pkt) -> Result<u32, u32> {
 }
 
 #[inline(always)]
-fn xdp_origin(ctx: &XdpContext) -> Origin {
-    let mut o = Origin {
-        ifindex: ctx.ingress_ifindex() as u32,
-        src_mac: [0; 6],
-        dst_mac: [0; 6],
-    };
-    if let Ok(eth) = ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), 0) {
-        // SAFETY: bounds checked by ptr_at.
-        unsafe {
-            o.src_mac = (*eth).src_addr;
-            o.dst_mac = (*eth).dst_addr;
-        }
-    }
-    o
+fn xdp_origin(ctx: &XdpContext) -> Option<Origin> {
+    Origin::of_frame(ctx.ingress_ifindex() as u32, ctx.data(), ctx.data_end())
 }
 
 /// Rewrite addresses and ports to `ct`'s tuple with exact incremental checksums, then

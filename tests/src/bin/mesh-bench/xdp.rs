@@ -1465,9 +1465,10 @@ fn run_fixture(ctx: &Ctx, mut f: Fixture, measured: Interleaved) -> FixtureResul
     // Cheap profiles of the paths that miss their target (small tables only).
     let mut profiles = Vec::new();
     if !f.big {
+        // MESH_BENCH_PROFILE_ALL=1: every path, targets met or not (a developer's look).
+        let all = std::env::var_os("MESH_BENCH_PROFILE_ALL").is_some_and(|v| v == "1");
         for r in &results {
-            let Some(t) = r.target_ns else { continue };
-            if r.ns.median <= t {
+            if !all && r.target_ns.is_none_or(|t| r.ns.median <= t) {
                 continue;
             }
             let (prog, frame) = match r.key {
