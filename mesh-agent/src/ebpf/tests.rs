@@ -1273,12 +1273,13 @@ fn a_tcp_and_a_udp_flow_on_one_tuple_are_tracked_apart() {
     assert_eq!(f.verdict("established"), 6);
 }
 
-/// The programs' own code calls no `memset` or `memmove`: the BPF backend emits those as
-/// calls of byte-at-a-time loops (zeroing a 38-byte header image and a 52-byte
-/// `bpf_fib_lookup` that way cost the TC path ≈ 50 ns per packet). Only cold functions of
-/// their own in `.text` (`#[inline(never)]`: the ICMP builders) may use them.
+/// The programs' own code calls no `memset`, `memmove`, `memcpy`, `memcmp` or `bcmp`: the
+/// BPF backend emits those it does not inline as calls of byte-at-a-time loops (zeroing a
+/// 38-byte header image and a 52-byte `bpf_fib_lookup` that way cost the TC path ≈ 50 ns
+/// per packet). Only cold functions of their own in `.text` (`#[inline(never)]`: the ICMP
+/// builders) may use them.
 #[test]
-fn programs_call_no_byte_loop_memset_or_memmove() {
+fn programs_call_no_byte_loop_mem_functions() {
     use object::{Object, ObjectSection, ObjectSymbol, RelocationTarget, SectionKind};
     let obj = object::File::parse(super::OBJECT).expect("the embedded eBPF object parses");
     let mut programs = 0;
@@ -1297,7 +1298,7 @@ fn programs_call_no_byte_loop_memset_or_memmove() {
                 .symbol_by_index(i)
                 .and_then(|s| s.name())
                 .unwrap_or_default();
-            if sym == "memset" || sym == "memmove" {
+            if matches!(sym, "memset" | "memmove" | "memcpy" | "memcmp" | "bcmp") {
                 calls.push(format!("{name}+{off:#x}: {sym}"));
             }
         }
