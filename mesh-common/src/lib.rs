@@ -57,10 +57,12 @@ pub mod maps {
     /// backend's SNAT ports are handed out in turn (the port reused is the one used longest
     /// ago).
     pub const SNAT_NEXT: &str = "SNAT_NEXT_V1";
-    /// LRU: fragmented datagrams of balanced flows, [`crate::FragKey`] → [`crate::FragPorts`]:
+    /// LRU: fragmented datagrams of balanced flows, [`crate::FragKey`] → [`crate::FragEntry`]:
     /// the ports a datagram's first fragment carried, so its later fragments (which carry none)
-    /// follow it.
-    pub const FRAGS: &str = "FRAGS_V1";
+    /// follow it, and the IP id all its fragments leave with.
+    pub const FRAGS: &str = "FRAGS_V2";
+    /// Array of one u64: the next IP id a rewritten fragmented datagram gets (atomic add).
+    pub const FRAG_IDS: &str = "FRAG_IDS_V1";
 
     pub const MAX_FRONTENDS: u32 = 65_536;
     /// svc ids are 1..MAX_SERVICES (0 = none).
@@ -81,7 +83,7 @@ pub mod maps {
 
     /// All maps the agent pins, in a stable order (status, cleanup).
     /// Map names must stay within the kernel's 15 characters (BPF_OBJ_NAME_LEN - 1).
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 19] = [
         FRONTENDS,
         SLOTS,
         BACKENDS,
@@ -100,6 +102,7 @@ pub mod maps {
         IFACE_NET,
         SNAT_NEXT,
         FRAGS,
+        FRAG_IDS,
     ];
 }
 
@@ -327,12 +330,19 @@ pub struct FragKey {
     pub _pad: u8,
 }
 
-/// Value of [`maps::FRAGS`]: the ports (network order) of the datagram's first fragment.
+/// Value of [`maps::FRAGS`]: what the datagram's first fragment decided for the later ones.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FragPorts {
+pub struct FragEntry {
+    /// The first fragment's ports (network order).
     pub sport: u16,
     pub dport: u16,
+    /// The IP id every fragment of the datagram leaves with (raw field), fresh from
+    /// [`maps::FRAG_IDS`]: rewritten datagrams of different clients, or of one client to two
+    /// frontends, then never share an id toward one task (which would merge them in its
+    /// reassembly), as they could with their own ids once their addresses are rewritten.
+    pub id: u16,
+    pub _pad: u16,
 }
 
 /// Conntrack value: the tuple to rewrite the packet to, and where to send it.
@@ -451,6 +461,7 @@ const _: () = {
     assert!(size_of::<Backend>() == 32 && align_of::<Backend>() == 4);
     assert!(size_of::<CtKey>() == 12 && align_of::<CtKey>() == 4);
     assert!(size_of::<CtEntry>() == 40 && align_of::<CtEntry>() == 4);
+    assert!(size_of::<FragKey>() == 12 && size_of::<FragEntry>() == 8);
     assert!(size_of::<TrafficStats>() == 40);
     assert!(size_of::<Config>() == 24);
     assert!(size_of::<TaskNetKey>() == 16);
@@ -470,7 +481,7 @@ mod pod {
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for FragKey {}
-    unsafe impl aya::Pod for FragPorts {}
+    unsafe impl aya::Pod for FragEntry {}
     unsafe impl aya::Pod for TrafficStats {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for SockRevKey {}

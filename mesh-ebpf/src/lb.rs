@@ -3,7 +3,7 @@
 //! becomes (a [`CtEntry`]); the XDP and TC modules decide *how* to rewrite and deliver it.
 
 use mesh_common::{
-    Backend, CtEntry, CtKey, FragKey, FragPorts, Frontend, FrontendKey, SlotKey, TrafficStats,
+    Backend, CtEntry, CtKey, FragEntry, FragKey, Frontend, FrontendKey, SlotKey, TrafficStats,
     be_flags, ct_flags, fe_flags, reason,
 };
 
@@ -13,8 +13,8 @@ use aya_ebpf::{
 };
 
 use crate::maps::{
-    BACKENDS, BE_STATS, CONFIG, CT_TCP, CT_UDP, FRAGS, FRONTENDS, IFACE_NET, NODE_ADDRS, PORTS, RR,
-    SLOTS, SNAT_NEXT, SUBNETS, SVC_STATS, count,
+    BACKENDS, BE_STATS, CONFIG, CT_TCP, CT_UDP, FRAG_IDS, FRAGS, FRONTENDS, IFACE_NET, NODE_ADDRS,
+    PORTS, RR, SLOTS, SNAT_NEXT, SUBNETS, SVC_STATS, count,
 };
 use crate::parse::{CLOSE_FIN, CLOSE_RST, FRAG_FIRST, FRAG_LATER, FRAG_NONE, OPEN_SYN, Pkt};
 
@@ -527,7 +527,7 @@ fn frag_key(pkt: &Pkt) -> FragKey {
 }
 
 /// A later fragment gets the ports its datagram's first fragment carried, so it follows its
-/// flow; `Err(PASS_FRAGMENT)` when no first fragment of a balanced flow was seen (not ours,
+/// flow, and the IP id that fragment left with; `Err(PASS_FRAGMENT)` when no first fragment of a balanced flow was seen (not ours,
 /// or it arrived first: fragments are not held back to wait for it). Other packets: a no-op.
 #[inline(always)]
 pub fn frag_ports(pkt: &mut Pkt) -> Result<(), u32> {
@@ -541,27 +541,39 @@ pub fn frag_ports(pkt: &mut Pkt) -> Result<(), u32> {
         .ok_or(reason::PASS_FRAGMENT)?;
     pkt.key.sport = p.sport;
     pkt.key.dport = p.dport;
+    pkt.new_id = p.id;
     Ok(())
 }
 
-/// A fragment's decision was to balance it: a first fragment leaves its ports for its
-/// datagram's later fragments (the LRU forgets them, as a reassembly queue times out), and
-/// every fragment is counted. A whole packet: a no-op.
+/// A fragment's decision was to balance it: a first fragment takes a fresh IP id for its
+/// datagram and leaves it, with its ports, for the later fragments (the LRU forgets them, as
+/// a reassembly queue times out); every fragment is counted. A whole packet: a no-op.
+///
+/// The fresh id: once their addresses are rewritten, datagrams that could not be confused
+/// before can be (two clients' through SNAT toward one task, a task's replies to one client
+/// through one frontend, one client's to two frontends of one task), and a reassembly that
+/// takes fragments of two datagrams for one datagram's drops or corrupts both. One counter
+/// for the node, so the ids of the datagrams it rewrites repeat only every 65,536.
 ///
 /// This and [`frag_passed`] take no `Result` through: a decision passed on by value and
 /// returned carried its unset half along, which LLVM stored from an unset register and the
 /// verifier refused ("!read_ok"). The callers match once and return early.
 #[inline(always)]
-pub fn frag_balanced(pkt: &Pkt) {
+pub fn frag_balanced(pkt: &mut Pkt) {
     if pkt.frag == FRAG_NONE {
         return;
     }
     if pkt.frag == FRAG_FIRST {
-        let ports = FragPorts {
+        if let Some(next) = FRAG_IDS.get_ptr_mut(0) {
+            pkt.new_id = atomic_fetch_add_u64(next, 1) as u16;
+        }
+        let e = FragEntry {
             sport: pkt.key.sport,
             dport: pkt.key.dport,
+            id: pkt.new_id,
+            _pad: 0,
         };
-        let _ = FRAGS.insert(&frag_key(pkt), &ports, 0);
+        let _ = FRAGS.insert(&frag_key(pkt), &e, 0);
     }
     count(reason::FRAGMENT);
 }

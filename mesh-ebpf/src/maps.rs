@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use mesh_common::{
-    Backend, Config, CtEntry, CtKey, FragKey, FragPorts, Frontend, FrontendKey, SlotKey,
+    Backend, Config, CtEntry, CtKey, FragEntry, FragKey, Frontend, FrontendKey, SlotKey,
     SockRevEntry, SockRevKey, TaskNetKey, TrafficStats, maps::*, reason,
 };
 
@@ -42,9 +42,13 @@ pub static CT_UDP: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(MAX_CT_UDP, 0
 pub static SNAT_NEXT: Array<u64> = Array::pinned(MAX_BACKENDS, 0);
 
 /// The ports of fragmented datagrams of balanced flows, from their first fragments, for
-/// their later fragments (which carry none).
-#[map(name = "FRAGS_V1")]
-pub static FRAGS: LruHashMap<FragKey, FragPorts> = LruHashMap::pinned(MAX_FRAGS, 0);
+/// their later fragments (which carry none), and the IP id they all leave with.
+#[map(name = "FRAGS_V2")]
+pub static FRAGS: LruHashMap<FragKey, FragEntry> = LruHashMap::pinned(MAX_FRAGS, 0);
+
+/// The next IP id of a rewritten fragmented datagram (one counter for the node).
+#[map(name = "FRAG_IDS_V1")]
+pub static FRAG_IDS: Array<u64> = Array::pinned(1, 0);
 
 #[map(name = "NODE_ADDRS_V1")]
 pub static NODE_ADDRS: HashMap<u32, u32> = HashMap::pinned(MAX_NODE_ADDRS, 0);

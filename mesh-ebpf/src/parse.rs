@@ -45,6 +45,9 @@ pub struct Pkt {
     /// The IP identification field (network order): with the addresses and protocol, what
     /// names a fragment's datagram.
     pub ip_id: u16,
+    /// The IP id a rewritten fragment leaves with: its datagram's fresh one
+    /// ([`crate::lb::frag_balanced`], [`crate::lb::frag_ports`]); `ip_id` for anything else.
+    pub new_id: u16,
 }
 
 /// A whole datagram.
@@ -143,6 +146,7 @@ pub fn parse_ipv4(data: usize, data_end: usize, frame_len: usize) -> Result<Pkt,
             frag,
             df: false,
             ip_id,
+            new_id: ip_id,
         });
     }
     let (sport, dport, tcp) = match l4proto {
@@ -199,6 +203,7 @@ pub fn parse_ipv4(data: usize, data_end: usize, frame_len: usize) -> Result<Pkt,
         frag,
         df: frags & 0x4000 != 0,
         ip_id,
+        new_id: ip_id,
     })
 }
 

@@ -73,7 +73,7 @@ pub fn tc_ingress(ctx: &TcContext) -> Result<i32, u32> {
         };
         match r {
             Ok(d) => {
-                lb::frag_balanced(&pkt);
+                lb::frag_balanced(&mut pkt);
                 Ok(d)
             }
             Err(why) => return Err(lb::frag_passed(&pkt, why)),
@@ -133,7 +133,7 @@ fn tc_task_reply(ctx: &TcContext) -> Result<i32, u32> {
         Ok(d) => d,
         Err(why) => return Err(lb::frag_passed(&pkt, why)),
     };
-    lb::frag_balanced(&pkt);
+    lb::frag_balanced(&mut pkt);
     count(why);
     Ok(tc_nat(ctx, &pkt, &ct, Deliver::Egress))
 }
@@ -171,8 +171,8 @@ fn w2(v: u32) -> (u16, u16) {
 /// Rewrite the 5-tuple to `ct`'s (and the MACs to `macs`, destination then source, when
 /// given) in at most three helper calls, without writing to the packet directly (a direct
 /// write anywhere in the program makes the verifier un-clone every packet it sees):
-/// - one `bpf_skb_store_bytes` of the frame's start as it must become (MACs, addresses, the
-///   IPv4 checksum, which is never offloaded, ports), built on the stack from the words the
+/// - one `bpf_skb_store_bytes` of the frame's start as it must become (MACs, a fragment's
+///   IP id, addresses, the IPv4 checksum, which is never offloaded, ports), built on the stack from the words the
 ///   frame has and the ones that change;
 /// - the L4 checksum gets the addresses' difference in one `bpf_l4_csum_replace` with
 ///   `BPF_F_PSEUDO_HDR` (the kernel applies it as the skb's checksum state requires: a
@@ -216,6 +216,9 @@ fn tc_rewrite_tuple(
         csum::diff4(k.saddr, ct.saddr),
         csum::diff4(k.daddr, ct.daddr),
     );
+    // A fragment leaves with its datagram's fresh IP id (see lb::frag_balanced); the id is
+    // covered by the IPv4 header's checksum only.
+    let ip_diff = csum::add_diff(addr_diff, csum::diff4(pkt.ip_id as u32, pkt.new_id as u32));
     let (s0, s1) = w2(ct.saddr);
     let (d0, d1) = w2(ct.daddr);
     let img: [u16; IMG_WORDS] = [
@@ -228,10 +231,10 @@ fn tc_rewrite_tuple(
         o(6),
         o(7),
         o(8),
-        o(9),
+        pkt.new_id,
         o(10),
         o(11),
-        csum::apply_diff(check, addr_diff),
+        csum::apply_diff(check, ip_diff),
         s0,
         s1,
         d0,

@@ -202,6 +202,11 @@ pub fn xdp_nat(ctx: &XdpContext, pkt: &Pkt, ct: &CtEntry, to_kernel: bool) -> Re
     // SAFETY: every pointer below was bounds-checked by ptr_at; fields are byte arrays.
     unsafe {
         let mut ipc = u16::from_ne_bytes((*ip).check);
+        if pkt.new_id != pkt.ip_id {
+            // A fragment leaves with its datagram's fresh IP id (see lb::frag_balanced).
+            ipc = csum::replace2(ipc, pkt.ip_id, pkt.new_id);
+            (*ip).id = pkt.new_id.to_ne_bytes();
+        }
         if pkt.frag == FRAG_LATER {
             if k.saddr != ct.saddr {
                 ipc = csum::replace4(ipc, k.saddr, ct.saddr);

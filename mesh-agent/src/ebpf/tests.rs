@@ -501,6 +501,67 @@ fn fragments_of_a_balanced_datagram_follow_its_first_fragment_both_ways() {
     );
 }
 
+/// Every fragmented datagram mesh rewrites leaves with a fresh IP id, the same on all of its
+/// fragments: datagrams that shared an id as sent (two clients', here) no longer do once
+/// their addresses are rewritten, so no reassembly behind the node can mix them up (after
+/// SNAT toward one task, or replies to one client through one frontend). Through XDP, TC
+/// ingress and the task's TC reply path.
+#[test]
+fn rewritten_fragmented_datagrams_leave_with_fresh_ip_ids() {
+    let mut f = Fixture::new();
+    let client2 = Ipv4Addr::new(198, 18, 0, 9);
+    let id_of = |frame: &[u8]| u16::from_be_bytes([frame[18], frame[19]]);
+    let mut ids = Vec::new();
+    let check = |ids: &mut Vec<u16>, f1: &[u8], f2: &[u8]| {
+        assert_eq!(id_of(f1), id_of(f2), "one datagram, one id");
+        let p = checked(&packet::reassemble(f1, f2).expect("its fragments make it again"));
+        ids.push(id_of(f1));
+        p
+    };
+    let mut tasks = Vec::new();
+    for (src, sport, tc) in [
+        (CLIENT, 5004, false),
+        (client2, 5004, false),
+        (CLIENT, 5005, true),
+        (client2, 5005, true),
+    ] {
+        let mut d = Frame::udp(src, sport, NODE, 8053, &[3u8; 100]);
+        d.frag = 0;
+        let (first, later) = packet::fragment(&d.build(), 48, 0x5151);
+        let ((rc1, f1), (rc2, f2)) = if tc {
+            (
+                f.tc(progs::TC_INGRESS, &first),
+                f.tc(progs::TC_INGRESS, &later),
+            )
+        } else {
+            (f.xdp(&first), f.xdp(&later))
+        };
+        let to_kernel = if tc { TC_ACT_OK } else { XDP_PASS };
+        assert_eq!((rc1, rc2), (to_kernel, to_kernel), "{src}:{sport}");
+        let p = check(&mut ids, &f1, &f2);
+        assert_eq!((p.src, p.sport, p.dport), (src, sport, 53));
+        tasks.push((p.dst, src, sport));
+    }
+    // The tasks' replies, fragmented by their stacks with one id: reverse NAT, fresh ids.
+    for (task, client, port) in tasks {
+        let mut r = Frame::udp(task, 53, client, port, &[4u8; 200]);
+        r.frag = 0;
+        let (first, later) = packet::fragment(&r.build(), 104, 0x5151);
+        let (rc1, f1) = f.tc(progs::TC_TASK, &first);
+        let (rc2, f2) = f.tc(progs::TC_TASK, &later);
+        assert_eq!((rc1, rc2), (TC_ACT_REDIRECT, TC_ACT_REDIRECT));
+        let p = check(&mut ids, &f1, &f2);
+        assert_eq!((p.src, p.sport, p.dst, p.dport), (NODE, 8053, client, port));
+    }
+    let distinct: std::collections::BTreeSet<u16> = ids.iter().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        ids.len(),
+        "a fresh id per datagram: {ids:04x?}"
+    );
+    assert_eq!(f.verdict("fragment"), 16);
+}
+
 /// A datagram larger than its task's link: with DF, XDP answers "fragmentation needed" with
 /// that link's MTU, quoting the datagram as the client sent it, back out of the interface it
 /// came in on; without DF, it goes to the kernel rewritten (which fragments it). The task
