@@ -219,6 +219,50 @@ fn unpin_if_resized(dir: &Path, name: &'static str, want: u32) -> Result<(), Dat
     Ok(())
 }
 
+/// Is `name` the pin of a map of an older layout: shaped like mesh's map names (upper case,
+/// ending in `_V<n>`), but not one of this object's ([`mesh_common::maps::ALL`])?
+pub fn superseded_map_pin(name: &str) -> bool {
+    let Some((stem, version)) = name.rsplit_once("_V") else {
+        return false;
+    };
+    !stem.is_empty()
+        && stem
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+        && !version.is_empty()
+        && version.bytes().all(|b| b.is_ascii_digit())
+        && !mesh_common::maps::ALL.contains(&name)
+}
+
+/// Remove the pins in `dir` of maps this object no longer has: a layout change renames its
+/// map (`FRAGS_V1` → `FRAGS_V2`), and the old pin would keep the old map's memory (a
+/// conntrack of 262,144 entries is ≈ 32 MiB) for as long as it exists. Programs of a
+/// previous agent that still hold such a map keep it until they go. Returns the names.
+fn unpin_superseded(dir: &Path) -> Result<Vec<String>, DatapathError> {
+    let mut gone = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(gone),
+        Err(source) => {
+            return Err(DatapathError::PinDir {
+                path: dir.into(),
+                source,
+            });
+        }
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if e.file_type().is_ok_and(|t| t.is_file()) && superseded_map_pin(&name) {
+            std::fs::remove_file(e.path()).map_err(|source| DatapathError::PinDir {
+                path: e.path(),
+                source,
+            })?;
+            gone.push(name);
+        }
+    }
+    Ok(gone)
+}
+
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 const CGROUP2_SUPER_MAGIC: i64 = 0x63677270;
 
@@ -368,6 +412,9 @@ impl Datapath {
         ];
         for (name, want) in sizes {
             unpin_if_resized(pin_dir, name, want)?;
+        }
+        for name in unpin_superseded(pin_dir)? {
+            info!(map = name, "removed the pin of a map of an older layout");
         }
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(pin_dir);

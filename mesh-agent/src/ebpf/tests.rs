@@ -1370,3 +1370,39 @@ fn programs_call_no_byte_loop_mem_functions() {
         "byte-loop calls in the programs: {calls:?}"
     );
 }
+
+/// Pins of maps of an older layout (a renamed `_V<n>`) are removed when the datapath loads;
+/// this object's maps, links and anything not shaped like a map of mesh's stay.
+#[test]
+fn pins_of_superseded_map_layouts_are_removed() {
+    use mesh_common::maps;
+    assert!(super::superseded_map_pin("FRAGS_V1"));
+    assert!(super::superseded_map_pin("CT_TCP_V2"));
+    for keep in [
+        maps::FRAGS,
+        maps::CT_TCP,
+        "links",
+        "FRAGS_V",
+        "frags_V1",
+        "_V1",
+        "X_V1a",
+    ] {
+        assert!(!super::superseded_map_pin(keep), "{keep}");
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    for f in ["FRAGS_V1", maps::FRAGS, "CT_TCP_V2", maps::CT_TCP, "README"] {
+        std::fs::write(dir.path().join(f), b"").expect("write");
+    }
+    std::fs::create_dir(dir.path().join("OLD_V1")).expect("a directory is never a map pin");
+    let mut gone = super::unpin_superseded(dir.path()).expect("unpin");
+    gone.sort();
+    assert_eq!(gone, ["CT_TCP_V2", "FRAGS_V1"]);
+    let mut left: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("read")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    let mut want = vec![maps::CT_TCP, maps::FRAGS, "OLD_V1", "README"];
+    want.sort();
+    assert_eq!(left, want);
+}
