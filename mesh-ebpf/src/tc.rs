@@ -288,13 +288,22 @@ fn ports_word(sport: u16, dport: u16) -> u32 {
 /// The route to a backend this node reaches by routing (a remote task over an overlay, or
 /// through Docker's): the FIB's answer for `ct`'s rewritten tuple, looked up before the
 /// packet is rewritten, so that a datagram too big for the route can still be answered as
-/// the client sent it. The kernel checks the skb against the route's MTU (GSO packets
-/// excepted): `BPF_FIB_LKUP_RET_FRAG_NEEDED`, with the MTU in `mtu_result`.
+/// the client sent it: `BPF_FIB_LKUP_RET_FRAG_NEEDED`, with the route's MTU in `mtu_result`.
+/// The lookup gets the packet's IP length, which the kernel checks against the route's MTU
+/// exactly and before it looks for the next hop's neighbour. A GSO packet (a local sender's
+/// TCP segments) is left to the kernel's own check (length 0: the segments it will become
+/// are checked), which allows 4 bytes more and only runs once the neighbour is known.
 #[inline(always)]
 fn tc_route(ctx: &TcContext, ct: &CtEntry, proto: u8) -> Route {
     let mut fib = MaybeUninit::uninit();
-    // SAFETY: a field of the context the kernel gave us.
-    let p = lb::fib_params4(&mut fib, ct, proto, unsafe { (*ctx.skb.skb).ifindex }, 0);
+    // SAFETY: fields of the context the kernel gave us.
+    let (ifindex, gso) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).gso_size) };
+    let tot_len = if gso == 0 {
+        ctx.len().saturating_sub(ETH_LEN as u32) as u16
+    } else {
+        0
+    };
+    let p = lb::fib_params4(&mut fib, ct, proto, ifindex, tot_len);
     // SAFETY: helper call with a valid, correctly sized parameter block.
     let rc = unsafe {
         fib_lookup(

@@ -1406,3 +1406,61 @@ fn pins_of_superseded_map_layouts_are_removed() {
     want.sort();
     assert_eq!(left, want);
 }
+
+/// TC toward a task on another node checks the route's MTU with the datagram's IP length:
+/// one byte over it with DF is answered with "fragmentation needed", even while the next
+/// hop's neighbour is unresolved (the kernel's check of an skb without a length allowed 4
+/// bytes more, and ran only once the neighbour was known). The route is a real one, in a
+/// network namespace of the test's own with a 1400-byte veth.
+#[test]
+fn a_datagram_too_big_for_the_route_to_a_remote_task_is_answered_by_tc() {
+    std::thread::spawn(|| {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .expect("a network namespace of its own");
+        let route = format!("{}/32", task_addr(1));
+        for args in [
+            &[
+                "link", "add", "mtu0", "type", "veth", "peer", "name", "mtu1",
+            ][..],
+            &["link", "set", "mtu1", "up"],
+            &["link", "set", "mtu0", "mtu", "1400", "up"],
+            &["route", "add", &route, "dev", "mtu0"],
+        ] {
+            let ok = std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "ip {args:?}");
+        }
+        let mut f = snat_fixture(8);
+        // Fits the route (1400 bytes of IP): out of it, the neighbour resolved by the kernel.
+        let fits = Frame::udp(CLIENT, 6100, NODE, 8053, &[1u8; 1400 - 28]).build();
+        assert_eq!(f.tc(progs::TC_INGRESS, &fits).0, TC_ACT_REDIRECT);
+        assert_eq!((f.verdict("redirect"), f.verdict("drop_too_big")), (1, 0));
+        // 1401 to 1404 bytes with DF: the error, with the route's MTU.
+        for (i, len) in (1401..=1404usize).enumerate() {
+            let big = Frame::udp(CLIENT, 6101 + i as u16, NODE, 8053, &vec![2u8; len - 28]).build();
+            let (rc, out) = f.tc(progs::TC_INGRESS, &big);
+            assert_eq!(rc, TC_ACT_REDIRECT, "{len}");
+            assert_eq!(
+                out.len(),
+                14 + 56,
+                "{len}: Ethernet + IPv4 + ICMP + the quote"
+            );
+            let icmp = &out[34..];
+            assert_eq!(
+                (icmp[0], icmp[1], u16::from_be_bytes([icmp[6], icmp[7]])),
+                (3, 4, 1400),
+                "{len}"
+            );
+            assert_eq!(
+                &icmp[8..],
+                &big[14..42],
+                "quotes the datagram as the client sent it"
+            );
+        }
+        assert_eq!(f.verdict("drop_too_big"), 4);
+    })
+    .join()
+    .expect("the test's thread");
+}
