@@ -719,7 +719,7 @@ fn paths() -> Vec<Path> {
             rc: TC_ACT_REDIRECT,
             target_ns: None,
             how: "two REPLY entries map task:80→client onto node:8080→client and back: every \
-                  iteration is a hit + rewrite with bpf_l3/l4_csum_replace + MACs + bpf_redirect",
+                  iteration is a hit + rewrite (MACs, addresses, IPv4 checksum and ports in one bpf_skb_store_bytes, the L4 checksum with two bpf_l4_csum_replace) + bpf_redirect",
         },
         Path {
             key: "xdp_reply",
@@ -757,7 +757,7 @@ fn paths() -> Vec<Path> {
             reason: "established",
             rc: TC_ACT_REDIRECT,
             target_ns: None,
-            how: "as established, from mesh_tc_ingress (--hook tc): kernel checksum helpers, bpf_redirect_peer",
+            how: "as established, from mesh_tc_ingress (--hook tc): one bpf_skb_store_bytes of the new headers, two bpf_l4_csum_replace, bpf_redirect_peer",
         },
     ]
 }
