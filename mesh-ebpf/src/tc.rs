@@ -172,8 +172,8 @@ fn w2(v: u32) -> (u16, u16) {
 /// given) in at most three helper calls, without writing to the packet directly (a direct
 /// write anywhere in the program makes the verifier un-clone every packet it sees):
 /// - one `bpf_skb_store_bytes` of the frame's start as it must become (MACs, a fragment's
-///   IP id, addresses, the IPv4 checksum, which is never offloaded, ports), built on the stack from the words the
-///   frame has and the ones that change;
+///   IP id, addresses, the IPv4 checksum, which is never offloaded, ports), built on the
+///   stack from the words the frame has and the ones that change;
 /// - the L4 checksum gets the addresses' difference in one `bpf_l4_csum_replace` with
 ///   `BPF_F_PSEUDO_HDR` (the kernel applies it as the skb's checksum state requires: a
 ///   CHECKSUM_PARTIAL packet holds only the pseudo-header sum, a CHECKSUM_COMPLETE one has
@@ -344,7 +344,7 @@ struct Route {
 /// route (without DF: the kernel fragments it). (A route to a task on another node leads to
 /// the overlay's bridge; the frame is addressed to the task's MAC, which the bridge's static
 /// FDB entry sends over VXLAN.) On success the rewrite has already addressed the frame to
-/// the next hop the lookup resolved ([`route_macs`]).
+/// the next hop the lookup resolved ([`Route::macs`]).
 #[inline(always)]
 fn tc_route_out(r: &Route) -> i32 {
     if r.rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
