@@ -455,8 +455,8 @@ pub fn lb4_new_flow<C: CtTable>(
 
 /// `bpf_fib_lookup` parameters for `ct`'s rewritten tuple (protocol `proto`), as if it
 /// arrived on `ifindex`, written into the caller's `p` (returned by value, LLVM would copy
-/// it back out through a `memset` of its zero words). `tot_len` is the IP length the route's MTU is checked against; 0
-/// lets the TC helper check the skb's own length.
+/// it back out through a `memset` of its zero words). `tot_len` is the IP length the route's
+/// MTU is checked against; 0 lets the TC helper check the skb's own length.
 #[inline(always)]
 pub fn fib_params4<'a>(
     p: &'a mut core::mem::MaybeUninit<bpf_fib_lookup>,
@@ -527,8 +527,9 @@ fn frag_key(pkt: &Pkt) -> FragKey {
 }
 
 /// A later fragment gets the ports its datagram's first fragment carried, so it follows its
-/// flow, and the IP id that fragment left with; `Err(PASS_FRAGMENT)` when no first fragment of a balanced flow was seen (not ours,
-/// or it arrived first: fragments are not held back to wait for it). Other packets: a no-op.
+/// flow, and the IP id that fragment left with; `Err(PASS_FRAGMENT)` when no first fragment
+/// of a balanced flow was seen (not ours, or it arrived first: fragments are not held back
+/// to wait for it). Other packets: a no-op.
 #[inline(always)]
 pub fn frag_ports(pkt: &mut Pkt) -> Result<(), u32> {
     if pkt.frag != FRAG_LATER {
