@@ -405,21 +405,36 @@ fn udp_checksums_and_zero_checksum() {
     assert_eq!((p.src, p.sport), (NODE, 8053));
 }
 
-/// `whole` in two fragments (`at` bytes of IP payload in the first, IP id `id`) through the
-/// TC program `prog`, each returning `rc`: the datagram they make, checksums checked.
-fn through_tc(
+/// Where a test sends a frame: the XDP program, or a TC program by name.
+#[derive(Clone, Copy)]
+enum Hook {
+    Xdp,
+    Tc(&'static str),
+}
+
+/// `whole` in two fragments (`at` bytes of IP payload in the first, IP id `id`) through
+/// `hook`, each returning `rc`: the datagram they make, checksums checked (and both with one
+/// IP id: `reassemble` takes nothing else), and the IP id they left with.
+fn through(
     f: &mut Fixture,
-    prog: &'static str,
+    hook: Hook,
     whole: &[u8],
     at: usize,
     id: u16,
     rc: u32,
-) -> packet::Parsed {
+) -> (packet::Parsed, u16) {
     let (first, later) = packet::fragment(whole, at, id);
-    let (rc1, out1) = f.tc(prog, &first);
-    let (rc2, out2) = f.tc(prog, &later);
-    assert_eq!((rc1, rc2), (rc, rc), "{prog}: both fragments");
-    checked(&packet::reassemble(&out1, &out2).expect("two fragments of one datagram"))
+    let ((rc1, out1), (rc2, out2)) = match hook {
+        Hook::Xdp => (f.xdp(&first), f.xdp(&later)),
+        Hook::Tc(prog) => (f.tc(prog, &first), f.tc(prog, &later)),
+    };
+    let what = match hook {
+        Hook::Xdp => "xdp",
+        Hook::Tc(prog) => prog,
+    };
+    assert_eq!((rc1, rc2), (rc, rc), "{what}: both fragments");
+    let whole = packet::reassemble(&out1, &out2).expect("two fragments of one datagram");
+    (checked(&whole), u16::from_be_bytes([out1[18], out1[19]]))
 }
 
 #[test]
@@ -473,9 +488,9 @@ fn fragments_of_a_balanced_datagram_follow_its_first_fragment_both_ways() {
     // The task's reply, fragmented by its stack: reverse NAT on both fragments.
     let mut r = Frame::udp(task, 53, CLIENT, 5002, &[9u8; 200]);
     r.frag = 0;
-    let p = through_tc(
+    let (p, _) = through(
         &mut f,
-        progs::TC_TASK,
+        Hook::Tc(progs::TC_TASK),
         &r.build(),
         104,
         0x0101,
@@ -486,9 +501,9 @@ fn fragments_of_a_balanced_datagram_follow_its_first_fragment_both_ways() {
     // From the TC ingress hook: a datagram of another flow, fragments to the kernel rewritten.
     let mut d2 = Frame::udp(CLIENT, 5003, NODE, 8053, &[5u8; 64]);
     d2.frag = 0;
-    let p = through_tc(
+    let (p, _) = through(
         &mut f,
-        progs::TC_INGRESS,
+        Hook::Tc(progs::TC_INGRESS),
         &d2.build(),
         40,
         0x4343,
@@ -510,48 +525,29 @@ fn fragments_of_a_balanced_datagram_follow_its_first_fragment_both_ways() {
 fn rewritten_fragmented_datagrams_leave_with_fresh_ip_ids() {
     let mut f = Fixture::new();
     let client2 = Ipv4Addr::new(198, 18, 0, 9);
-    let id_of = |frame: &[u8]| u16::from_be_bytes([frame[18], frame[19]]);
     let mut ids = Vec::new();
-    let check = |ids: &mut Vec<u16>, f1: &[u8], f2: &[u8]| {
-        assert_eq!(id_of(f1), id_of(f2), "one datagram, one id");
-        let p = checked(&packet::reassemble(f1, f2).expect("its fragments make it again"));
-        ids.push(id_of(f1));
-        p
-    };
     let mut tasks = Vec::new();
-    for (src, sport, tc) in [
-        (CLIENT, 5004, false),
-        (client2, 5004, false),
-        (CLIENT, 5005, true),
-        (client2, 5005, true),
+    for (src, sport, hook, to_kernel) in [
+        (CLIENT, 5004, Hook::Xdp, XDP_PASS),
+        (client2, 5004, Hook::Xdp, XDP_PASS),
+        (CLIENT, 5005, Hook::Tc(progs::TC_INGRESS), TC_ACT_OK),
+        (client2, 5005, Hook::Tc(progs::TC_INGRESS), TC_ACT_OK),
     ] {
         let mut d = Frame::udp(src, sport, NODE, 8053, &[3u8; 100]);
         d.frag = 0;
-        let (first, later) = packet::fragment(&d.build(), 48, 0x5151);
-        let ((rc1, f1), (rc2, f2)) = if tc {
-            (
-                f.tc(progs::TC_INGRESS, &first),
-                f.tc(progs::TC_INGRESS, &later),
-            )
-        } else {
-            (f.xdp(&first), f.xdp(&later))
-        };
-        let to_kernel = if tc { TC_ACT_OK } else { XDP_PASS };
-        assert_eq!((rc1, rc2), (to_kernel, to_kernel), "{src}:{sport}");
-        let p = check(&mut ids, &f1, &f2);
+        let (p, id) = through(&mut f, hook, &d.build(), 48, 0x5151, to_kernel);
         assert_eq!((p.src, p.sport, p.dport), (src, sport, 53));
+        ids.push(id);
         tasks.push((p.dst, src, sport));
     }
     // The tasks' replies, fragmented by their stacks with one id: reverse NAT, fresh ids.
     for (task, client, port) in tasks {
         let mut r = Frame::udp(task, 53, client, port, &[4u8; 200]);
         r.frag = 0;
-        let (first, later) = packet::fragment(&r.build(), 104, 0x5151);
-        let (rc1, f1) = f.tc(progs::TC_TASK, &first);
-        let (rc2, f2) = f.tc(progs::TC_TASK, &later);
-        assert_eq!((rc1, rc2), (TC_ACT_REDIRECT, TC_ACT_REDIRECT));
-        let p = check(&mut ids, &f1, &f2);
+        let hook = Hook::Tc(progs::TC_TASK);
+        let (p, id) = through(&mut f, hook, &r.build(), 104, 0x5151, TC_ACT_REDIRECT);
         assert_eq!((p.src, p.sport, p.dst, p.dport), (NODE, 8053, client, port));
+        ids.push(id);
     }
     let distinct: std::collections::BTreeSet<u16> = ids.iter().copied().collect();
     assert_eq!(
@@ -569,21 +565,7 @@ fn rewritten_fragmented_datagrams_leave_with_fresh_ip_ids() {
 /// its MTU), which BPF_PROG_TEST_RUN runs in when the test's thread is in it.
 #[test]
 fn a_datagram_too_big_for_its_tasks_link_is_answered_or_fragmented() {
-    std::thread::spawn(|| {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-            .expect("a network namespace of its own");
-        for args in [
-            &[
-                "link", "add", "mtu0", "type", "veth", "peer", "name", "mtu1",
-            ][..],
-            &["link", "set", "mtu0", "mtu", "1400", "up"],
-        ] {
-            let ok = std::process::Command::new("ip")
-                .args(args)
-                .status()
-                .is_ok_and(|s| s.success());
-            assert!(ok, "ip {args:?}");
-        }
+    in_netns_with_mtu0(&[], || {
         let ifindex = nix::net::if_::if_nametoindex("mtu0").expect("mtu0's index");
         let mut f = Fixture::new();
         let links: LocalLinks = (1..=3u8)
@@ -611,37 +593,7 @@ fn a_datagram_too_big_for_its_tasks_link_is_answered_or_fragmented() {
             rc, XDP_REDIRECT,
             "sent back out of the interface it came in on"
         );
-        assert_eq!(out.len(), 14 + 56, "Ethernet + IPv4 + ICMP + the quote");
-        assert_eq!(
-            (&out[0..6], &out[6..12]),
-            (&CLIENT_MAC[..], &NODE_MAC[..]),
-            "MACs swapped"
-        );
-        let ip = &out[14..34];
-        assert_eq!(
-            !mesh_common::csum::fold(mesh_common::csum::sum_be(ip)),
-            0,
-            "IPv4 checksum"
-        );
-        assert_eq!(
-            (ip[9], &ip[12..16], &ip[16..20]),
-            (1, &NODE.octets()[..], &CLIENT.octets()[..])
-        );
-        let icmp = &out[34..];
-        assert_eq!(
-            !mesh_common::csum::fold(mesh_common::csum::sum_be(icmp)),
-            0,
-            "ICMP checksum"
-        );
-        assert_eq!(
-            (icmp[0], icmp[1], u16::from_be_bytes([icmp[6], icmp[7]])),
-            (3, 4, 1400)
-        );
-        assert_eq!(
-            &icmp[8..],
-            &big[14..42],
-            "quotes the datagram as the client sent it"
-        );
+        assert_frag_needed(&out, &big, 1400);
         assert_eq!(f.verdict("drop_too_big"), 1);
 
         // The same without DF: to the kernel, rewritten.
@@ -652,9 +604,7 @@ fn a_datagram_too_big_for_its_tasks_link_is_answered_or_fragmented() {
         let p = checked(&out);
         assert_eq!((p.dst, p.dport), (task_addr(p.dst.octets()[3] - 10), 53));
         assert_eq!(f.verdict("drop_too_big"), 1);
-    })
-    .join()
-    .expect("the test's thread");
+    });
 }
 
 #[test]
@@ -1414,53 +1364,96 @@ fn pins_of_superseded_map_layouts_are_removed() {
 /// network namespace of the test's own with a 1400-byte veth.
 #[test]
 fn a_datagram_too_big_for_the_route_to_a_remote_task_is_answered_by_tc() {
-    std::thread::spawn(|| {
+    let route = format!("{}/32", task_addr(1));
+    in_netns_with_mtu0(
+        &[
+            &["link", "set", "mtu1", "up"],
+            &["route", "add", &route, "dev", "mtu0"],
+        ],
+        || {
+            let mut f = snat_fixture(8);
+            // Fits the route (1400 bytes of IP): out of it, the neighbour resolved by the kernel.
+            let fits = Frame::udp(CLIENT, 6100, NODE, 8053, &[1u8; 1400 - 28]).build();
+            assert_eq!(f.tc(progs::TC_INGRESS, &fits).0, TC_ACT_REDIRECT);
+            assert_eq!((f.verdict("redirect"), f.verdict("drop_too_big")), (1, 0));
+            // 1401 to 1404 bytes with DF: the error, with the route's MTU.
+            for (i, len) in (1401..=1404usize).enumerate() {
+                let big =
+                    Frame::udp(CLIENT, 6101 + i as u16, NODE, 8053, &vec![2u8; len - 28]).build();
+                let (rc, out) = f.tc(progs::TC_INGRESS, &big);
+                assert_eq!(rc, TC_ACT_REDIRECT, "{len}");
+                assert_frag_needed(&out, &big, 1400);
+            }
+            assert_eq!(f.verdict("drop_too_big"), 4);
+        },
+    );
+}
+
+/// Run `body` on a thread of its own in a new network namespace holding a veth pair, `mtu0`
+/// (MTU 1400, up) and `mtu1`, after `ip` runs each of `more` there. BPF_PROG_TEST_RUN runs
+/// in the namespace of the calling thread, so the programs see these devices and routes;
+/// the namespace goes with the thread.
+fn in_netns_with_mtu0(more: &[&[&str]], body: impl FnOnce() + Send + 'static) {
+    let veth: [&[&str]; 2] = [
+        &[
+            "link", "add", "mtu0", "type", "veth", "peer", "name", "mtu1",
+        ],
+        &["link", "set", "mtu0", "mtu", "1400", "up"],
+    ];
+    let cmds: Vec<Vec<String>> = veth
+        .iter()
+        .chain(more)
+        .map(|a| a.iter().map(|s| s.to_string()).collect())
+        .collect();
+    std::thread::spawn(move || {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
             .expect("a network namespace of its own");
-        let route = format!("{}/32", task_addr(1));
-        for args in [
-            &[
-                "link", "add", "mtu0", "type", "veth", "peer", "name", "mtu1",
-            ][..],
-            &["link", "set", "mtu1", "up"],
-            &["link", "set", "mtu0", "mtu", "1400", "up"],
-            &["route", "add", &route, "dev", "mtu0"],
-        ] {
+        for args in &cmds {
             let ok = std::process::Command::new("ip")
                 .args(args)
                 .status()
                 .is_ok_and(|s| s.success());
             assert!(ok, "ip {args:?}");
         }
-        let mut f = snat_fixture(8);
-        // Fits the route (1400 bytes of IP): out of it, the neighbour resolved by the kernel.
-        let fits = Frame::udp(CLIENT, 6100, NODE, 8053, &[1u8; 1400 - 28]).build();
-        assert_eq!(f.tc(progs::TC_INGRESS, &fits).0, TC_ACT_REDIRECT);
-        assert_eq!((f.verdict("redirect"), f.verdict("drop_too_big")), (1, 0));
-        // 1401 to 1404 bytes with DF: the error, with the route's MTU.
-        for (i, len) in (1401..=1404usize).enumerate() {
-            let big = Frame::udp(CLIENT, 6101 + i as u16, NODE, 8053, &vec![2u8; len - 28]).build();
-            let (rc, out) = f.tc(progs::TC_INGRESS, &big);
-            assert_eq!(rc, TC_ACT_REDIRECT, "{len}");
-            assert_eq!(
-                out.len(),
-                14 + 56,
-                "{len}: Ethernet + IPv4 + ICMP + the quote"
-            );
-            let icmp = &out[34..];
-            assert_eq!(
-                (icmp[0], icmp[1], u16::from_be_bytes([icmp[6], icmp[7]])),
-                (3, 4, 1400),
-                "{len}"
-            );
-            assert_eq!(
-                &icmp[8..],
-                &big[14..42],
-                "quotes the datagram as the client sent it"
-            );
-        }
-        assert_eq!(f.verdict("drop_too_big"), 4);
+        body();
     })
     .join()
     .expect("the test's thread");
+}
+
+/// `out` is the ICMP "fragmentation needed" answer to `sent` (a frame from CLIENT to NODE):
+/// back to the client's MAC from the node's, from the address the client sent to, both
+/// checksums right, the next-hop MTU `mtu`, quoting the datagram's headers as sent.
+fn assert_frag_needed(out: &[u8], sent: &[u8], mtu: u16) {
+    assert_eq!(out.len(), 14 + 56, "Ethernet + IPv4 + ICMP + the quote");
+    assert_eq!(
+        (&out[0..6], &out[6..12]),
+        (&CLIENT_MAC[..], &NODE_MAC[..]),
+        "MACs swapped"
+    );
+    let ip = &out[14..34];
+    assert_eq!(
+        !mesh_common::csum::fold(mesh_common::csum::sum_be(ip)),
+        0,
+        "IPv4 checksum"
+    );
+    assert_eq!(
+        (ip[9], &ip[12..16], &ip[16..20]),
+        (1, &NODE.octets()[..], &CLIENT.octets()[..])
+    );
+    let icmp = &out[34..];
+    assert_eq!(
+        !mesh_common::csum::fold(mesh_common::csum::sum_be(icmp)),
+        0,
+        "ICMP checksum"
+    );
+    assert_eq!(
+        (icmp[0], icmp[1], u16::from_be_bytes([icmp[6], icmp[7]])),
+        (3, 4, mtu)
+    );
+    assert_eq!(
+        &icmp[8..],
+        &sent[14..42],
+        "quotes the datagram as the client sent it"
+    );
 }
