@@ -41,6 +41,24 @@ pub struct SvcDef {
     pub aliases: Vec<String>,
 }
 
+/// The services of the sample cluster (`cargo xtask cluster`, the multi-node tests): `web`
+/// on `webnet`, publishing 8080/tcp → 80 and 8007/udp → 7; `db` on `dbnet`; `client` on
+/// `webnet`.
+pub fn sample_services() -> Vec<SvcDef> {
+    let svc = |name: &str, net: &str, ports: Vec<(u16, u16, &'static str)>| SvcDef {
+        name: name.into(),
+        dnsrr: false,
+        networks: vec![net.into()],
+        ports,
+        aliases: vec![],
+    };
+    vec![
+        svc("web", "webnet", vec![(8080, 80, "tcp"), (8007, 7, "udp")]),
+        svc("db", "dbnet", vec![]),
+        svc("client", "webnet", vec![]),
+    ]
+}
+
 pub struct TaskBed {
     pub id: String,
     pub service: String,

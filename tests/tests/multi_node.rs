@@ -28,29 +28,7 @@ fn cluster_with(agent_args: &[&str]) -> Cluster {
             vni: 4232,
         },
     ];
-    let svcs = vec![
-        SvcDef {
-            name: "web".into(),
-            dnsrr: false,
-            networks: vec!["webnet".into()],
-            ports: vec![(8080, 80, "tcp"), (8007, 7, "udp")],
-            aliases: vec![],
-        },
-        SvcDef {
-            name: "db".into(),
-            dnsrr: false,
-            networks: vec!["dbnet".into()],
-            ports: vec![],
-            aliases: vec![],
-        },
-        SvcDef {
-            name: "client".into(),
-            dnsrr: false,
-            networks: vec!["webnet".into()],
-            ports: vec![],
-            aliases: vec![],
-        },
-    ];
+    let svcs = sample_services();
     let mut c = Cluster::new(3, nets, svcs);
     // web: 5 tasks over the 3 nodes; db: 1 on node 3; client: on nodes 1 and 2.
     for (slot, node) in [(1, 0), (2, 1), (3, 2), (4, 0), (5, 1)] {

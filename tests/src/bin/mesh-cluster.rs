@@ -10,7 +10,7 @@ use std::{
 
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
 
-use mesh_tests::cluster::{Cluster, NetDef, SvcDef};
+use mesh_tests::cluster::{Cluster, NetDef, sample_services};
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -61,29 +61,7 @@ fn main() {
             vni: 4252,
         },
     ];
-    let svcs = vec![
-        SvcDef {
-            name: "web".into(),
-            dnsrr: false,
-            networks: vec!["webnet".into()],
-            ports: vec![(8080, 80, "tcp"), (8007, 7, "udp")],
-            aliases: vec![],
-        },
-        SvcDef {
-            name: "db".into(),
-            dnsrr: false,
-            networks: vec!["dbnet".into()],
-            ports: vec![],
-            aliases: vec![],
-        },
-        SvcDef {
-            name: "client".into(),
-            dnsrr: false,
-            networks: vec!["webnet".into()],
-            ports: vec![],
-            aliases: vec![],
-        },
-    ];
+    let svcs = sample_services();
     let mut c = Cluster::new(nodes, nets, svcs);
     for slot in 1..=5u32 {
         c.add_task("web", slot, (slot as usize - 1) % nodes);
